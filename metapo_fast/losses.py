@@ -1,0 +1,210 @@
+"""Pairwise preference losses (docs/math.md section 2), in a small registry: name -> function.
+
+A loss function maps per-sequence statistics of a batch of pairs to ``(per_pair_loss, logit)``,
+both of shape ``(B,)``:
+
+* ``per_pair_loss`` is ``l_i``; the batch loss is ``L = (1/B) sum_i w_i l_i`` with detached weights;
+* ``logit`` is the quantity whose sigmoid is the preference probability: the DPO margin
+  ``z_i = beta * (lr(y_w) - lr(y_l))`` for losses with a reference, the loss's own logit for
+  reference-free ones (SimPO, ORPO). It is the tracker's margin feature f1 and TRL's
+  ``rewards/margins`` for DPO.
+
+Every loss is a function of per-sequence sums of log-probs and token counts only, which is what
+lets the fused kernel turn its gradient into one coefficient per sequence (see fused_loss.py).
+Adding a loss is one function and one ``@register_loss`` line.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["LossParams", "PairBatch", "LossSpec", "LOSSES", "register_loss", "get_loss", "pair_loss"]
+
+
+@dataclass(frozen=True)
+class LossParams:
+    """Hyper-parameters shared by the registered losses.
+
+    Attributes:
+        beta: DPO temperature (sigmoid, ipo, focal) / SimPO's reward scale.
+        label_smoothing: eps of conservative DPO (``sigmoid`` only); 0 gives plain DPO.
+        focal_gamma: exponent gamma of FocalPO's modulating factor ``p^gamma`` (paper Eq. 2).
+        simpo_gamma: SimPO's target reward margin (TRL's ``simpo_gamma``; SimPO paper default 0.5).
+        orpo_lambda: weight of ORPO's odds-ratio term (TRL's ORPO ``beta``).
+    """
+
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+    focal_gamma: float = 1.0
+    simpo_gamma: float = 0.5
+    orpo_lambda: float = 0.1
+
+    def __post_init__(self):
+        if not (self.beta > 0 and math.isfinite(self.beta)):
+            raise ValueError(f"LossParams.beta must be a positive finite number, got {self.beta}")
+        if not (0.0 <= self.label_smoothing < 0.5):
+            raise ValueError(f"LossParams.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        if not self.focal_gamma >= 0:
+            raise ValueError(f"LossParams.focal_gamma must be >= 0, got {self.focal_gamma}")
+        if not self.orpo_lambda >= 0:
+            raise ValueError(f"LossParams.orpo_lambda must be >= 0, got {self.orpo_lambda}")
+
+
+@dataclass
+class PairBatch:
+    """Per-sequence sums for B pairs (all shape ``(B,)``).
+
+    ``*_logps`` are sums of response-token log-probs; ``*_counts`` are response-token counts;
+    reference sums are None for reference-free use. Average log-probs divide by ``max(count, 1)``,
+    so a fully masked response has sum 0, average 0 and a finite loss.
+    """
+
+    chosen_logps: torch.Tensor
+    rejected_logps: torch.Tensor
+    chosen_counts: torch.Tensor
+    rejected_counts: torch.Tensor
+    ref_chosen_logps: Optional[torch.Tensor] = None
+    ref_rejected_logps: Optional[torch.Tensor] = None
+
+    @property
+    def chosen_avg(self) -> torch.Tensor:
+        return self.chosen_logps / self.chosen_counts.clamp(min=1)
+
+    @property
+    def rejected_avg(self) -> torch.Tensor:
+        return self.rejected_logps / self.rejected_counts.clamp(min=1)
+
+    def _need_ref(self, loss: str) -> None:
+        if self.ref_chosen_logps is None or self.ref_rejected_logps is None:
+            raise ValueError(f"loss_type={loss!r} needs reference log-probs (ref_hidden/ref_weight or ref_logps)")
+
+    def logratios(self, loss: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``lr(y) = logp_theta(y|x) - logp_ref(y|x)`` (sums) for chosen and rejected."""
+        self._need_ref(loss)
+        return self.chosen_logps - self.ref_chosen_logps, self.rejected_logps - self.ref_rejected_logps
+
+    def avg_logratios(self, loss: str) -> tuple[torch.Tensor, torch.Tensor]:
+        self._need_ref(loss)
+        return (
+            self.chosen_avg - self.ref_chosen_logps / self.chosen_counts.clamp(min=1),
+            self.rejected_avg - self.ref_rejected_logps / self.rejected_counts.clamp(min=1),
+        )
+
+
+LossFn = Callable[[PairBatch, LossParams], tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    name: str
+    fn: LossFn
+    needs_reference: bool
+    doc: str
+
+
+LOSSES: dict[str, LossSpec] = {}
+
+
+def register_loss(name: str, *, needs_reference: bool):
+    """Decorator: add a loss to the registry under ``name``."""
+
+    def deco(fn: LossFn) -> LossFn:
+        if name in LOSSES:
+            raise ValueError(f"loss {name!r} is already registered")
+        LOSSES[name] = LossSpec(name, fn, needs_reference, (fn.__doc__ or "").strip())
+        return fn
+
+    return deco
+
+
+def get_loss(name: str) -> LossSpec:
+    try:
+        return LOSSES[name]
+    except KeyError:
+        raise ValueError(f"unknown loss_type {name!r}; registered: {sorted(LOSSES)}") from None
+
+
+def dpo_margin(batch: PairBatch, params: LossParams, loss: str) -> torch.Tensor:
+    """``z = beta * (lr(y_w) - lr(y_l))`` (math.md section 1)."""
+    lr_w, lr_l = batch.logratios(loss)
+    return params.beta * (lr_w - lr_l)
+
+
+@register_loss("sigmoid", needs_reference=True)
+def sigmoid_loss(batch: PairBatch, params: LossParams):
+    """DPO: ``-(1-eps) log sigma(z) - eps log sigma(-z)``, z = beta (lr_w - lr_l) (Rafailov et al. 2023)."""
+    z = dpo_margin(batch, params, "sigmoid")
+    eps = params.label_smoothing
+    loss = -(1 - eps) * F.logsigmoid(z)
+    if eps:
+        loss = loss - eps * F.logsigmoid(-z)
+    return loss, z
+
+
+@register_loss("ipo", needs_reference=True)
+def ipo_loss(batch: PairBatch, params: LossParams):
+    """IPO: ``((lr_avg(y_w) - lr_avg(y_l)) - 1/(2 beta))^2`` with average log-probs (Azar et al. 2024).
+
+    The logit returned is the standard DPO margin (sums), like every reference-based loss.
+    """
+    a_w, a_l = batch.avg_logratios("ipo")
+    loss = ((a_w - a_l) - 1.0 / (2.0 * params.beta)) ** 2
+    return loss, dpo_margin(batch, params, "ipo")
+
+
+@register_loss("focal", needs_reference=True)
+def focal_loss(batch: PairBatch, params: LossParams):
+    """FocalPO (paper Eq. 2): ``-p^gamma log sigma(z)``, p = sigma(z); gradient through both factors."""
+    z = dpo_margin(batch, params, "focal")
+    log_p = F.logsigmoid(z)
+    return -torch.exp(params.focal_gamma * log_p) * log_p, z
+
+
+@register_loss("simpo", needs_reference=False)
+def simpo_loss(batch: PairBatch, params: LossParams):
+    """SimPO: ``-log sigma(beta (avg logp_w - avg logp_l) - gamma)`` (Meng et al. 2024); logit = the argument."""
+    z = params.beta * (batch.chosen_avg - batch.rejected_avg) - params.simpo_gamma
+    return -F.logsigmoid(z), z
+
+
+# log p of a whole response is <= 0; an average of exactly 0 (fully masked or certain) would make
+# log(1 - p) = -inf. Clamping the average at -1e-6 keeps the odds finite (|log odds| <= ~14).
+_ORPO_MAX_AVG_LOGP = -1e-6
+
+
+def _log_odds(avg_logp: torch.Tensor) -> torch.Tensor:
+    """``log(p / (1 - p))`` with ``log p = avg_logp``; ``log(1 - p) = log(-expm1(avg_logp))``."""
+    a = avg_logp.clamp(max=_ORPO_MAX_AVG_LOGP)
+    return a - torch.log(-torch.expm1(a))
+
+
+@register_loss("orpo", needs_reference=False)
+def orpo_loss(batch: PairBatch, params: LossParams):
+    """ORPO: ``NLL_avg(y_w) - lam log sigma(log odds(y_w) - log odds(y_l))`` (Hong et al. 2024).
+
+    Odds from average log-probs; the logit is the log-odds ratio.
+    """
+    z = _log_odds(batch.chosen_avg) - _log_odds(batch.rejected_avg)
+    return -batch.chosen_avg - params.orpo_lambda * F.logsigmoid(z), z
+
+
+def pair_loss(
+    batch: PairBatch,
+    loss_type: str = "sigmoid",
+    params: Optional[LossParams] = None,
+    sample_weights: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(L, l, z)``: weighted batch loss ``(1/B) sum_i w_i l_i`` (weights detached), per-pair losses, logits."""
+    spec = get_loss(loss_type)
+    params = params or LossParams()
+    per_pair, logit = spec.fn(batch, params)
+    if sample_weights is None:
+        return per_pair.mean(), per_pair, logit
+    w = sample_weights.detach().to(per_pair.dtype)
+    if w.shape != per_pair.shape:
+        raise ValueError(f"sample_weights must have shape {tuple(per_pair.shape)} (one per pair), got {tuple(w.shape)}")
+    return (w * per_pair).sum() / per_pair.shape[0], per_pair, logit

@@ -1,0 +1,163 @@
+"""The meta-weight network ``w_phi(s)`` (paper Sec. 3.3, docs/math.md section 4).
+
+``w_phi(s) = softplus(v^T s_hat + b)`` (7 parameters) or an MLP 6-32-1, where ``s_hat`` is the
+feature vector ``s = [f1, ema1, f2, ema2, f3, ema3]`` after a per-feature scale normalisation:
+
+    s_hat_j = s_j / (rms_j + 1e-8),   rms_j = sqrt(bias-corrected EMA over training batches of mean_i s_ij^2)
+
+The EMA (momentum 0.99, Adam-style bias correction so the first batch gets its own RMS) is updated
+only when ``update_stats=True`` (once per training step); it is deterministic, carries no
+gradient, and is part of ``state_dict()``. Scaling without centring keeps each feature's sign
+(a negative margin stays negative), so the learned coefficients read like the paper's Fig. 3c.
+
+Initialisation: ``v = 0`` and ``b = softplus^-1(1) = log(e - 1)`` (MLP: last layer zero, bias the
+same), so every weight is exactly 1 and MetaPO starts as its base loss.
+
+Batch-mean normalisation (``normalize="batch_mean"``): ``w_i <- w_i / mean_j w_j``, differentiated
+through. Without it the SGD lookahead of the meta-gradient believes a global shrink of all weights
+helps (it scales the step), which an adaptive inner optimiser (Adam) ignores; the trainer enables
+it by default for adaptive inner optimisers (math.md section 4).
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterable, Optional, Sequence
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+from .reference import FEATURE_NAMES
+
+__all__ = ["MetaWeightNet", "SOFTPLUS_INV_ONE", "feature_subset"]
+
+SOFTPLUS_INV_ONE = math.log(math.e - 1.0)  # softplus(b) = 1
+
+# Named feature subsets of the paper's ablations (Table 6).
+_ABLATIONS = {
+    "all": FEATURE_NAMES,
+    "no_margin": ("std", "ema_std", "kl", "ema_kl"),
+    "no_volatility": ("margin", "ema_margin", "kl", "ema_kl"),
+    "no_reference": ("margin", "ema_margin", "std", "ema_std"),
+    "no_temporal": ("margin", "std", "kl"),
+}
+
+
+def feature_subset(spec: str | Sequence[str]) -> tuple[str, ...]:
+    """Resolve an ablation name (``all``, ``no_margin``, ``no_volatility``, ``no_reference``,
+    ``no_temporal``) or an explicit list of feature names into a tuple of names."""
+    if isinstance(spec, str):
+        if spec not in _ABLATIONS:
+            raise ValueError(f"unknown feature subset {spec!r}; expected one of {sorted(_ABLATIONS)} or a list of {FEATURE_NAMES}")
+        return tuple(_ABLATIONS[spec])
+    names = tuple(spec)
+    bad = [n for n in names if n not in FEATURE_NAMES]
+    if bad or not names:
+        raise ValueError(f"features must be a non-empty subset of {FEATURE_NAMES}, got {list(names)}")
+    return names
+
+
+class MetaWeightNet(nn.Module):
+    """Per-pair weights from temporal features.
+
+    Args:
+        arch: ``"linear"`` (paper default, 7 parameters) or ``"mlp"`` (6-32-1, ReLU).
+        features: ablation name or list of feature names kept; the others are zeroed.
+        normalize: ``"none"`` or ``"batch_mean"`` (weights divided by their batch mean).
+        hidden: MLP width.
+        stats_momentum: momentum of the feature-scale EMA.
+    """
+
+    def __init__(
+        self,
+        arch: str = "linear",
+        features: str | Sequence[str] = "all",
+        normalize: str = "none",
+        hidden: int = 32,
+        stats_momentum: float = 0.99,
+    ):
+        super().__init__()
+        if arch not in ("linear", "mlp"):
+            raise ValueError(f"MetaWeightNet.arch must be 'linear' or 'mlp', got {arch!r}")
+        if normalize not in ("none", "batch_mean"):
+            raise ValueError(f"MetaWeightNet.normalize must be 'none' or 'batch_mean', got {normalize!r}")
+        if not 0.0 <= stats_momentum < 1.0:
+            raise ValueError(f"MetaWeightNet.stats_momentum must be in [0, 1), got {stats_momentum}")
+        self.arch, self.normalize, self.stats_momentum = arch, normalize, stats_momentum
+        self.feature_names = feature_subset(features)
+        mask = torch.tensor([1.0 if n in self.feature_names else 0.0 for n in FEATURE_NAMES])
+        self.register_buffer("feature_mask", mask)
+        self.register_buffer("sq_ema", torch.zeros(len(FEATURE_NAMES), dtype=torch.float64))
+        self.register_buffer("stats_steps", torch.zeros((), dtype=torch.float64))
+        if arch == "linear":
+            self.v = nn.Parameter(torch.zeros(len(FEATURE_NAMES)))
+            self.b = nn.Parameter(torch.tensor(SOFTPLUS_INV_ONE))
+        else:
+            self.hidden_layer = nn.Linear(len(FEATURE_NAMES), hidden)
+            self.out_layer = nn.Linear(hidden, 1)
+            nn.init.zeros_(self.out_layer.weight)
+            nn.init.constant_(self.out_layer.bias, SOFTPLUS_INV_ONE)
+
+    # -- normalisation -------------------------------------------------------------------------
+    @torch.no_grad()
+    def update_stats(self, s: torch.Tensor) -> None:
+        """Fold a training batch's mean squared features into the scale EMA (no gradient)."""
+        m = self.stats_momentum
+        self.sq_ema.mul_(m).add_((1 - m) * s.detach().to(torch.float64).pow(2).mean(0))
+        self.stats_steps.add_(1)
+
+    def scale(self) -> torch.Tensor:
+        """Per-feature RMS used to normalise (ones before any statistics were gathered)."""
+        # torch.where instead of a Python branch: no host sync when the net lives on a GPU.
+        corr = (1 - self.stats_momentum ** self.stats_steps).clamp(min=1e-300)
+        rms = (self.sq_ema / corr).sqrt()
+        return torch.where(self.stats_steps > 0, rms, torch.ones_like(rms))
+
+    def normalize_features(self, s: torch.Tensor) -> torch.Tensor:
+        scale = (self.scale() + 1e-8).to(s.dtype)
+        return s / scale * self.feature_mask.to(s.dtype)
+
+    # -- weights -------------------------------------------------------------------------------
+    def preactivation(self, s_hat: torch.Tensor) -> torch.Tensor:
+        """``v^T s_hat + b`` (linear) or the MLP's last-layer output, shape ``(B,)``."""
+        if self.arch == "linear":
+            return s_hat @ self.v.to(s_hat.dtype) + self.b.to(s_hat.dtype)
+        h = F.relu(F.linear(s_hat, self.hidden_layer.weight.to(s_hat.dtype), self.hidden_layer.bias.to(s_hat.dtype)))
+        return F.linear(h, self.out_layer.weight.to(s_hat.dtype), self.out_layer.bias.to(s_hat.dtype)).squeeze(-1)
+
+    def forward(self, s: torch.Tensor, update_stats: bool = False) -> torch.Tensor:
+        """Weights ``(B,)`` for features ``s (B, 6)``; differentiable in phi (not in s)."""
+        if s.dim() != 2 or s.shape[1] != len(FEATURE_NAMES):
+            raise ValueError(f"MetaWeightNet: features must have shape (B, {len(FEATURE_NAMES)}), got {tuple(s.shape)}")
+        s = s.detach().float()
+        if update_stats:
+            self.update_stats(s)
+        w = F.softplus(self.preactivation(self.normalize_features(s)))
+        if self.normalize == "batch_mean":
+            w = w / w.mean().clamp(min=1e-12)
+        return w
+
+    # -- interpretability (paper Sec. 4.9, App. C; math.md section 8) ----------------------------
+    def coefficients(self) -> dict[str, float]:
+        """Learned ``v`` per feature and ``b`` (linear net only)."""
+        if self.arch != "linear":
+            raise ValueError("coefficients() is defined for the linear meta-network only")
+        out = {n: float(x) for n, x in zip(FEATURE_NAMES, self.v.detach().cpu())}
+        out["bias"] = float(self.b.detach())
+        return out
+
+    @torch.no_grad()
+    def shapley(self, s: torch.Tensor) -> torch.Tensor:
+        """Exact Shapley values on the pre-activation for the linear net:
+        ``phi_ij = v_j (s_hat_ij - mean_i s_hat_ij)``, shape ``(B, 6)``; rows sum to
+        ``pre_i - mean(pre)``."""
+        if self.arch != "linear":
+            raise ValueError("exact Shapley values are implemented for the linear meta-network only")
+        s_hat = self.normalize_features(s.float())
+        return self.v.detach() * (s_hat - s_hat.mean(0, keepdim=True))
+
+    def phi_parameters(self) -> Iterable[nn.Parameter]:
+        return self.parameters()
+
+    def extra_repr(self) -> str:
+        return f"arch={self.arch}, features={list(self.feature_names)}, normalize={self.normalize}"

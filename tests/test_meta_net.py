@@ -1,0 +1,89 @@
+"""MetaWeightNet (docs/math.md section 4, paper Sec. 3.3)."""
+import math
+
+import pytest
+import torch
+
+from metapo_fast.meta_net import SOFTPLUS_INV_ONE, MetaWeightNet, feature_subset
+
+
+@pytest.mark.parametrize("arch", ["linear", "mlp"])
+def test_all_ones_at_init(arch):
+    torch.manual_seed(0)
+    net = MetaWeightNet(arch=arch)
+    s = torch.randn(9, 6) * 5
+    w = net(s, update_stats=True)
+    torch.testing.assert_close(w, torch.ones(9), rtol=0, atol=1e-6)
+    assert math.log1p(math.exp(SOFTPLUS_INV_ONE)) == pytest.approx(1.0, abs=1e-15)
+
+
+def test_linear_has_seven_parameters_and_formula():
+    net = MetaWeightNet()
+    assert sum(p.numel() for p in net.parameters()) == 7
+    with torch.no_grad():
+        net.v.copy_(torch.tensor([0.5, -1.0, 0.0, 2.0, 0.0, 0.25]))
+        net.b.fill_(0.1)
+    s = torch.tensor([[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]])
+    # no statistics yet: scale 1, so w = softplus(0.5 - 2 + 8 + 1.5 + 0.1) = softplus(8.1)
+    assert net(s).item() == pytest.approx(math.log1p(math.exp(8.1)), rel=1e-6)
+
+
+def test_feature_normalisation_is_rms_and_saved():
+    """Two batches with momentum 0.5: EMA = 0.5*(0.5*m1) + 0.5*m2, bias correction 1 - 0.25 = 0.75."""
+    net = MetaWeightNet(stats_momentum=0.5)
+    s1 = torch.full((4, 6), 2.0)   # mean square 4
+    s2 = torch.full((4, 6), 4.0)   # mean square 16
+    net.update_stats(s1)
+    net.update_stats(s2)
+    expected = math.sqrt((0.25 * 4 + 0.5 * 16) / 0.75)
+    torch.testing.assert_close(net.scale(), torch.full((6,), expected, dtype=torch.float64))
+    other = MetaWeightNet(stats_momentum=0.5)
+    other.load_state_dict(net.state_dict())
+    torch.testing.assert_close(other.scale(), net.scale())
+
+
+def test_batch_mean_normalisation_and_gradient():
+    torch.manual_seed(0)
+    net = MetaWeightNet(normalize="batch_mean")
+    with torch.no_grad():
+        net.v.normal_()
+    s = torch.randn(8, 6)
+    w = net(s)
+    assert w.mean().item() == pytest.approx(1.0, abs=1e-6)
+    (w * torch.arange(8.0)).sum().backward()
+    assert net.v.grad.abs().sum() > 0
+
+
+def test_feature_subsets_zero_features():
+    net = MetaWeightNet(features="no_volatility")
+    assert net.feature_names == ("margin", "ema_margin", "kl", "ema_kl")
+    with torch.no_grad():
+        net.v.fill_(1.0)
+    s = torch.zeros(1, 6)
+    s[0, 2] = s[0, 3] = 100.0   # only volatility features set: they are ignored
+    assert net(s).item() == pytest.approx(1.0, abs=1e-6)
+    with pytest.raises(ValueError, match="unknown feature subset"):
+        feature_subset("no_everything")
+    with pytest.raises(ValueError, match="subset of"):
+        feature_subset(["margin", "vibes"])
+
+
+def test_shapley_sums_to_centred_preactivation():
+    torch.manual_seed(0)
+    net = MetaWeightNet()
+    with torch.no_grad():
+        net.v.normal_()
+    s = torch.randn(10, 6)
+    net.update_stats(s)
+    phi = net.shapley(s)
+    pre = net.preactivation(net.normalize_features(s)).detach()
+    torch.testing.assert_close(phi.sum(1), pre - pre.mean(), rtol=1e-5, atol=1e-5)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="arch"):
+        MetaWeightNet(arch="transformer")
+    with pytest.raises(ValueError, match="normalize"):
+        MetaWeightNet(normalize="softmax")
+    with pytest.raises(ValueError, match=r"\(B, 6\)"):
+        MetaWeightNet()(torch.zeros(3, 5))
