@@ -1,0 +1,38 @@
+"""Thin adapters around Hugging Face causal LMs: the decoder's last hidden states and the LM head,
+so the fused loss replaces the head (the model's forward never returns logits in training)."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+__all__ = ["decoder_of", "lm_head_of", "last_hidden_states"]
+
+
+def decoder_of(model: nn.Module) -> nn.Module:
+    """The body of a ``*ForCausalLM`` (everything but the LM head), e.g. ``LlamaForCausalLM.model``."""
+    if hasattr(model, "get_decoder"):
+        dec = model.get_decoder()
+        if dec is not None:
+            return dec
+    prefix = getattr(model, "base_model_prefix", None)
+    if prefix and hasattr(model, prefix):
+        return getattr(model, prefix)
+    raise ValueError(f"cannot find the decoder of {type(model).__name__}: expected get_decoder() or base_model_prefix")
+
+
+def lm_head_of(model: nn.Module) -> nn.Linear:
+    """The output projection ``(V, H)`` (+ optional bias) of a causal LM."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None or not hasattr(head, "weight"):
+        raise ValueError(f"{type(model).__name__} has no output embeddings (lm_head) to fuse the loss with")
+    return head
+
+
+def last_hidden_states(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, **kwargs
+) -> torch.Tensor:
+    """``(N, T, H)`` hidden states that the LM head would read (final norm applied)."""
+    out = decoder_of(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
+    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
