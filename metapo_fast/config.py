@@ -1,0 +1,586 @@
+"""Run configuration: a typed tree of dataclasses, loaded from YAML plus dotted overrides.
+
+    cfg = load_config("configs/default.yaml", ["loss.beta=0.2", "meta.enabled=false", "train.epochs=2"])
+    cfg.validate(world_size)          # again once the process group is up
+
+Every field carries its documentation in ``metadata["doc"]`` (``describe()`` prints them all).
+Each section checks its own ranges in ``__post_init__``; :meth:`MetaPOConfig.validate` adds the
+checks that involve several sections or the world size. Every error is a :class:`ConfigError`
+(a ``ValueError``) whose message names the field, the value and what is allowed.
+
+Values from YAML and from the command line go through the same coercion, driven by the field's
+type: ``bool`` accepts true/false/yes/no/on/off/1/0, ``int`` accepts ``"1e4"`` when integral,
+``float`` accepts ``"1e-4"`` (which YAML 1.1 reads as a string) and rejects nan/inf,
+``Optional[...]`` accepts none/null/~, ``Literal[...]`` must be one of its choices. Unknown keys
+are errors that list the closest valid keys.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal, Mapping, Optional, Sequence, Union
+
+from . import _config_tree as _tree
+from ._config_tree import ConfigError, deep_merge, flatten, from_dict, read_yaml
+from ._config_tree import bad_value as _bad
+
+__all__ = [
+    "ConfigError", "ModelConfig", "TinyModelConfig", "DataConfig", "SyntheticConfig", "LossConfig",
+    "TrackerConfig", "MetaConfig", "TrainConfig", "MetaPOConfig", "RESUME_MUTABLE_FIELDS",
+    "load_config", "parse_overrides", "from_dict", "to_dict", "save_yaml", "config_fingerprint",
+    "config_diff", "check_resume_compatible", "describe", "deepspeed_config", "config_from_argv",
+]
+
+
+def _f(default: Any, doc: str) -> Any:
+    """A leaf field with its documentation."""
+    return field(default=default, metadata={"doc": doc})
+
+
+def _section(cls: type, doc: str) -> Any:
+    """A nested section with its documentation."""
+    return field(default_factory=cls, metadata={"doc": doc})
+
+
+def _check_range(prefix: str, obj: Any, name: str, lo: float | None = None, hi: float | None = None,
+                 lo_open: bool = False, hi_open: bool = False, optional: bool = False) -> None:
+    """Raise unless ``lo <(=) obj.name <(=) hi`` (None = unbounded)."""
+    v = getattr(obj, name)
+    if v is None and optional:
+        return
+    ok = v is not None and not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
+    if ok and lo is not None:
+        ok = v > lo if lo_open else v >= lo
+    if ok and hi is not None:
+        ok = v < hi if hi_open else v <= hi
+    if not ok:
+        if lo is not None and hi is not None:
+            what = f"in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+        elif lo is not None:
+            what = f"{'>' if lo_open else '>='} {lo}"
+        elif hi is not None:
+            what = f"{'<' if hi_open else '<='} {hi}"
+        else:
+            what = "finite"
+        raise _bad(f"{prefix}.{name}", v, f"must be a number {what}" + (" or null" if optional else ""))
+
+
+# ------------------------------------------------------------------------------------------------
+# Sections
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class TinyModelConfig:
+    """Sizes of the embedded tiny Llama (used when ``model.name_or_path`` is null)."""
+
+    hidden_size: int = _f(64, "Hidden size of the tiny Llama.")
+    num_layers: int = _f(2, "Number of decoder layers.")
+    num_heads: int = _f(4, "Attention heads; must divide hidden_size.")
+    num_kv_heads: int = _f(4, "Key/value heads (grouped-query attention); must divide num_heads.")
+    intermediate_size: int = _f(128, "MLP inner size.")
+    max_position_embeddings: int = _f(2048, "Longest sequence the tiny model accepts (RoPE: costs no parameters); must be >= data.max_length.")
+
+    def __post_init__(self) -> None:
+        p = "model.tiny"
+        for n in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size", "max_position_embeddings"):
+            _check_range(p, self, n, lo=1)
+        if self.hidden_size % self.num_heads:
+            raise _bad(f"{p}.num_heads", self.num_heads, f"must divide model.tiny.hidden_size={self.hidden_size}")
+        if self.num_heads % self.num_kv_heads:
+            raise _bad(f"{p}.num_kv_heads", self.num_kv_heads, f"must divide model.tiny.num_heads={self.num_heads}")
+
+
+@dataclass
+class ModelConfig:
+    """Policy / reference model."""
+
+    name_or_path: Optional[str] = _f(None, "Hub id or local directory of the policy (also the reference's starting point); null = the embedded tiny Llama with the character tokenizer of metapo_fast.synthetic.")
+    ref_name_or_path: Optional[str] = _f(None, "Reference model if it differs from the policy's starting point; null = a frozen copy of the initial policy.")
+    tokenizer_name_or_path: Optional[str] = _f(None, "Tokenizer; null = the one of name_or_path (or the character tokenizer for the tiny model).")
+    revision: Optional[str] = _f(None, "Hub revision (branch, tag or commit) of the model; null = the default branch.")
+    dtype: Literal["float32", "bfloat16"] = _f("float32", "Parameter dtype. bfloat16 for real runs; float32 for the tiny CPU run and exact tests.")
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "varlen"] = _f("sdpa", "Attention kernel: sdpa (PyTorch), eager, flash_attention_2 (needs flash-attn and bfloat16), varlen (padding-free packed sequences).")
+    gradient_checkpointing: bool = _f(False, "Recompute decoder-layer activations in backward (less memory, ~30% more compute).")
+    use_liger_kernels: bool = _f(False, "Use Liger-Kernel's fused RMSNorm/RoPE/SwiGLU in the decoder (explicitly, no global patching).")
+    ref_offload_cpu: bool = _f(False, "Keep the reference model on the CPU and stream it to the GPU per forward (saves one model's memory).")
+    tiny: TinyModelConfig = _section(TinyModelConfig, "Sizes of the embedded tiny Llama (ignored when name_or_path is set).")
+
+    def __post_init__(self) -> None:
+        for n in ("name_or_path", "ref_name_or_path", "tokenizer_name_or_path", "revision"):
+            v = getattr(self, n)
+            if v is not None and (not isinstance(v, str) or not v.strip()):
+                raise _bad(f"model.{n}", v, "must be a non-empty string or null")
+
+
+@dataclass
+class SyntheticConfig:
+    """The embedded addition task (metapo_fast.synthetic), used when ``data.path`` is null."""
+
+    num_pairs: int = _f(2000, "Training pairs generated (before the validation split).")
+    num_eval_pairs: int = _f(500, "Clean held-out evaluation pairs.")
+    flip_fraction: float = _f(0.3, "Fraction of training pairs whose chosen/rejected are swapped (label noise with known ground truth).")
+    ambiguous_fraction: float = _f(0.0, "Fraction of training pairs whose two answers are both wrong (no preference signal); disjoint from the flipped ones.")
+    seed: int = _f(0, "Generator seed.")
+
+    def __post_init__(self) -> None:
+        p = "data.synthetic"
+        _check_range(p, self, "num_pairs", lo=2)
+        _check_range(p, self, "num_eval_pairs", lo=0)
+        _check_range(p, self, "flip_fraction", 0.0, 1.0)
+        _check_range(p, self, "ambiguous_fraction", 0.0, 1.0)
+        if self.flip_fraction + self.ambiguous_fraction > 1.0:
+            raise _bad(f"{p}.ambiguous_fraction", self.ambiguous_fraction,
+                       f"flip_fraction + ambiguous_fraction must be <= 1, flip_fraction={self.flip_fraction}")
+
+
+@dataclass
+class DataConfig:
+    """Preference data: source, format, tokenisation, invalid rows, validation split."""
+
+    path: Optional[str] = _f(None, "Hub dataset id, or a local .json/.jsonl/.parquet file; null = the embedded synthetic task.")
+    subset: Optional[str] = _f(None, "Hub dataset configuration name (load_dataset's second argument).")
+    revision: Optional[str] = _f(None, "Hub dataset revision; part of the tokenisation cache key.")
+    split: str = _f("train", "Split of a hub dataset used for training (e.g. train_prefs).")
+    eval_path: Optional[str] = _f(None, "Held-out evaluation data (hub id or file); null = the same source as path with eval_split.")
+    eval_split: Optional[str] = _f(None, "Split used for held-out evaluation (e.g. test_prefs); null = no held-out set (the synthetic task always has one).")
+    format: Literal["auto", "standard", "conversational"] = _f("auto", "TRL data format: standard (strings) or conversational (lists of {role, content} messages); auto = detected from the first rows.")
+    prompt_column: str = _f("prompt", "Column holding the prompt (absent = implicit prompt: the shared prefix of chosen and rejected).")
+    chosen_column: str = _f("chosen", "Column holding the preferred response.")
+    rejected_column: str = _f("rejected", "Column holding the dispreferred response.")
+    max_length: int = _f(1024, "Maximum tokens of prompt + response.")
+    max_prompt_length: int = _f(512, "Maximum prompt tokens; must be < max_length.")
+    truncation: Literal["keep_start", "keep_end", "drop"] = _f("keep_end", "Over-long pairs: keep_end keeps the end of the prompt (next to the response), keep_start its beginning; responses always keep their beginning. drop reports the pair as invalid instead.")
+    add_bos: bool = _f(True, "Prepend the tokenizer's BOS token to the prompt when it is not already there.")
+    invalid_rows: Literal["drop", "error"] = _f("drop", "Invalid rows: drop them (reported by row and reason, with counts) or fail the run naming the file and rows.")
+    val_fraction: float = _f(0.03, "Fraction of the valid pairs held out for the meta-objective (paper: 3%); 0 = none (then meta.enabled must be false).")
+    val_split: Literal["stratified", "random"] = _f("stratified", "stratified = quantile bins of the reference log-prob margin logp_ref(y_w) - logp_ref(y_l) (math.md section 6); random = uniform.")
+    num_bins: int = _f(10, "Quantile bins of the stratified split.")
+    split_seed: int = _f(0, "Seed of the validation split.")
+    cache: bool = _f(True, "Cache tokenised data (keyed by data bytes / hub id + revision, tokenizer, lengths and truncation).")
+    cache_dir: Optional[str] = _f(None, "Cache directory: tokenised pairs under tokenized/ (null = $METAPO_FAST_CACHE or ~/.cache/metapo_fast), datasets' Arrow files under datasets/ (null = the Hugging Face default).")
+    synthetic: SyntheticConfig = _section(SyntheticConfig, "The embedded synthetic task (used when path is null).")
+
+    def __post_init__(self) -> None:
+        p = "data"
+        _check_range(p, self, "max_length", lo=2)
+        _check_range(p, self, "max_prompt_length", lo=1)
+        if self.max_prompt_length >= self.max_length:
+            raise _bad(f"{p}.max_prompt_length", self.max_prompt_length, f"must be < data.max_length={self.max_length}")
+        _check_range(p, self, "val_fraction", 0.0, 0.5, hi_open=True)
+        _check_range(p, self, "num_bins", lo=1)
+        for n in ("prompt_column", "chosen_column", "rejected_column", "split"):
+            if not getattr(self, n):
+                raise _bad(f"{p}.{n}", getattr(self, n), "must be a non-empty string")
+        if len({self.prompt_column, self.chosen_column, self.rejected_column}) < 3:
+            raise _bad(f"{p}.chosen_column", self.chosen_column, "prompt/chosen/rejected columns must be three different names")
+
+
+# Kept equal to metapo_fast.fused_loss.DEFAULT_CHUNK_BYTES (tested); not imported so that the
+# configuration loads without the compiled kernels.
+_DEFAULT_CHUNK_BYTES = 256 * 1024 * 1024
+
+
+@dataclass
+class LossConfig:
+    """Pairwise loss (metapo_fast.losses / fused_linear_preference_loss arguments)."""
+
+    loss_type: str = _f("sigmoid", "Registered loss: sigmoid (DPO), ipo, focal (FocalPO), simpo, orpo (metapo_fast.losses.LOSSES).")
+    beta: float = _f(0.1, "DPO temperature (sigmoid, ipo, focal) / SimPO's reward scale.")
+    label_smoothing: float = _f(0.0, "Conservative-DPO eps in [0, 0.5); sigmoid only.")
+    focal_gamma: float = _f(1.0, "FocalPO exponent gamma >= 0.")
+    simpo_gamma: float = _f(0.5, "SimPO target reward margin.")
+    orpo_lambda: float = _f(0.1, "Weight of ORPO's odds-ratio term.")
+    chunk_bytes: int = _f(_DEFAULT_CHUNK_BYTES, "Logits memory budget per chunk of the fused loss (policy + reference logits), bytes.")
+    backend: Literal["auto", "torch", "triton", "cpp"] = _f("auto", "Fused-loss implementation: auto = Triton on CUDA, C++ on CPU, else the PyTorch reference.")
+
+    def __post_init__(self) -> None:
+        from .losses import LOSSES
+
+        if self.loss_type not in LOSSES:
+            close = difflib.get_close_matches(str(self.loss_type), list(LOSSES), n=3)
+            raise _bad("loss.loss_type", self.loss_type, f"must be one of {sorted(LOSSES)}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        _check_range("loss", self, "beta", lo=0.0, lo_open=True)
+        _check_range("loss", self, "label_smoothing", 0.0, 0.5, hi_open=True)
+        _check_range("loss", self, "focal_gamma", lo=0.0)
+        _check_range("loss", self, "simpo_gamma")
+        _check_range("loss", self, "orpo_lambda", lo=0.0)
+        _check_range("loss", self, "chunk_bytes", lo=1)
+        if self.label_smoothing and self.loss_type != "sigmoid":
+            raise _bad("loss.label_smoothing", self.label_smoothing, f"applies to loss_type='sigmoid' only, not {self.loss_type!r}; set it to 0")
+
+    @property
+    def needs_reference(self) -> bool:
+        from .losses import get_loss
+
+        return get_loss(self.loss_type).needs_reference
+
+    def to_loss_params(self):
+        """The :class:`metapo_fast.losses.LossParams` of this section."""
+        from .losses import LossParams
+
+        return LossParams(beta=self.beta, label_smoothing=self.label_smoothing, focal_gamma=self.focal_gamma,
+                          simpo_gamma=self.simpo_gamma, orpo_lambda=self.orpo_lambda)
+
+
+@dataclass
+class TrackerConfig:
+    """Per-pair temporal statistics (math.md section 3)."""
+
+    alpha: float = _f(0.9, "EMA decay of the temporal features, in (0, 1) (paper: 0.9).")
+
+    def __post_init__(self) -> None:
+        _check_range("tracker", self, "alpha", 0.0, 1.0, lo_open=True, hi_open=True)
+
+
+@dataclass
+class MetaConfig:
+    """Meta-weight network and its bilevel update (math.md sections 4-5)."""
+
+    enabled: bool = _f(True, "Learn per-pair weights (MetaPO); false = the plain base loss.")
+    interval: int = _f(100, "K: meta-update every K training steps (paper: 100).")
+    lambda_margin: float = _f(0.1, "lambda of L_meta = L_val + lambda * L_margin (paper: 0.1).")
+    entropy_coef: float = _f(0.0, "Coefficient of a weight-entropy bonus in L_meta (0 = off, the paper's objective).")
+    arch: Literal["linear", "mlp"] = _f("linear", "Meta-network: linear (7 parameters, paper default) or mlp (6-mlp_hidden-1).")
+    mlp_hidden: int = _f(32, "Hidden width of the mlp meta-network.")
+    features: Literal["all", "no_margin", "no_volatility", "no_reference", "no_temporal"] = _f("all", "Feature subset (paper Table 6 ablations); no_reference drops the KL features.")
+    lr: float = _f(0.03, "Meta learning rate (Adam on phi). The paper uses 1e-4, which math.md section 4 measured to leave phi unchanged; 0.03 learns.")
+    normalize: Literal["auto", "none", "batch_mean"] = _f("auto", "Weight normalisation: batch_mean divides by the batch mean; auto = batch_mean when train.optimizer is adaptive (adamw), none otherwise (math.md section 4).")
+    inner_lr_for_lookahead: Optional[float] = _f(None, "eta of the one-step lookahead; null = train.lr.")
+    val_batch_size: int = _f(64, "Validation pairs per meta-update (all ranks together).")
+    stats_momentum: float = _f(0.99, "Momentum of the feature-scale EMA of the meta-network.")
+
+    def __post_init__(self) -> None:
+        p = "meta"
+        _check_range(p, self, "interval", lo=1)
+        _check_range(p, self, "lambda_margin", lo=0.0)
+        _check_range(p, self, "entropy_coef", lo=0.0)
+        _check_range(p, self, "mlp_hidden", lo=1)
+        _check_range(p, self, "lr", lo=0.0, lo_open=True)
+        _check_range(p, self, "inner_lr_for_lookahead", lo=0.0, lo_open=True, optional=True)
+        _check_range(p, self, "val_batch_size", lo=1)
+        _check_range(p, self, "stats_momentum", 0.0, 1.0, hi_open=True)
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, schedule, checkpoints and run control."""
+
+    output_dir: str = _f("runs/metapo", "Run directory (config, logs, checkpoints).")
+    epochs: int = _f(3, "Passes over the training pairs (paper: 3 for UltraFeedback, 2 for HH-RLHF).")
+    max_steps: Optional[int] = _f(None, "Stop after this many optimiser steps; null = epochs decide.")
+    per_device_batch_size: int = _f(8, "Pairs per rank per micro-step (2x sequences).")
+    grad_accum: Optional[int] = _f(None, "Micro-steps per optimiser step; null = 1, or global_batch_size / (per_device_batch_size * world_size).")
+    global_batch_size: Optional[int] = _f(None, "Pairs per optimiser step over all ranks; must be divisible by per_device_batch_size * world_size. null = per_device_batch_size * world_size * grad_accum.")
+    optimizer: Literal["adamw", "sgd"] = _f("adamw", "Inner optimiser of the policy.")
+    lr: float = _f(5e-7, "Peak policy learning rate.")
+    weight_decay: float = _f(0.0, "Decoupled weight decay.")
+    warmup_ratio: float = _f(0.1, "Fraction of the steps with linear warm-up.")
+    lr_scheduler: Literal["cosine", "linear", "constant"] = _f("cosine", "Decay after warm-up.")
+    max_grad_norm: Optional[float] = _f(1.0, "Gradient-norm clipping; null = none.")
+    seed: int = _f(0, "Seed of model init, shuffling and dropout.")
+    device: Literal["auto", "cpu", "cuda"] = _f("auto", "auto = CUDA when available.")
+    eval_every: int = _f(100, "Evaluate every N steps (0 = only at the end).")
+    log_every: int = _f(10, "Log every N steps.")
+    save_every: int = _f(500, "Checkpoint every N steps (0 = only at the end).")
+    keep_checkpoints: int = _f(2, "Checkpoints kept (older ones are deleted).")
+    resume: Optional[str] = _f(None, "Checkpoint directory to resume from, or 'auto' = the newest valid checkpoint in output_dir if any.")
+    sft_warmup_steps: int = _f(0, "SFT steps on the synthetic task's correct answers before the reference is frozen (embedded tiny model only).")
+    sft_lr: float = _f(1e-3, "Learning rate of the SFT warm-up.")
+    deepspeed: Optional[str] = _f(None, "DeepSpeed JSON config (e.g. configs/zero3.json); relative to the working directory, else to the YAML file. Its 'auto' values are filled from this config.")
+    max_consecutive_nonfinite: int = _f(3, "Abort after this many consecutive steps with a non-finite loss or gradient (each one is skipped).")
+    dist_timeout_s: float = _f(1800.0, "Timeout of collective operations, seconds (a dead rank fails the others after this long).")
+
+    def __post_init__(self) -> None:
+        p = "train"
+        if not isinstance(self.output_dir, str) or not self.output_dir.strip():
+            raise _bad(f"{p}.output_dir", self.output_dir, "must be a non-empty path")
+        _check_range(p, self, "epochs", lo=1)
+        _check_range(p, self, "max_steps", lo=1, optional=True)
+        _check_range(p, self, "per_device_batch_size", lo=1)
+        _check_range(p, self, "grad_accum", lo=1, optional=True)
+        _check_range(p, self, "global_batch_size", lo=1, optional=True)
+        _check_range(p, self, "lr", lo=0.0, lo_open=True)
+        _check_range(p, self, "weight_decay", lo=0.0)
+        _check_range(p, self, "warmup_ratio", 0.0, 1.0, hi_open=True)
+        _check_range(p, self, "max_grad_norm", lo=0.0, lo_open=True, optional=True)
+        for n in ("eval_every", "save_every", "sft_warmup_steps"):
+            _check_range(p, self, n, lo=0)
+        _check_range(p, self, "log_every", lo=1)
+        _check_range(p, self, "keep_checkpoints", lo=1)
+        _check_range(p, self, "sft_lr", lo=0.0, lo_open=True)
+        _check_range(p, self, "max_consecutive_nonfinite", lo=1)
+        _check_range(p, self, "dist_timeout_s", lo=0.0, lo_open=True)
+        if self.resume is not None and not self.resume.strip():
+            raise _bad(f"{p}.resume", self.resume, "must be a checkpoint path, 'auto' or null")
+
+    def resolved_grad_accum(self, world_size: int = 1) -> int:
+        """Micro-steps per optimiser step on ``world_size`` ranks (checks divisibility)."""
+        per_step = self.per_device_batch_size * world_size
+        if self.global_batch_size is None:
+            return self.grad_accum or 1
+        if self.global_batch_size % per_step:
+            raise _bad("train.global_batch_size", self.global_batch_size,
+                       f"must be divisible by train.per_device_batch_size * world_size = {self.per_device_batch_size} * {world_size} = {per_step}")
+        accum = self.global_batch_size // per_step
+        if self.grad_accum is not None and self.grad_accum != accum:
+            raise _bad("train.grad_accum", self.grad_accum,
+                       f"contradicts train.global_batch_size={self.global_batch_size} = {self.per_device_batch_size} per device * {world_size} ranks * {accum}; set it to {accum} or null")
+        return accum
+
+    def resolved_global_batch(self, world_size: int = 1) -> int:
+        """Pairs per optimiser step over all ranks."""
+        return self.per_device_batch_size * world_size * self.resolved_grad_accum(world_size)
+
+
+@dataclass
+class MetaPOConfig:
+    """Root of the configuration tree."""
+
+    model: ModelConfig = _section(ModelConfig, "Policy and reference model.")
+    data: DataConfig = _section(DataConfig, "Preference data.")
+    loss: LossConfig = _section(LossConfig, "Pairwise loss.")
+    tracker: TrackerConfig = _section(TrackerConfig, "Temporal feature tracker.")
+    meta: MetaConfig = _section(MetaConfig, "Meta-weight network.")
+    train: TrainConfig = _section(TrainConfig, "Optimisation and run control.")
+
+    KL_FEATURES: ClassVar[tuple[str, ...]] = ("kl", "ema_kl")
+
+    def __post_init__(self) -> None:
+        self.validate(world_size=1, check_files=False)
+
+    @property
+    def meta_normalize(self) -> str:
+        """``meta.normalize`` with ``auto`` resolved: batch_mean for adaptive inner optimisers."""
+        if self.meta.normalize != "auto":
+            return self.meta.normalize
+        return "batch_mean" if self.train.optimizer == "adamw" else "none"
+
+    @property
+    def lookahead_lr(self) -> float:
+        """eta of the meta-gradient's one-step lookahead."""
+        return self.meta.inner_lr_for_lookahead if self.meta.inner_lr_for_lookahead is not None else self.train.lr
+
+    def validate(self, world_size: int = 1, check_files: bool = True) -> None:
+        """Checks that involve several sections or the world size; raises :class:`ConfigError`.
+
+        The sections' own checks run again too (fields may have been assigned after construction).
+        ``check_files`` also checks that a DeepSpeed config exists and agrees with this config.
+        """
+        for sec in (self.model, self.model.tiny, self.data, self.data.synthetic, self.loss, self.tracker, self.meta, self.train):
+            sec.__post_init__()
+        if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+            raise ConfigError(f"world_size={world_size!r} is invalid: must be an integer >= 1")
+        m, d, t = self.meta, self.data, self.train
+        if m.enabled and not self.loss.needs_reference:
+            from .meta_net import feature_subset
+
+            used = [f for f in feature_subset(m.features) if f in self.KL_FEATURES]
+            if used:
+                raise _bad("meta.features", m.features,
+                           f"uses the KL features {used}, which need a reference model, but loss.loss_type={self.loss.loss_type!r} "
+                           "is reference-free; set meta.features=no_reference or use a loss with a reference")
+        if d.val_fraction > 0 and d.val_split == "stratified" and not self.loss.needs_reference:
+            raise _bad("data.val_split", d.val_split,
+                       f"stratifies by the reference model's log-prob margin, but loss.loss_type={self.loss.loss_type!r} "
+                       "loads no reference model; set data.val_split=random")
+        if m.enabled and d.val_fraction <= 0:
+            raise _bad("data.val_fraction", d.val_fraction, "must be > 0 when meta.enabled=true (the meta-objective needs validation pairs)")
+        t.resolved_grad_accum(world_size)  # global batch divisible across ranks
+        if m.enabled and m.val_batch_size % world_size:
+            raise _bad("meta.val_batch_size", m.val_batch_size, f"must be divisible by world_size={world_size} (each rank takes an equal share)")
+        if self.model.attn_implementation == "flash_attention_2" and self.model.dtype != "bfloat16":
+            raise _bad("model.attn_implementation", "flash_attention_2", f"needs model.dtype='bfloat16', got {self.model.dtype!r}")
+        if self.model.name_or_path is None and d.max_length > self.model.tiny.max_position_embeddings:
+            raise _bad("data.max_length", d.max_length,
+                       f"exceeds model.tiny.max_position_embeddings={self.model.tiny.max_position_embeddings} of the embedded tiny model")
+        if t.sft_warmup_steps and self.model.name_or_path is not None:
+            raise _bad("train.sft_warmup_steps", t.sft_warmup_steps,
+                       f"applies to the embedded tiny model only (model.name_or_path=null), got model.name_or_path={self.model.name_or_path!r}; set it to 0")
+        if t.deepspeed is not None and check_files:
+            deepspeed_config(self, world_size)
+
+
+def parse_overrides(overrides: Sequence[str], schema: Optional[type] = None) -> dict[str, Any]:
+    """``["loss.beta=0.2", "meta.enabled=false"]`` -> ``{"loss": {"beta": 0.2}, "meta": {"enabled": False}}``.
+
+    Values are coerced to the field types of ``schema`` (default :class:`MetaPOConfig`); unknown keys
+    raise :class:`ConfigError` listing the closest valid keys. A later override of the same key wins.
+    """
+    return _tree.parse_overrides(overrides, schema or MetaPOConfig)
+
+
+def describe(schema: Optional[type] = None) -> str:
+    """One line per key, ``key (type, default): doc``, grouped by section (for ``--help``)."""
+    return _tree.describe(schema or MetaPOConfig)
+
+
+def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> MetaPOConfig:
+    """Defaults <- YAML file ``path`` (optional) <- dotted ``overrides``, checked (world size 1).
+
+    Call :meth:`MetaPOConfig.validate` with the real world size once it is known.
+    """
+    data = read_yaml(path) if path else {}
+    try:
+        merged = deep_merge(data, parse_overrides(list(overrides)))
+        ds = merged.get("train", {}).get("deepspeed") if isinstance(merged.get("train"), Mapping) else None
+        if path and isinstance(ds, str) and not os.path.isabs(ds) and not os.path.exists(ds):
+            beside = os.path.join(os.path.dirname(os.path.abspath(path)), ds)
+            if os.path.exists(beside):  # a path relative to the YAML file
+                merged["train"]["deepspeed"] = beside
+        cfg = from_dict(MetaPOConfig, merged)
+    except ConfigError as e:
+        raise ConfigError(f"{e} (in {path or 'defaults'}{' + overrides' if overrides else ''})") from None
+    cfg.validate(world_size=1, check_files=True)
+    return cfg
+
+
+def config_from_argv(argv: Optional[Sequence[str]] = None) -> MetaPOConfig:
+    """``[--config file.yaml] [section.field=value ...]`` (default ``sys.argv[1:]``) -> a checked config.
+
+    ``--help`` prints every key with its type, default and documentation, then exits.
+    """
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        description="metapo_fast run. Overrides: dotted keys, e.g. loss.beta=0.2 meta.enabled=false train.epochs=2",
+        epilog="configuration keys:\n" + describe(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=None, help="YAML file (see configs/)")
+    parser.add_argument("overrides", nargs="*", help="section.field=value")
+    args = parser.parse_args(argv)
+    return load_config(args.config, args.overrides)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Nested plain dict (YAML/JSON-serialisable)."""
+    return dataclasses.asdict(cfg)
+
+
+def save_yaml(cfg: MetaPOConfig, path: str) -> None:
+    """Write ``cfg`` as YAML that :func:`load_config` reads back to an equal config."""
+    import yaml
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    text = "# metapo_fast run configuration (written by metapo_fast.config.save_yaml)\n"
+    text += yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=False)
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------------------------
+# Resume checks
+# ------------------------------------------------------------------------------------------------
+# Fields that may change when a run is resumed: paths, run length, intervals, performance knobs that
+# do not change the math. Every other field must be equal (config_fingerprint ignores these).
+RESUME_MUTABLE_FIELDS = frozenset({
+    "train.output_dir", "train.resume", "train.max_steps", "train.log_every", "train.save_every",
+    "train.eval_every", "train.keep_checkpoints", "train.dist_timeout_s", "train.max_consecutive_nonfinite",
+    "train.device", "train.deepspeed", "data.cache", "data.cache_dir", "model.gradient_checkpointing",
+    "model.attn_implementation", "model.use_liger_kernels", "model.ref_offload_cpu", "loss.chunk_bytes",
+    "loss.backend",
+})
+
+
+CONFIG_FILENAME = "config.yaml"  # the saved config inside a run or checkpoint directory
+
+
+def _as_flat(cfg: Union[MetaPOConfig, Mapping, str]) -> dict[str, Any]:
+    if isinstance(cfg, str):
+        path = os.path.join(cfg, CONFIG_FILENAME) if os.path.isdir(cfg) else cfg
+        if not os.path.isfile(path):
+            raise ConfigError(f"train.resume: no saved config at {path!r}; cannot check that the run matches it")
+        cfg = read_yaml(path)
+    return flatten(to_dict(cfg) if dataclasses.is_dataclass(cfg) else cfg)
+
+
+def config_fingerprint(cfg: Union[MetaPOConfig, Mapping]) -> str:
+    """SHA-256 (16 hex digits) of the fields that matter on resume (all but RESUME_MUTABLE_FIELDS)."""
+    flat = {k: v for k, v in _as_flat(cfg).items() if k not in RESUME_MUTABLE_FIELDS}
+    return hashlib.sha256(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def config_diff(a: Union[MetaPOConfig, Mapping, str], b: Union[MetaPOConfig, Mapping, str],
+                ignore: frozenset = RESUME_MUTABLE_FIELDS) -> list[tuple[str, Any, Any]]:
+    """``(key, value_in_a, value_in_b)`` for every differing leaf not in ``ignore`` (missing = ``"<absent>"``)."""
+    fa, fb = _as_flat(a), _as_flat(b)
+    return [(k, fa.get(k, "<absent>"), fb.get(k, "<absent>"))
+            for k in sorted(set(fa) | set(fb)) if k not in ignore and fa.get(k, "<absent>") != fb.get(k, "<absent>")]
+
+
+def check_resume_compatible(saved: Union[MetaPOConfig, Mapping, str], current: MetaPOConfig, where: str = "") -> None:
+    """Raise :class:`ConfigError` listing every field that matters and differs between the saved
+    config (a config, a mapping, the path of a saved YAML, or a directory holding ``config.yaml``)
+    and the current one."""
+    diff = config_diff(saved, current)
+    if diff:
+        src = where or (saved if isinstance(saved, str) else "the checkpoint")
+        lines = "; ".join(f"{k}: saved {va!r}, now {vb!r}" for k, va, vb in diff)
+        raise ConfigError(f"cannot resume from {src}: its config differs in fields that matter: {lines}. "
+                          f"Only {sorted(RESUME_MUTABLE_FIELDS)} may change on resume.")
+
+
+# ------------------------------------------------------------------------------------------------
+# DeepSpeed
+# ------------------------------------------------------------------------------------------------
+def deepspeed_config(cfg: MetaPOConfig, world_size: int = 1, hidden_size: Optional[int] = None) -> dict:
+    """Load ``cfg.train.deepspeed``, check it against ``cfg`` and fill its ``"auto"`` values.
+
+    Filled: ``train_micro_batch_size_per_gpu`` (pairs per rank), ``gradient_accumulation_steps``,
+    ``train_batch_size`` (global pairs per step), ``gradient_clipping`` (0 when disabled),
+    ``bf16.enabled`` (from model.dtype). ZeRO sizes left at "auto" are set from the model's
+    ``hidden_size`` H when given (reduce bucket H^2, stage-3 prefetch bucket 0.9 H^2, persistence
+    threshold 10 H: the values the Hugging Face integration uses), else removed so that DeepSpeed's
+    own defaults apply. Explicit values that contradict ``cfg`` are errors.
+    """
+    path = cfg.train.deepspeed
+    if path is None:
+        raise ConfigError("train.deepspeed is null: no DeepSpeed config to load")
+    if not os.path.isfile(path):
+        raise _bad("train.deepspeed", path, "file not found")
+    try:
+        with open(path, "r", encoding="utf-8") as fh:
+            ds = json.load(fh)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise _bad("train.deepspeed", path, f"not valid JSON: {e}") from None
+    if not isinstance(ds, dict):
+        raise _bad("train.deepspeed", path, "must hold a JSON object")
+    t = cfg.train
+    accum = t.resolved_grad_accum(world_size)
+    want = {
+        "train_micro_batch_size_per_gpu": t.per_device_batch_size,
+        "gradient_accumulation_steps": accum,
+        "train_batch_size": t.per_device_batch_size * world_size * accum,
+        "gradient_clipping": t.max_grad_norm or 0.0,
+    }
+    for key, value in want.items():
+        have = ds.get(key, "auto")
+        if have == "auto":
+            ds[key] = value
+        elif have != value:
+            raise _bad("train.deepspeed", path, f"sets {key}={have!r} but this config implies {value!r} (use \"auto\")")
+    bf16 = ds.setdefault("bf16", {})
+    want_bf16 = cfg.model.dtype == "bfloat16"
+    if bf16.get("enabled", "auto") == "auto":
+        bf16["enabled"] = want_bf16
+    elif bool(bf16["enabled"]) != want_bf16:
+        raise _bad("train.deepspeed", path, f"sets bf16.enabled={bf16['enabled']} but model.dtype={cfg.model.dtype!r}")
+    zero = ds.get("zero_optimization", {})
+    stage = zero.get("stage", 0)
+    if stage not in (0, 1, 2, 3):
+        raise _bad("train.deepspeed", path, f"zero_optimization.stage={stage!r} must be 0, 1, 2 or 3")
+    sized = {} if hidden_size is None else {
+        "reduce_bucket_size": hidden_size * hidden_size,
+        "stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
+        "stage3_param_persistence_threshold": 10 * hidden_size,
+    }
+    for key in [k for k, v in zero.items() if v == "auto"]:
+        if key in sized:
+            zero[key] = sized[key]
+        else:
+            del zero[key]
+    return ds
