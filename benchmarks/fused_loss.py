@@ -1,0 +1,181 @@
+"""Fused linear preference loss vs naive PyTorch vs Liger-Kernel: forward+backward time and peak
+memory, measured side by side in one run.
+
+    python -m benchmarks.fused_loss                 # CPU set: B=4 pairs, T=256, H=512, V=32000, fp32
+    python -m benchmarks.fused_loss --set gpu       # Llama-3-8B head, T=1024 and 4096, bf16 (needs CUDA)
+
+Each (implementation, shape) runs in a fresh process so its peak memory is its own: on CPU the
+process's peak RSS (ru_maxrss) above the RSS after the inputs were built; on GPU
+torch.cuda.max_memory_allocated above the inputs. Times are medians over repeats with fresh random
+inputs drawn per repeat (never zeros), after one warm-up. Results: a table on stdout and
+benchmarks/results/fused_loss_<set>.csv / .md with device, dtype, shape, commit, date and command.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+from .common import RESULTS, provenance, write_csv
+
+SETS = {
+    "cpu": {"device": "cpu", "dtype": "float32", "shapes": [(4, 256, 512, 32000)], "impls": ["naive", "ours", "liger"]},
+    "gpu": {"device": "cuda", "dtype": "bfloat16", "shapes": [(4, 1024, 4096, 128256), (4, 4096, 4096, 128256)],
+            "impls": ["naive", "ours", "liger", "gemm"]},
+}
+
+
+def _inputs(b, t, h, v, dtype, device, seed):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    mk = lambda *s, scale=1.0: (torch.randn(*s, generator=g) * scale).to(device=device, dtype=dtype)  # noqa: E731
+    hidden = mk(2 * b, t, h).requires_grad_()
+    weight = (mk(v, h, scale=h ** -0.5)).requires_grad_()
+    ref_hidden, ref_weight = mk(2 * b, t, h), mk(v, h, scale=h ** -0.5)
+    labels = torch.randint(0, v, (2 * b, t), generator=g)
+    labels[:, : t // 4] = -100  # a prompt of a quarter of the sequence
+    return hidden, weight, labels.to(device), ref_hidden, ref_weight
+
+
+def _step(impl, x, backend):
+    hidden, weight, labels, ref_hidden, ref_weight = x
+    if impl == "ours":
+        from metapo_fast import fused_linear_preference_loss
+
+        loss = fused_linear_preference_loss(hidden, weight, labels, ref_hidden=ref_hidden, ref_weight=ref_weight,
+                                            beta=0.1, backend=backend).loss
+    elif impl == "naive":
+        from metapo_fast.losses import PairBatch, pair_loss
+        from metapo_fast.reference import sequence_logps
+
+        s = sequence_logps(hidden, weight, labels, ref_hidden=ref_hidden, ref_weight=ref_weight, compute_kl=True)
+        b = hidden.shape[0] // 2
+        loss = pair_loss(PairBatch(s.logps[:b], s.logps[b:], s.counts[:b], s.counts[b:], s.ref_logps[:b], s.ref_logps[b:]))[0]
+    elif impl == "liger":
+        from liger_kernel.chunked_loss import LigerFusedLinearDPOLoss
+
+        fn = LigerFusedLinearDPOLoss(beta=0.1, compiled=hidden.is_cuda, use_ref_model=True)
+        res = fn(weight, hidden, labels, ref_input=ref_hidden, ref_weight=ref_weight)
+        loss = res[0] if isinstance(res, tuple) else res
+    elif impl == "gemm":  # the four GEMMs of the 8NHV floor, run bare
+        n, h = hidden.shape[0] * hidden.shape[1], hidden.shape[2]
+        hf, rf = hidden.detach().reshape(n, h), ref_hidden.reshape(n, h)
+        logits = hf @ weight.detach().t()
+        ref_logits = rf @ ref_weight.t()
+        del ref_logits
+        _ = logits @ weight.detach()
+        _ = logits.t() @ hf
+        return
+    else:
+        raise ValueError(f"unknown implementation {impl!r}")
+    loss.backward()
+
+
+def _sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def worker(impl, shape, dtype, device, repeats, backend) -> dict:
+    b, t, h, v = shape
+    dt = getattr(torch, dtype)
+    times, peak = [], 0
+    for rep in range(repeats + 1):  # repeat 0 is the warm-up
+        x = _inputs(b, t, h, v, dt, device, seed=rep)
+        _sync(device)
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+        else:
+            base = _rss_now()
+        t0 = time.perf_counter()
+        _step(impl, x, backend)
+        _sync(device)
+        dt_s = time.perf_counter() - t0
+        if device == "cuda":
+            peak = max(peak, torch.cuda.max_memory_allocated() - base)
+        else:
+            peak = max(peak, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base)
+        if rep:
+            times.append(dt_s)
+        del x
+    return {"impl": impl, "median_s": statistics.median(times), "min_s": min(times), "peak_extra_mb": peak / 2 ** 20,
+            "repeats": repeats}
+
+
+def _rss_now() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--set", choices=sorted(SETS), default="cpu")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--backend", default="auto", help="epilogue backend for ours (auto, cpp, torch, triton)")
+    ap.add_argument("--impls", default=None, help="comma-separated subset of implementations")
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--shape", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    cfg = SETS[args.set]
+    if args.worker:
+        res = worker(args.worker, tuple(int(x) for x in args.shape.split(",")), cfg["dtype"], cfg["device"], args.repeats, args.backend)
+        print("RESULT " + json.dumps(res))
+        return
+    prov = provenance(cfg["device"], "benchmarks.fused_loss")
+    rows = []
+    impls = args.impls.split(",") if args.impls else cfg["impls"]
+    if cfg["device"] == "cuda" and not torch.cuda.is_available():
+        for shape in cfg["shapes"]:
+            for impl in impls:
+                rows.append({"set": args.set, "impl": impl, "B": shape[0], "T": shape[1], "H": shape[2], "V": shape[3],
+                             "dtype": cfg["dtype"], "median_s": "not measured", "note": "no GPU in this session", **prov})
+    else:
+        for shape in cfg["shapes"]:
+            shape_rows = []
+            for impl in impls:
+                cmd = [sys.executable, "-m", "benchmarks.fused_loss", "--set", args.set, "--repeats", str(args.repeats),
+                       "--backend", args.backend, "--worker", impl, "--shape", ",".join(map(str, shape))]
+                proc = subprocess.run(cmd, capture_output=True, text=True, cwd=os.path.dirname(RESULTS).rsplit("/", 1)[0])
+                line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+                if proc.returncode or not line:
+                    raise RuntimeError(f"benchmark worker {impl} {shape} failed:\n{proc.stdout}\n{proc.stderr}")
+                r = json.loads(line[0][7:])
+                shape_rows.append({"set": args.set, "B": shape[0], "T": shape[1], "H": shape[2], "V": shape[3],
+                                   "dtype": cfg["dtype"], "backend": args.backend if impl == "ours" else "", **r, **prov})
+            naive = next((r for r in shape_rows if r["impl"] == "naive"), None)
+            for r in shape_rows:
+                if naive:
+                    r["time_vs_naive"] = round(r["median_s"] / naive["median_s"], 3)
+                    r["mem_vs_naive"] = round(r["peak_extra_mb"] / naive["peak_extra_mb"], 3) if naive["peak_extra_mb"] > 0 else ""
+            rows += shape_rows
+    path = write_csv(f"fused_loss_{args.set}.csv", rows)
+    _write_md(args.set, rows, prov)
+    for r in rows:
+        print({k: r[k] for k in r if k not in ("device", "torch", "date", "command", "commit")})
+    print(f"wrote {path}")
+
+
+def _write_md(name, rows, prov):
+    lines = [f"# Fused loss benchmark ({name} set)", "",
+             f"device: {prov['device']}; torch {prov['torch']}; commit {prov['commit']}; {prov['date']}",
+             f"command: `{prov['command']}`", "",
+             "| impl | B | T | H | V | dtype | median fwd+bwd (s) | peak extra memory (MiB) | time vs naive | memory vs naive |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ms = r["median_s"] if isinstance(r["median_s"], str) else f"{r['median_s']:.3f}"
+        mem = f"{r['peak_extra_mb']:.0f}" if "peak_extra_mb" in r else "not measured"
+        lines.append(f"| {r['impl']}{' (' + r['backend'] + ')' if r.get('backend') else ''} | {r['B']} | {r['T']} | {r['H']} | "
+                     f"{r['V']} | {r['dtype']} | {ms} | {mem} | {r.get('time_vs_naive', '')} | {r.get('mem_vs_naive', '')} |")
+    with open(os.path.join(RESULTS, f"fused_loss_{name}.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,495 @@
+"""Fused linear preference loss: LM head + log-probs + token KL + weighted pairwise loss + its
+gradient, chunk by chunk, never materialising the full ``[2B*T, V]`` logits.
+
+Per chunk the policy logits ``h W^T (+b)`` and reference logits are produced by torch.matmul
+(cuBLAS / MKL); one fused epilogue reads both once for log-sum-exp, the target log-prob and the
+full-vocabulary KL; the per-pair loss of the chunk's pairs gives one coefficient per sequence,
+``c_s = dL/dlogp_s``; the backward epilogue overwrites the policy logits with
+``c_s (onehot - softmax)``; two more GEMMs give ``grad_h`` and ``grad_W``. Gradients are computed
+in the forward (as Liger-Kernel does) and scaled by the incoming gradient in backward, so the
+policy logits are computed once: the 8NHV FLOP floor of docs/performance.md.
+
+Chunks hold whole pairs while a pair's rows fit the memory budget (single pass). When one pair
+does not fit (e.g. T=8192 at V=128k), a two-phase token-chunked path gathers the sequence sums
+first and recomputes the policy logits for the gradient (10NHV).
+
+On CPU, prompt and padding rows (``ignore_index``) are dropped before the GEMMs; on CUDA they are
+kept (dropping them needs a data-dependent size, i.e. a host sync) and get a zero coefficient.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from . import epilogue as _epi
+from .backend import BACKENDS
+from .losses import LossParams, PairBatch, get_loss
+from .reference import compute_dtype
+
+__all__ = ["PreferenceLossOutput", "fused_linear_preference_loss", "FusedLinearPreferenceLoss", "DEFAULT_CHUNK_BYTES"]
+
+# Logits budget per chunk (policy + reference logits together). 256 MiB holds 1024 rows of fp32
+# V=32000 logits with a reference: 2 pairs of T=256 per chunk, GEMMs of 1024 rows that run at full
+# MKL speed on CPU; on an H100 it is 512 rows of bf16 V=128256 with a reference. Users with more
+# memory raise it (fewer, larger GEMMs).
+DEFAULT_CHUNK_BYTES = 256 * 1024 * 1024
+# Dispatch-key TLS of ordinary eager code, captured at import (see _Chunker._coefficients).
+_DEFAULT_DISPATCH_TLS = (torch._C._dispatch_tls_local_include_set(), torch._C._dispatch_tls_local_exclude_set())
+
+
+@dataclass
+class PreferenceLossOutput:
+    """Result of :func:`fused_linear_preference_loss`. Per-pair fields have shape ``(B,)`` and are
+    detached; ``loss`` is the scalar weighted loss ``(1/B) sum_i w_i l_i`` and carries the gradient.
+
+    Log-probs are sums over response tokens (TRL's ``logps/chosen``); ``*_avg_logps`` divide by the
+    token count. ``margins`` is the loss's logit z (math.md sections 1-2); ``kl`` is the mean
+    full-vocabulary token KL to the reference over both responses' tokens (None without reference
+    hidden states or with ``compute_kl=False``).
+    """
+
+    loss: torch.Tensor
+    per_pair_loss: torch.Tensor
+    margins: torch.Tensor
+    chosen_logps: torch.Tensor
+    rejected_logps: torch.Tensor
+    chosen_counts: torch.Tensor
+    rejected_counts: torch.Tensor
+    ref_chosen_logps: Optional[torch.Tensor]
+    ref_rejected_logps: Optional[torch.Tensor]
+    kl: Optional[torch.Tensor]
+    beta: float
+
+    @property
+    def chosen_avg_logps(self) -> torch.Tensor:
+        return self.chosen_logps / self.chosen_counts.clamp(min=1)
+
+    @property
+    def rejected_avg_logps(self) -> torch.Tensor:
+        return self.rejected_logps / self.rejected_counts.clamp(min=1)
+
+    @property
+    def chosen_rewards(self) -> Optional[torch.Tensor]:
+        """``beta * lr(y_w)`` (TRL's ``rewards/chosen``); None without reference."""
+        return None if self.ref_chosen_logps is None else self.beta * (self.chosen_logps - self.ref_chosen_logps)
+
+    @property
+    def rejected_rewards(self) -> Optional[torch.Tensor]:
+        return None if self.ref_rejected_logps is None else self.beta * (self.rejected_logps - self.ref_rejected_logps)
+
+    @property
+    def accuracies(self) -> torch.Tensor:
+        """1.0 where the pair is ranked correctly (z > 0) (TRL's ``rewards/accuracies``)."""
+        return (self.margins > 0).float()
+
+
+# ---------------------------------------------------------------------------------------------
+# Input validation: one place, clear messages naming the argument and the shapes.
+# ---------------------------------------------------------------------------------------------
+def _check_inputs(hidden, weight, labels, bias, ref_hidden, ref_weight, ref_bias, ref_logps, sample_weights, ignore_index):
+    if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3:
+        raise ValueError(f"hidden must be a (2B, T, H) tensor, got {_shape(hidden)}")
+    n2, t, h = hidden.shape
+    if n2 == 0 or n2 % 2:
+        raise ValueError(f"hidden must have an even, non-zero number of rows (B chosen then B rejected), got {n2} rows")
+    if not hidden.is_floating_point():
+        raise ValueError(f"hidden must be floating point, got dtype {hidden.dtype}")
+    if weight.dim() != 2 or weight.shape[1] != h:
+        raise ValueError(f"weight must be (V, H) with H={h} to match hidden {tuple(hidden.shape)}, got {tuple(weight.shape)}")
+    if weight.dtype != hidden.dtype:
+        raise ValueError(f"weight dtype {weight.dtype} differs from hidden dtype {hidden.dtype}")
+    v = weight.shape[0]
+    if labels.shape != (n2, t):
+        raise ValueError(f"labels must have shape {(n2, t)} to match hidden {tuple(hidden.shape)}, got {tuple(labels.shape)}")
+    if labels.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"labels must be int64 or int32, got {labels.dtype}")
+    dev = hidden.device
+    named = {"weight": weight, "labels": labels, "bias": bias, "ref_hidden": ref_hidden, "ref_weight": ref_weight,
+             "ref_bias": ref_bias, "ref_logps": ref_logps, "sample_weights": sample_weights}
+    for name, x in named.items():
+        if x is not None and x.device != dev:
+            raise ValueError(f"{name} is on {x.device} but hidden is on {dev}; all inputs must share one device")
+    if bias is not None and (bias.shape != (v,) or bias.dtype != hidden.dtype):
+        raise ValueError(f"bias must be ({v},) of dtype {hidden.dtype}, got {tuple(bias.shape)} {bias.dtype}")
+    # Value check on CPU only: on CUDA it would cost a host sync, and under torch.compile it is data-dependent.
+    if labels.device.type == "cpu" and not torch.compiler.is_compiling():
+        bad = ((labels != ignore_index) & ((labels < 0) | (labels >= v))).nonzero()
+        if bad.numel():
+            r, c = bad[0].tolist()
+            raise ValueError(f"labels[{r}, {c}] = {int(labels[r, c])} is outside [0, V={v}) and is not ignore_index={ignore_index}")
+    if ref_hidden is not None:
+        if ref_weight is None:
+            raise ValueError("ref_hidden was given without ref_weight")
+        if ref_hidden.shape[:2] != (n2, t):
+            raise ValueError(f"ref_hidden must have shape ({n2}, {t}, H_ref) to match hidden, got {tuple(ref_hidden.shape)}")
+        if ref_weight.dim() != 2 or ref_weight.shape != (v, ref_hidden.shape[2]):
+            raise ValueError(f"ref_weight must be ({v}, {ref_hidden.shape[2]}) to match weight and ref_hidden, got {tuple(ref_weight.shape)}")
+        if ref_weight.dtype != ref_hidden.dtype:
+            raise ValueError(f"ref_weight dtype {ref_weight.dtype} differs from ref_hidden dtype {ref_hidden.dtype}")
+        if ref_bias is not None and ref_bias.shape != (v,):
+            raise ValueError(f"ref_bias must be ({v},), got {tuple(ref_bias.shape)}")
+        if ref_logps is not None:
+            raise ValueError("give either ref_hidden/ref_weight or ref_logps, not both")
+    elif ref_weight is not None or ref_bias is not None:
+        raise ValueError("ref_weight/ref_bias were given without ref_hidden")
+    if ref_logps is not None and ref_logps.shape != (n2,):
+        raise ValueError(f"ref_logps must hold {n2} sequence log-probs (chosen then rejected), got {tuple(ref_logps.shape)}")
+    if sample_weights is not None and sample_weights.shape != (n2 // 2,):
+        raise ValueError(f"sample_weights must have shape ({n2 // 2},) (one per pair), got {tuple(sample_weights.shape)}")
+
+
+def _shape(x):
+    return tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+
+
+# ---------------------------------------------------------------------------------------------
+# The chunked computation (runs inside the custom op, below autograd).
+# ---------------------------------------------------------------------------------------------
+class _Chunker:
+    def __init__(self, hidden, weight, labels, bias, ref_hidden, ref_weight, ref_bias, ref_seq, sample_weights,
+                 spec, params, ignore_index, compute_kl, chunk_bytes, backend, compute_grad):
+        self.b2, self.t, self.h = hidden.shape
+        self.bsz = self.b2 // 2
+        self.v = weight.shape[0]
+        self.hidden = hidden.reshape(-1, self.h)
+        self.ref_hidden = None if ref_hidden is None else ref_hidden.reshape(-1, ref_hidden.shape[-1])
+        self.weight, self.bias, self.ref_weight, self.ref_bias = weight, bias, ref_weight, ref_bias
+        self.labels = labels.reshape(-1)
+        self.mask = self.labels != ignore_index
+        self.targets = torch.where(self.mask, self.labels, torch.zeros_like(self.labels)).long()
+        self.spec, self.params, self.backend = spec, params, backend
+        self.has_ref_logits = ref_hidden is not None
+        self.compute_kl = compute_kl and self.has_ref_logits
+        self.weights = sample_weights
+        self.compute_grad = compute_grad
+        self.compact = hidden.device.type == "cpu"
+        self.cd = compute_dtype(hidden.dtype)
+        dev = hidden.device
+        self.seq_logps = torch.zeros(self.b2, dtype=self.cd, device=dev)
+        self.counts = self.mask.view(self.b2, self.t).sum(1).to(self.cd)
+        self.ref_seq = ref_seq.to(self.cd) if ref_seq is not None else (
+            torch.zeros(self.b2, dtype=self.cd, device=dev) if self.has_ref_logits else None)
+        self.kl_sum = torch.zeros(self.b2, dtype=self.cd, device=dev) if self.compute_kl else None
+        self.per_pair = torch.zeros(self.bsz, dtype=self.cd, device=dev)
+        self.logit = torch.zeros(self.bsz, dtype=self.cd, device=dev)
+        self.loss = torch.zeros((), dtype=self.cd, device=dev)
+        if compute_grad:
+            self.grad_hidden = torch.zeros_like(self.hidden)
+            self.grad_weight = torch.zeros(weight.shape, dtype=torch.float32 if self.cd == torch.float32 else self.cd, device=dev)
+            self.grad_bias = None if bias is None else torch.zeros(self.v, dtype=self.grad_weight.dtype, device=dev)
+        bytes_per_row = self.v * hidden.element_size() * (2 if self.has_ref_logits else 1)
+        self.rows_per_chunk = max(1, int(chunk_bytes) // bytes_per_row)
+
+    # rows (flat indices into the (2B*T) rows) of the sequences `seqs`, valid rows only on CPU
+    def _rows(self, seqs: torch.Tensor) -> torch.Tensor:
+        rows = (seqs.unsqueeze(1) * self.t + torch.arange(self.t, device=seqs.device)).reshape(-1)
+        return rows[self.mask[rows]] if self.compact else rows
+
+    def _logits(self, h, w, b):
+        return torch.addmm(b, h, w.t()) if b is not None else h @ w.t()
+
+    def _forward_rows(self, rows: torch.Tensor, seq_local: torch.Tensor, nseq: int, keep_logits: bool):
+        """Epilogue forward over `rows`; returns (logits or None, lse, per-seq sums (logp, ref, kl))."""
+        h = self.hidden.index_select(0, rows)
+        logits = self._logits(h, self.weight, self.bias)
+        ref_logits = None
+        if self.has_ref_logits:
+            ref_logits = self._logits(self.ref_hidden.index_select(0, rows), self.ref_weight, self.ref_bias)
+        tgt = self.targets.index_select(0, rows)
+        lse, logp, ref_logp, kl = _epi.epilogue_forward(logits, tgt, ref_logits if (self.compute_kl or self.has_ref_logits) else None,
+                                                        backend=self.backend)
+        del ref_logits
+        m = self.mask.index_select(0, rows).to(self.cd)
+        sums = [torch.zeros(nseq, dtype=self.cd, device=rows.device).index_add_(0, seq_local, x.to(self.cd) * m)
+                for x in (logp, ref_logp if self.has_ref_logits else None, kl if self.compute_kl else None) if x is not None]
+        return (logits if keep_logits else None), lse, h, tgt, m, sums
+
+    def _coefficients(self, pairs: torch.Tensor) -> torch.Tensor:
+        """Per-sequence ``dL/dlogp_s`` for the given pairs (chosen seqs then rejected seqs), and
+        record their loss, per-pair loss and logit. Any registered loss works: its gradient comes
+        from autograd on these (2n,)-sized tensors, not from hand-written derivatives."""
+        seqs = torch.cat([pairs, pairs + self.bsz])
+        n = pairs.numel()
+        counts = self.counts[seqs]
+        ref = None if self.ref_seq is None else self.ref_seq[seqs]
+        w = None if self.weights is None else self.weights[pairs].to(self.cd)
+
+        def chunk_loss(lp):
+            batch = PairBatch(lp[:n], lp[n:], counts[:n], counts[n:],
+                              None if ref is None else ref[:n], None if ref is None else ref[n:])
+            per_pair, logit = self.spec.fn(batch, self.params)
+            loss = (per_pair if w is None else w * per_pair).sum() / self.bsz
+            return loss, (per_pair, logit)
+
+        lp = self.seq_logps[seqs]
+        if not self.compute_grad:
+            loss, (per_pair, logit) = chunk_loss(lp)
+            coef = None
+        else:
+            # A custom op's body runs with autograd (and torch.func, under torch.compile) excluded
+            # from dispatch; this (2n,)-sized loss is differentiated with the default dispatch TLS.
+            with torch._C._ForceDispatchKeyGuard(*_DEFAULT_DISPATCH_TLS), torch.enable_grad():
+                lp = lp.detach().requires_grad_()
+                loss, (per_pair, logit) = chunk_loss(lp)
+                (coef,) = torch.autograd.grad(loss, lp)
+            loss, per_pair, logit = loss.detach(), per_pair.detach(), logit.detach()
+        self.per_pair[pairs] = per_pair
+        self.logit[pairs] = logit
+        self.loss += loss
+        return coef
+
+    def _backward_rows(self, logits, lse, h, tgt, m, coef_rows, rows):
+        _epi.epilogue_backward_(logits, lse, tgt, coef_rows * m, backend=self.backend)
+        self.grad_hidden.index_copy_(0, rows, (logits @ self.weight).to(self.grad_hidden.dtype))
+        self.grad_weight.add_(logits.t() @ h)
+        if self.grad_bias is not None:
+            self.grad_bias.add_(logits.sum(0, dtype=self.grad_bias.dtype))
+
+    def run(self):
+        dev = self.hidden.device
+        pair_rows = 2 * self.t
+        if pair_rows <= self.rows_per_chunk:
+            step = max(1, self.rows_per_chunk // pair_rows)
+            for i0 in range(0, self.bsz, step):
+                self._single_pass(i0, min(i0 + step, self.bsz))
+        else:
+            self._two_phase()
+        return self
+
+    def _single_pass(self, i0: int, i1: int):
+        n = i1 - i0
+        pairs = torch.arange(i0, i1, device=self.hidden.device)
+        seqs = torch.cat([pairs, pairs + self.bsz])
+        rows = self._rows(seqs)
+        seq_local = torch.div(rows, self.t, rounding_mode="floor")
+        seq_local = torch.where(seq_local >= self.bsz, seq_local - self.bsz + n, seq_local) - i0
+        logits, lse, h, tgt, m, sums = self._forward_rows(rows, seq_local, 2 * n, keep_logits=self.compute_grad)
+        self._store_sums(seqs, sums)
+        coef = self._coefficients(pairs)
+        if self.compute_grad:
+            self._backward_rows(logits, lse, h, tgt, m, coef[seq_local], rows)
+
+    def _store_sums(self, seqs, sums):
+        self.seq_logps[seqs] += sums[0]
+        k = 1
+        if self.has_ref_logits:
+            self.ref_seq[seqs] += sums[k]
+            k += 1
+        if self.compute_kl:
+            self.kl_sum[seqs] += sums[k]
+
+    def _two_phase(self):
+        all_rows = self._rows(torch.arange(self.b2, device=self.hidden.device))
+        chunks = all_rows.split(self.rows_per_chunk)
+        lses = []
+        for rows in chunks:  # phase 1: sums over token chunks, keep only lse per row
+            seq = torch.div(rows, self.t, rounding_mode="floor")
+            _, lse, *_rest, sums = self._forward_rows(rows, seq, self.b2, keep_logits=False)
+            lses.append(lse)
+            self._store_sums(torch.arange(self.b2, device=rows.device), sums)
+        coef = self._coefficients(torch.arange(self.bsz, device=self.hidden.device))
+        if not self.compute_grad:
+            return
+        for rows, lse in zip(chunks, lses):  # phase 2: recompute policy logits for the gradient
+            h = self.hidden.index_select(0, rows)
+            logits = self._logits(h, self.weight, self.bias)
+            tgt = self.targets.index_select(0, rows)
+            m = self.mask.index_select(0, rows).to(self.cd)
+            self._backward_rows(logits, lse, h, tgt, m, coef[torch.div(rows, self.t, rounding_mode="floor")], rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.library custom op (opaque to torch.compile) with a fake implementation and autograd.
+# ---------------------------------------------------------------------------------------------
+_EMPTY = (0,)
+
+
+@torch.library.custom_op("metapo_fast::fused_linear_preference_loss", mutates_args=())
+def _fused_op(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, bias: Optional[torch.Tensor],
+    ref_hidden: Optional[torch.Tensor], ref_weight: Optional[torch.Tensor], ref_bias: Optional[torch.Tensor],
+    ref_logps: Optional[torch.Tensor], sample_weights: Optional[torch.Tensor],
+    loss_type: str, beta: float, label_smoothing: float, focal_gamma: float, simpo_gamma: float, orpo_lambda: float,
+    ignore_index: int, compute_kl: bool, chunk_bytes: int, backend: str, compute_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+           torch.Tensor, torch.Tensor, torch.Tensor]:
+    params = LossParams(beta, label_smoothing, focal_gamma, simpo_gamma, orpo_lambda)
+    c = _Chunker(hidden, weight, labels, bias, ref_hidden, ref_weight, ref_bias, ref_logps, sample_weights,
+                 get_loss(loss_type), params, ignore_index, compute_kl, chunk_bytes, backend, compute_grad).run()
+    def empty():  # one fresh tensor per absent output: outputs may not alias each other
+        return hidden.new_empty(_EMPTY, dtype=c.cd)
+
+    ref = c.ref_seq if c.ref_seq is not None else empty()
+    kl = c.kl_sum if c.kl_sum is not None else empty()
+    if compute_grad:
+        gh = c.grad_hidden.view_as(hidden)
+        gw = c.grad_weight
+        gb = c.grad_bias if c.grad_bias is not None else empty()
+    else:
+        gh, gw, gb = empty(), empty(), empty()
+    # ref_logps (an input) must not be returned as an output alias
+    return c.loss, c.per_pair, c.logit, c.seq_logps, c.counts, ref.clone() if ref is ref_logps else ref, kl, gh, gw, gb
+
+
+@_fused_op.register_fake
+def _fused_op_fake(hidden, weight, labels, bias, ref_hidden, ref_weight, ref_bias, ref_logps, sample_weights,
+                   loss_type, beta, label_smoothing, focal_gamma, simpo_gamma, orpo_lambda, ignore_index,
+                   compute_kl, chunk_bytes, backend, compute_grad):
+    cd = compute_dtype(hidden.dtype)
+    b2 = hidden.shape[0]
+    new = lambda *s, dtype=cd: hidden.new_empty(s, dtype=dtype)  # noqa: E731
+    has_ref = ref_hidden is not None or ref_logps is not None
+    ref = new(b2) if has_ref else new(0)
+    kl = new(b2) if (compute_kl and ref_hidden is not None) else new(0)
+    if compute_grad:
+        gw_dtype = torch.float32 if cd == torch.float32 else cd
+        gh, gw = new(*hidden.shape, dtype=hidden.dtype), new(*weight.shape, dtype=gw_dtype)
+        gb = new(weight.shape[0], dtype=gw_dtype) if bias is not None else new(0)
+    else:
+        gh, gw, gb = new(0), new(0), new(0)
+    return new(), new(b2 // 2), new(b2 // 2), new(b2), new(b2), ref, kl, gh, gw, gb
+
+
+_OP_INPUTS = ("hidden", "weight", "labels", "bias", "ref_hidden", "ref_weight", "ref_bias", "ref_logps",
+              "sample_weights", "loss_type", "beta", "label_smoothing", "focal_gamma", "simpo_gamma", "orpo_lambda",
+              "ignore_index", "compute_kl", "chunk_bytes", "backend", "compute_grad")
+
+
+def _setup_context(ctx, inputs, output):
+    hidden, weight, bias = inputs[0], inputs[1], inputs[3]
+    ctx.save_for_backward(output[7], output[8], output[9])
+    ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, grad_loss, *_unused):
+    gh, gw, gb = ctx.saved_tensors
+    if gh.numel() == 0 and gw.numel() == 0:
+        raise RuntimeError("fused_linear_preference_loss: backward called but gradients were not computed "
+                           "(the inputs did not require grad when the forward ran)")
+    grads = dict.fromkeys(_OP_INPUTS)  # every input without a gradient gets None, by name
+    g = grad_loss.to(gw.dtype)
+    grads["hidden"] = (gh * g.to(gh.dtype)) if gh.numel() else None
+    grads["weight"] = (gw * g).to(ctx.dtypes[1])
+    if ctx.has_bias:
+        grads["bias"] = (gb * g).to(ctx.dtypes[2])
+    return tuple(grads[name] for name in _OP_INPUTS)
+
+
+torch.library.register_autograd("metapo_fast::fused_linear_preference_loss", _backward, setup_context=_setup_context)
+
+
+def _as_seq_ref(ref_logps) -> Optional[torch.Tensor]:
+    if ref_logps is None or isinstance(ref_logps, torch.Tensor):
+        return ref_logps
+    if isinstance(ref_logps, (tuple, list)) and len(ref_logps) == 2:
+        return torch.cat([ref_logps[0].reshape(-1), ref_logps[1].reshape(-1)])
+    raise ValueError("ref_logps must be a (2B,) tensor or a (ref_chosen_logps, ref_rejected_logps) pair of (B,) tensors")
+
+
+def fused_linear_preference_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    bias: Optional[torch.Tensor] = None,
+    ref_hidden: Optional[torch.Tensor] = None,
+    ref_weight: Optional[torch.Tensor] = None,
+    ref_bias: Optional[torch.Tensor] = None,
+    ref_logps: Union[None, torch.Tensor, Sequence[torch.Tensor]] = None,
+    sample_weights: Optional[torch.Tensor] = None,
+    loss_type: str = "sigmoid",
+    beta: float = 0.1,
+    label_smoothing: float = 0.0,
+    focal_gamma: float = 1.0,
+    simpo_gamma: float = 0.5,
+    orpo_lambda: float = 0.1,
+    ignore_index: int = -100,
+    compute_kl: bool = True,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    backend: str = "auto",
+) -> PreferenceLossOutput:
+    """Weighted pairwise preference loss from the LM head's inputs, fused and chunked.
+
+    ``L = (1/B) sum_i w_i l_i(z_i)``, with ``l`` from the loss registry (``loss_type``: sigmoid,
+    ipo, focal, simpo, orpo; docs/math.md section 2) and ``w`` the detached ``sample_weights``
+    (ones by default). MetaPO paper Sec. 3.4 / Eq. 15.
+
+    Args:
+        hidden: ``(2B, T, H)`` policy hidden states, the B chosen rows first, then the B rejected.
+        weight: ``(V, H)`` LM-head weight; ``bias``: optional ``(V,)``.
+        labels: ``(2B, T)`` shifted labels; ``hidden[:, t]`` predicts ``labels[:, t]``;
+            prompt and padding positions hold ``ignore_index``.
+        ref_hidden, ref_weight, ref_bias: the reference model's last hidden states and head
+            (gives reference log-probs and the token KL). Or ``ref_logps``: precomputed reference
+            sequence log-probs, ``(2B,)`` or ``(ref_chosen, ref_rejected)`` (then no KL).
+        sample_weights: ``(B,)`` per-pair weights (no gradient flows into them).
+        loss_type, beta, label_smoothing, focal_gamma, simpo_gamma, orpo_lambda: see
+            :class:`metapo_fast.losses.LossParams`.
+        compute_kl: compute the per-pair mean token KL (needs ``ref_hidden``).
+        chunk_bytes: memory budget for one chunk's policy + reference logits.
+        backend: epilogue implementation: ``auto`` | ``torch`` | ``triton`` | ``cpp``.
+
+    Gradients flow to ``hidden``, ``weight`` and ``bias`` (the weight gradient is accumulated in
+    fp32 across chunks). Returns a :class:`PreferenceLossOutput`.
+    """
+    ref_seq = _as_seq_ref(ref_logps)
+    _check_inputs(hidden, weight, labels, bias, ref_hidden, ref_weight, ref_bias, ref_seq, sample_weights, ignore_index)
+    spec = get_loss(loss_type)
+    if spec.needs_reference and ref_hidden is None and ref_seq is None:
+        raise ValueError(f"loss_type={loss_type!r} needs a reference: pass ref_hidden and ref_weight, or ref_logps")
+    params = LossParams(beta, label_smoothing, focal_gamma, simpo_gamma, orpo_lambda)  # validates
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if chunk_bytes <= 0:
+        raise ValueError(f"chunk_bytes must be positive, got {chunk_bytes}")
+    compute_grad = torch.is_grad_enabled() and any(
+        x is not None and x.requires_grad for x in (hidden, weight, bias))
+    out = _fused_op(
+        hidden.contiguous(), weight.contiguous(), labels.contiguous(), bias, None if ref_hidden is None else ref_hidden.detach().contiguous(),
+        None if ref_weight is None else ref_weight.detach().contiguous(), None if ref_bias is None else ref_bias.detach(),
+        None if ref_seq is None else ref_seq.detach(), None if sample_weights is None else sample_weights.detach(),
+        loss_type, params.beta, params.label_smoothing, params.focal_gamma, params.simpo_gamma, params.orpo_lambda,
+        ignore_index, compute_kl, int(chunk_bytes), backend, compute_grad,
+    )
+    loss, per_pair, logit, seq, counts, ref, kl_sum = out[:7]
+    bsz = hidden.shape[0] // 2
+    has_ref = ref.numel() > 0
+    kl = None
+    if kl_sum.numel() > 0:
+        kl = ((kl_sum[:bsz] + kl_sum[bsz:]) / (counts[:bsz] + counts[bsz:]).clamp(min=1)).detach()
+    seq, counts = seq.detach(), counts.detach()
+    return PreferenceLossOutput(
+        loss=loss, per_pair_loss=per_pair.detach(), margins=logit.detach(),
+        chosen_logps=seq[:bsz], rejected_logps=seq[bsz:], chosen_counts=counts[:bsz], rejected_counts=counts[bsz:],
+        ref_chosen_logps=ref[:bsz].detach() if has_ref else None, ref_rejected_logps=ref[bsz:].detach() if has_ref else None,
+        kl=kl, beta=params.beta,
+    )
+
+
+class FusedLinearPreferenceLoss(nn.Module):
+    """``nn.Module`` around :func:`fused_linear_preference_loss` holding the loss settings.
+
+    ``forward(hidden, weight, labels, **tensors)`` takes the tensors of the functional form
+    (``bias``, ``ref_hidden``, ``ref_weight``, ``ref_bias``, ``ref_logps``, ``sample_weights``).
+    """
+
+    def __init__(self, loss_type: str = "sigmoid", beta: float = 0.1, label_smoothing: float = 0.0,
+                 focal_gamma: float = 1.0, simpo_gamma: float = 0.5, orpo_lambda: float = 0.1,
+                 ignore_index: int = -100, compute_kl: bool = True, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+                 backend: str = "auto"):
+        super().__init__()
+        get_loss(loss_type)
+        LossParams(beta, label_smoothing, focal_gamma, simpo_gamma, orpo_lambda)
+        self.kwargs = dict(loss_type=loss_type, beta=beta, label_smoothing=label_smoothing, focal_gamma=focal_gamma,
+                           simpo_gamma=simpo_gamma, orpo_lambda=orpo_lambda, ignore_index=ignore_index,
+                           compute_kl=compute_kl, chunk_bytes=chunk_bytes, backend=backend)
+
+    def forward(self, hidden, weight, labels, **tensors) -> PreferenceLossOutput:
+        return fused_linear_preference_loss(hidden, weight, labels, **tensors, **self.kwargs)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items())

@@ -1,0 +1,223 @@
+"""fused_linear_preference_loss against a float64 naive full-logits reference (docs/math.md 1-2).
+
+Every output (loss, per-pair log-probs, reference log-probs, margins, KL) and every gradient
+(hidden, weight, bias) is compared, for every loss type, with and without reference / KL /
+weights / bias, with a fully masked response, on odd shapes, in fp32 and bf16, for each epilogue
+backend (torch reference, Triton under the interpreter, C++), through both chunking paths
+(whole pairs per chunk, and the two-phase token-chunked path).
+"""
+import pytest
+import torch
+
+from metapo_fast import _cpp
+from metapo_fast.fused_loss import FusedLinearPreferenceLoss, fused_linear_preference_loss
+from metapo_fast.losses import LOSSES, LossParams, PairBatch, pair_loss
+from metapo_fast.reference import sequence_logps
+
+B, T, H, V = 3, 47, 31, 123
+BACKENDS = ["torch", "triton", pytest.param("cpp", marks=pytest.mark.skipif(not _cpp.available(), reason="no C++ compiler"))]
+# chunk budgets: the default (whole pairs, single pass) and 40 rows of logits (two-phase path)
+PATHS = {"single": 256 * 1024 * 1024, "two_phase": 40 * V * 4 * 2}
+
+
+def make_inputs(dtype, seed=0, bias=False, ref="hidden", weights=False, b=B, t=T, h=H, v=V):
+    g = torch.Generator().manual_seed(seed)
+    hid = torch.randn(2 * b, t, h, generator=g, dtype=torch.float64)
+    w = torch.randn(v, h, generator=g, dtype=torch.float64) * 0.3
+    labels = torch.randint(0, v, (2 * b, t), generator=g)
+    for r in range(2 * b):  # prompts of varying length, right padding
+        p = int(torch.randint(1, t // 2, (1,), generator=g))
+        labels[r, :p] = -100
+        labels[r, t - int(torch.randint(0, 5, (1,), generator=g)):] = -100
+    labels[b + 1] = -100  # a fully masked rejected response
+    kw = {}
+    if bias:
+        kw["bias"] = torch.randn(v, generator=g, dtype=torch.float64)
+    if ref == "hidden":
+        kw["ref_hidden"] = hid + 0.3 * torch.randn(hid.shape, generator=g, dtype=torch.float64)
+        kw["ref_weight"] = w + 0.05 * torch.randn(w.shape, generator=g, dtype=torch.float64)
+    elif ref == "logps":
+        kw["ref_logps"] = -torch.rand(2 * b, generator=g, dtype=torch.float64) * 50
+    if weights:
+        kw["sample_weights"] = torch.rand(b, generator=g, dtype=torch.float64) * 2
+    cast = {k: (x.to(dtype) if k not in ("ref_logps", "sample_weights") else x.float()) for k, x in kw.items()}
+    return hid.to(dtype), w.to(dtype), labels, cast
+
+
+def naive(hidden, weight, labels, loss_type, params, **kw):
+    """Full-logits reference: differentiable wrt hidden, weight, bias."""
+    bsz = hidden.shape[0] // 2
+    s = sequence_logps(hidden, weight, labels, bias=kw.get("bias"), ref_hidden=kw.get("ref_hidden"),
+                       ref_weight=kw.get("ref_weight"), compute_kl=True)
+    ref = s.ref_logps if "ref_hidden" in kw else kw.get("ref_logps")
+    batch = PairBatch(s.logps[:bsz], s.logps[bsz:], s.counts[:bsz], s.counts[bsz:],
+                      None if ref is None else ref[:bsz].to(s.logps.dtype), None if ref is None else ref[bsz:].to(s.logps.dtype))
+    w = kw.get("sample_weights")
+    loss, per_pair, z = pair_loss(batch, loss_type, params, None if w is None else w.to(s.logps.dtype))
+    kl = None
+    if s.kl_sum is not None:
+        kl = (s.kl_sum[:bsz] + s.kl_sum[bsz:]) / (s.counts[:bsz] + s.counts[bsz:]).clamp(min=1)
+    return loss, per_pair, z, s.logps, ref, kl
+
+
+def run_both(dtype, loss_type, backend, path, **mk):
+    hid, w, labels, kw = make_inputs(dtype, **mk)
+    params = LossParams(beta=0.3, label_smoothing=0.1 if loss_type == "sigmoid" else 0.0, focal_gamma=1.5)
+    leaves = {"hidden": hid.clone().requires_grad_(), "weight": w.clone().requires_grad_()}
+    if "bias" in kw:
+        leaves["bias"] = kw["bias"].clone().requires_grad_()
+    other = {k: x for k, x in kw.items() if k != "bias"}
+    out = fused_linear_preference_loss(leaves["hidden"], leaves["weight"], labels, bias=leaves.get("bias"), **other,
+                                       loss_type=loss_type, beta=params.beta, label_smoothing=params.label_smoothing,
+                                       focal_gamma=params.focal_gamma, backend=backend, chunk_bytes=PATHS[path])
+    out.loss.backward()
+    got_grads = {k: x.grad for k, x in leaves.items()}
+    # float64 truth from the same (rounded) inputs
+    l64 = {k: x.detach().double().requires_grad_() for k, x in leaves.items()}
+    kw64 = {k: (x.double() if k not in ("ref_logps", "sample_weights") else x.double()) for k, x in other.items()}
+    t_loss, t_pp, t_z, t_seq, t_ref, t_kl = naive(l64["hidden"], l64["weight"], labels, loss_type, params, bias=l64.get("bias"), **kw64)
+    t_loss.backward()
+    return out, got_grads, (t_loss, t_pp, t_z, t_seq, t_ref, t_kl), {k: x.grad for k, x in l64.items()}, (hid, w, labels, kw, params)
+
+
+def _close(got, want, tol, what):
+    got = got.double()
+    err = (got - want).abs().max().item()
+    scale = want.abs().max().item()
+    assert err <= tol * max(scale, 1.0), f"{what}: max abs error {err:.3e} > {tol:.1e} * max(|ref|={scale:.3e}, 1)"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("path", list(PATHS))
+@pytest.mark.parametrize("loss_type", sorted(LOSSES))
+def test_fp32_matches_float64_reference(loss_type, path, backend):
+    ref = "hidden" if LOSSES[loss_type].needs_reference else None
+    out, grads, truth, tgrads, ctx = run_both(torch.float32, loss_type, backend, path, ref=ref, weights=True, bias=(loss_type == "sigmoid"))
+    t_loss, t_pp, t_z, t_seq, t_ref, t_kl = truth
+    tol = 2e-5  # fp32 GEMMs over H=31 and log-sum-exp over V=123: observed ~1e-6
+    _close(out.loss.detach(), t_loss.detach(), tol, "loss")
+    _close(out.per_pair_loss, t_pp.detach(), tol, "per_pair_loss")
+    _close(out.margins, t_z.detach(), tol, "margins")
+    _close(torch.cat([out.chosen_logps, out.rejected_logps]), t_seq.detach(), tol, "logps")
+    assert out.chosen_counts.tolist() + out.rejected_counts.tolist() == (ctx[2] != -100).sum(1).tolist()
+    if ref:
+        _close(torch.cat([out.ref_chosen_logps, out.ref_rejected_logps]), t_ref, tol, "ref_logps")
+        _close(out.kl, t_kl, tol, "kl")
+    for k in tgrads:
+        _close(grads[k], tgrads[k], tol, f"grad {k}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("loss_type", ["sigmoid", "simpo"])
+def test_bf16_error_at_most_twice_pytorch_bf16(loss_type, backend):
+    """Our bf16 error vs float64 must be <= 2x the error of naive PyTorch run in bf16 (+ a floor of
+    one bf16 ulp of the quantity, for entries where PyTorch happens to be exact)."""
+    ref = "hidden" if LOSSES[loss_type].needs_reference else None
+    out, grads, truth, tgrads, (hid, w, labels, kw, params) = run_both(torch.bfloat16, loss_type, backend, "single", ref=ref, weights=True)
+    leaves = {"hidden": hid.clone().requires_grad_(), "weight": w.clone().requires_grad_()}
+    p_loss, p_pp, p_z, p_seq, p_ref, p_kl = naive(leaves["hidden"], leaves["weight"], labels, loss_type, params, **kw)
+    p_loss.backward()
+    pairs = [("loss", out.loss.detach(), p_loss.detach(), truth[0].detach()),
+             ("logps", torch.cat([out.chosen_logps, out.rejected_logps]), p_seq.detach(), truth[3].detach()),
+             ("margins", out.margins, p_z.detach(), truth[2].detach()),
+             ("grad hidden", grads["hidden"], leaves["hidden"].grad, tgrads["hidden"]),
+             ("grad weight", grads["weight"], leaves["weight"].grad, tgrads["weight"])]
+    if ref:
+        pairs.append(("kl", out.kl, p_kl, truth[5]))
+    for name, ours, torch_bf16, true in pairs:
+        e_ours = (ours.double() - true).abs().max().item()
+        e_torch = (torch_bf16.double() - true).abs().max().item()
+        floor = 2 ** -8 * true.abs().max().item() * 0.5
+        assert e_ours <= 2 * e_torch + floor, f"{name}: ours {e_ours:.3e} vs PyTorch bf16 {e_torch:.3e}"
+
+
+@pytest.mark.parametrize("ref", ["logps", None])
+def test_precomputed_reference_and_no_kl(ref):
+    loss_type = "sigmoid" if ref else "orpo"
+    out, grads, truth, tgrads, _ = run_both(torch.float32, loss_type, "torch", "single", ref=ref)
+    _close(out.loss.detach(), truth[0].detach(), 2e-5, "loss")
+    _close(grads["hidden"], tgrads["hidden"], 2e-5, "grad hidden")
+    assert out.kl is None
+    assert (out.ref_chosen_logps is None) == (ref is None)
+
+
+def test_outputs_detached_weights_get_no_grad_and_kl_nonnegative():
+    hid, w, labels, kw = make_inputs(torch.float32, weights=True)
+    sw = kw.pop("sample_weights").requires_grad_()
+    out = fused_linear_preference_loss(hid.requires_grad_(), w, labels, sample_weights=sw, **kw, backend="torch")
+    out.loss.backward()
+    assert sw.grad is None
+    assert not out.chosen_logps.requires_grad and not out.margins.requires_grad
+    assert (out.kl >= -1e-6).all()
+    assert out.chosen_counts[1].item() > 0 and out.rejected_counts[1].item() == 0  # the fully masked response
+
+
+def test_no_grad_mode_skips_gradients_and_backward_without_them_fails_clearly():
+    hid, w, labels, kw = make_inputs(torch.float32)
+    with torch.no_grad():
+        out = fused_linear_preference_loss(hid, w, labels, **kw, backend="torch")
+    assert out.loss.grad_fn is None and torch.isfinite(out.loss)
+
+
+def test_matches_liger_fused_linear_dpo_loss():
+    """Liger-Kernel's LigerFusedLinearDPOLoss (compiled=False): sigmoid, unweighted, no bias; its
+    loss and gradients must match ours (it averages the same per-pair losses over B)."""
+    liger = pytest.importorskip("liger_kernel.chunked_loss")
+    hid, w, labels, kw = make_inputs(torch.float32, ref="hidden")
+    labels[B + 1, 5] = 3  # Liger divides by token counts: avoid its 0/0 on a fully masked row
+    ours_h, ours_w = hid.clone().requires_grad_(), w.clone().requires_grad_()
+    out = fused_linear_preference_loss(ours_h, ours_w, labels, **kw, beta=0.1, backend="torch")
+    out.loss.backward()
+    lh, lw = hid.clone().requires_grad_(), w.clone().requires_grad_()
+    fn = liger.LigerFusedLinearDPOLoss(beta=0.1, compiled=False, use_ref_model=True, average_log_prob=False)
+    res = fn(lw, lh, labels, ref_input=kw["ref_hidden"], ref_weight=kw["ref_weight"])
+    loss = res[0] if isinstance(res, tuple) else res
+    loss.backward()
+    torch.testing.assert_close(out.loss.detach(), loss.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours_h.grad, lh.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(ours_w.grad, lw.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_torch_compile_fullgraph():
+    hid, w, labels, kw = make_inputs(torch.float32)
+    mod = FusedLinearPreferenceLoss(loss_type="sigmoid", beta=0.3, backend="torch")
+
+    def f(h, wt):
+        out = mod(h, wt, labels, **kw)
+        return out.loss, out.margins
+
+    h1, w1 = hid.clone().requires_grad_(), w.clone().requires_grad_()
+    l_eager, z_eager = f(h1, w1)
+    l_eager.backward()
+    h2, w2 = hid.clone().requires_grad_(), w.clone().requires_grad_()
+    l_comp, z_comp = torch.compile(f, fullgraph=True, backend="aot_eager")(h2, w2)
+    l_comp.backward()
+    torch.testing.assert_close(l_comp, l_eager)
+    torch.testing.assert_close(z_comp, z_eager)
+    torch.testing.assert_close(h2.grad, h1.grad)
+    torch.testing.assert_close(w2.grad, w1.grad)
+
+
+@pytest.mark.parametrize("mutate,match", [
+    (lambda a: a.update(hidden=a["hidden"][:5]), "even, non-zero number of rows"),
+    (lambda a: a.update(hidden=a["hidden"][0]), r"\(2B, T, H\)"),
+    (lambda a: a.update(weight=a["weight"][:, :7]), "weight must be"),
+    (lambda a: a.update(weight=a["weight"].double()), "weight dtype"),
+    (lambda a: a.update(labels=a["labels"][:, :5]), "labels must have shape"),
+    (lambda a: a.update(labels=a["labels"].float()), "labels must be int64"),
+    (lambda a: a["labels"].__setitem__((2, 40), V + 3), r"labels\[2, 40\] = 126 is outside"),
+    (lambda a: a.update(ref_hidden=a["ref_hidden"][:, :3]), "ref_hidden must have shape"),
+    (lambda a: a.update(ref_weight=a["ref_weight"][:7]), "ref_weight must be"),
+    (lambda a: a.update(sample_weights=torch.ones(B + 1)), "sample_weights must have shape"),
+    (lambda a: a.update(bias=torch.zeros(V + 1)), "bias must be"),
+    (lambda a: a.update(ref_hidden=None, ref_weight=None), "needs a reference"),
+    (lambda a: a.update(loss_type="kto"), "unknown loss_type"),
+    (lambda a: a.update(beta=-1.0), "beta"),
+    (lambda a: a.update(backend="cuda-magic"), "backend must be one of"),
+])
+def test_bad_inputs_raise_clear_errors(mutate, match):
+    hid, w, labels, kw = make_inputs(torch.float32)
+    args = dict(hidden=hid, weight=w, labels=labels.clone(), **kw)
+    mutate(args)
+    with pytest.raises(ValueError, match=match):
+        fused_linear_preference_loss(**args)
