@@ -1,0 +1,140 @@
+"""Ghost dot products: ``c_i = <G, g_i>`` for every pair i of a batch, where ``g_i = grad_theta l_i``
+and ``G`` is a fixed direction in parameter space (the meta-gradient ``grad_theta L_meta``), without
+ever forming a per-sample gradient (docs/math.md section 5).
+
+Each token t belongs to exactly one pair, so one backward of ``sum_i l_i`` gives, at every layer,
+the output gradient ``b_t = dl_i/dout_t`` of that pair alone. Then, per parameter kind:
+
+* ``nn.Linear`` (y = x W^T + b):      ``<G_W, g_i> = sum_{t in i} b_t^T G_W a_t``  (+ ``b_t . G_b``)
+* ``nn.Embedding`` (y = E[id]):        ``sum_{t in i} G_E[id_t] . b_t``
+* elementwise-affine norms (y = w * xhat (+ beta)): ``sum_t (b_t * xhat_t) . G_w`` (+ ``b_t . G_beta``),
+  xhat recomputed exactly by calling the norm with w = 1, beta = 0 on the captured input
+* the LM head, which the fused loss owns: ``sum_t <coef_s(t) (onehot_t - softmax_t), G_W h_t + G_b>``
+
+Only activations are needed, so attention kernels without double backward (FlashAttention, SDPA)
+are fine. Parameters of any other kind are reported as not covered (:class:`GhostCoverageError`).
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from .epilogue import epilogue_backward_, epilogue_forward
+
+__all__ = ["GhostCoverageError", "GhostDots", "head_ghost_dots"]
+
+
+class GhostCoverageError(RuntimeError):
+    pass
+
+
+def _is_norm(m: nn.Module) -> bool:
+    w = getattr(m, "weight", None)
+    own = dict(m.named_parameters(recurse=False))
+    return (isinstance(w, nn.Parameter) and w.dim() == 1 and not isinstance(m, (nn.Linear, nn.Embedding))
+            and set(own) <= {"weight", "bias"})
+
+
+class GhostDots:
+    """Context manager: hooks on the model's modules accumulate ``c (B,)`` during one backward.
+
+    Args:
+        model: the policy (its LM head is excluded: see :func:`head_ghost_dots`).
+        direction: ``{parameter: G}`` (full tensors) for the parameters to cover.
+        token_pair: ``(N, T)`` long tensor: pair index of every token of the ``(N, T)`` batch.
+        num_pairs: B.
+        exclude: modules to skip (the LM head).
+    """
+
+    def __init__(self, model: nn.Module, direction: dict, token_pair: torch.Tensor, num_pairs: int,
+                 exclude: tuple = ()):
+        self.model, self.G, self.token_pair, self.B = model, direction, token_pair, num_pairs
+        self.exclude = {id(m) for m in exclude}
+        self.c = torch.zeros(num_pairs, dtype=torch.float64, device=token_pair.device)
+        self._handles: list = []
+        self.covered: set[int] = set()
+
+    def __enter__(self):
+        for m in self.model.modules():
+            if id(m) in self.exclude:
+                continue
+            if isinstance(m, nn.Linear) and m.weight in self.G:
+                self._hook(m, self._linear)
+            elif isinstance(m, nn.Embedding) and m.weight in self.G:
+                self._hook(m, self._embedding)
+            elif _is_norm(m) and m.weight in self.G:
+                self._hook(m, self._norm)
+        return self
+
+    def __exit__(self, *exc):
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def _hook(self, module: nn.Module, fn: Callable) -> None:
+        self.covered.update(id(p) for p in module.parameters(recurse=False))
+
+        def fwd(mod, inputs, output):
+            if not output.requires_grad:
+                return
+            x = inputs[0].detach()
+            output.register_hook(lambda g: self._add(fn(mod, x, g.detach())))
+
+        self._handles.append(module.register_forward_hook(fwd))
+
+    def _add(self, per_token: torch.Tensor) -> None:
+        """Scatter per-token contributions ``(N, T)`` into their pairs."""
+        self.c.index_add_(0, self.token_pair.reshape(-1), per_token.reshape(-1).to(torch.float64))
+
+    def _linear(self, m: nn.Linear, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        G = self.G[m.weight].to(a.dtype)
+        out = ((a @ G.t()) * b).sum(-1)
+        if m.bias is not None and m.bias in self.G:
+            out = out + b @ self.G[m.bias].to(b.dtype)
+        return out
+
+    def _embedding(self, m: nn.Embedding, ids: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return (self.G[m.weight].to(b.dtype)[ids] * b).sum(-1)
+
+    def _norm(self, m: nn.Module, x: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        params = {"weight": torch.ones_like(m.weight)}
+        if getattr(m, "bias", None) is not None:
+            params["bias"] = torch.zeros_like(m.bias)
+        with torch.no_grad():
+            xhat = torch.func.functional_call(m, params, (x,))
+        out = (b * xhat * self.G[m.weight].to(b.dtype)).sum(-1)
+        if getattr(m, "bias", None) is not None and m.bias in self.G:
+            out = out + b @ self.G[m.bias].to(b.dtype)
+        return out
+
+    def uncovered(self, params) -> list:
+        return [p for p in params if id(p) not in self.covered]
+
+
+@torch.no_grad()
+def head_ghost_dots(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], labels: torch.Tensor,
+                    coef_seq: torch.Tensor, G_w: torch.Tensor, G_b: Optional[torch.Tensor], num_pairs: int,
+                    ignore_index: int = -100, rows_per_chunk: int = 4096, backend: str = "auto") -> torch.Tensor:
+    """LM-head part of ``c_i``: ``sum_{t in i} <coef_s(t) (onehot_t - softmax_t), G_W h_t + G_b>``.
+
+    ``hidden (2B, T, H)``, ``labels (2B, T)``, ``coef_seq (2B,)`` = ``dl_i / dlogp_s`` of each
+    sequence. Two GEMMs of the size of the logits per chunk (``h W^T`` and ``h G_W^T``).
+    """
+    n2, t, h = hidden.shape
+    flat_h, flat_l = hidden.reshape(-1, h), labels.reshape(-1)
+    valid = (flat_l != ignore_index).nonzero().squeeze(1)
+    seq = torch.div(valid, t, rounding_mode="floor")
+    c = torch.zeros(num_pairs, dtype=torch.float64, device=hidden.device)
+    for rows, s in zip(valid.split(rows_per_chunk), seq.split(rows_per_chunk)):
+        x = flat_h.index_select(0, rows)
+        logits = x @ weight.t() if bias is None else torch.addmm(bias, x, weight.t())
+        tgt = flat_l.index_select(0, rows)
+        lse = epilogue_forward(logits, tgt, backend=backend)[0]
+        epilogue_backward_(logits, lse, tgt, coef_seq[s].to(lse.dtype), backend=backend)  # logits <- dl/dlogits
+        u = x @ G_w.to(x.dtype).t()
+        if G_b is not None:
+            u = u + G_b.to(u.dtype)
+        c.index_add_(0, s % num_pairs, (logits.to(torch.float64) * u.to(torch.float64)).sum(-1))
+    return c

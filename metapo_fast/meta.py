@@ -1,0 +1,245 @@
+"""The bilevel meta-update of MetaPO (paper Sec. 3.4-3.5, Algorithm 1; docs/math.md section 5).
+
+Every K steps, on a validation batch:
+
+    L_meta = L_val + lambda * L_margin,  L_val = mean(-log sigma(z)),  L_margin = -mean(z | z > 0)
+
+depends on phi through the one-step lookahead ``theta'(phi) = theta - eta grad (1/B) sum_i w_phi(s_i) l_i``.
+To first order in eta:
+
+    dL_meta/dw_i = -(eta / B) <g_meta, g_i>,    dL_meta/dphi = sum_i dL_meta/dw_i * dw_phi(s_i)/dphi
+
+with ``g_meta = grad_theta L_meta(theta)`` (one ordinary backward on the validation batch) and the B
+scalars ``c_i = <g_meta, g_i>`` from ghost dot products (:mod:`metapo_fast.ghost`): no per-sample
+gradients and no double backward, so it runs with SDPA/FlashAttention. The inner preconditioner is
+the identity (plain gradients, SGD lookahead); with Adam as inner optimiser this is paired with the
+meta-network's batch-mean weight normalisation (math.md section 4), which removes the lookahead's
+preference for shrinking every weight.
+
+Multi-process (replicated parameters): ``g_meta`` is the gradient of the global validation
+objective (per-rank gradients all-reduced, ``|P|`` of L_margin counted over all ranks), each rank
+computes ``c_i`` of its own training pairs, and the phi gradient is all-reduced, so every rank
+applies the same update. Under DeepSpeed ZeRO-3 (partitioned parameters) the meta-update is not
+implemented yet.
+"""
+from __future__ import annotations
+
+import time
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from .fused_loss import fused_linear_preference_loss
+from .ghost import GhostCoverageError, GhostDots, head_ghost_dots
+from .losses import LOSSES, LossParams, PairBatch, get_loss, register_loss
+from .meta_net import MetaWeightNet
+from .modeling import last_hidden_states, lm_head_of
+
+__all__ = ["MetaLearner", "meta_objective_losses", "pair_gradient_dots"]
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def meta_objective_losses(base: str) -> tuple[str, str]:
+    """Register (once) and return the names of two losses over the base loss's logit z:
+    ``-log sigma(z)`` (L_val's terms) and ``-z`` (L_margin's terms); the fused op then gives their
+    gradients without materialising logits."""
+    spec = get_loss(base)
+    names = (f"_meta_val[{base}]", f"_meta_margin[{base}]")
+    if names[0] not in LOSSES:
+        def val(batch: PairBatch, p: LossParams, fn=spec.fn):
+            z = fn(batch, p)[1]
+            return -F.logsigmoid(z), z
+
+        def margin(batch: PairBatch, p: LossParams, fn=spec.fn):
+            z = fn(batch, p)[1]
+            return -z, z
+
+        register_loss(names[0], needs_reference=spec.needs_reference)(val)
+        register_loss(names[1], needs_reference=spec.needs_reference)(margin)
+    return names
+
+
+class _Ctx:
+    """Forward pieces shared by the validation and training passes."""
+
+    def __init__(self, model, ref_model, batch, device):
+        self.ids, self.mask, self.labels = (batch[k].to(device) for k in ("input_ids", "attention_mask", "labels"))
+        self.head = lm_head_of(model)
+        self.ref_kw = {}
+        if ref_model is not None:
+            with torch.no_grad():
+                rdev = next(ref_model.parameters()).device
+                rh = last_hidden_states(ref_model, self.ids.to(rdev), self.mask.to(rdev)).to(device)
+            rhead = lm_head_of(ref_model)
+            self.ref_kw = dict(ref_hidden=rh, ref_weight=rhead.weight.to(device),
+                               ref_bias=None if rhead.bias is None else rhead.bias.to(device))
+
+
+def pair_gradient_dots(model: nn.Module, batch: dict, direction: dict, loss_type: str, params: LossParams,
+                       ref_model: Optional[nn.Module] = None, backend: str = "auto") -> torch.Tensor:
+    """``c_i = <G, grad_theta l_i>`` (float64, ``(B,)``) for the pairs of ``batch``, by ghost dot
+    products over every parameter in ``direction``; raises :class:`GhostCoverageError` naming any
+    parameter of ``direction`` that no formula covers."""
+    device = next(model.parameters()).device
+    ctx = _Ctx(model, ref_model, batch, device)
+    n2, t = ctx.ids.shape
+    bsz = n2 // 2
+    token_pair = (torch.arange(n2, device=device) % bsz).unsqueeze(1).expand(n2, t)
+    names = {id(p): n for n, p in model.named_parameters()}
+    head = ctx.head
+    with GhostDots(model, direction, token_pair, bsz, exclude=(head,)) as gd:
+        hidden = last_hidden_states(model, ctx.ids, ctx.mask)
+        h_leaf = hidden.detach().requires_grad_()
+        out = fused_linear_preference_loss(h_leaf, head.weight.detach(), ctx.labels, bias=None if head.bias is None else head.bias.detach(),
+                                           **ctx.ref_kw, loss_type=loss_type, beta=params.beta,
+                                           label_smoothing=params.label_smoothing, focal_gamma=params.focal_gamma,
+                                           simpo_gamma=params.simpo_gamma, orpo_lambda=params.orpo_lambda,
+                                           sample_weights=torch.full((bsz,), float(bsz), device=device),  # L = sum_i l_i
+                                           compute_kl=False, backend=backend)
+        (g_h,) = torch.autograd.grad(out.loss, h_leaf)
+        hidden.backward(g_h)
+    missing = [names.get(id(p), "?") for p in gd.uncovered(direction) if p is not head.weight and p is not head.bias]
+    if missing:
+        raise GhostCoverageError(f"no ghost formula covers these parameters: {missing}")
+    c = gd.c
+    if head.weight in direction:
+        coef = _sequence_coefficients(out, loss_type, params)
+        c = c + head_ghost_dots(hidden.detach(), head.weight.detach(), None if head.bias is None else head.bias.detach(),
+                                ctx.labels, coef, direction[head.weight], direction.get(head.bias) if head.bias is not None else None,
+                                bsz, backend=backend)
+    for p in model.parameters():  # the hooks' backward must not leak into the training step
+        p.grad = None
+    return c
+
+
+def _sequence_coefficients(out, loss_type: str, params: LossParams) -> torch.Tensor:
+    """``dl_i / dlogp_s`` for the 2B sequences (chosen then rejected)."""
+    lp = torch.cat([out.chosen_logps, out.rejected_logps]).detach().double().requires_grad_()
+    b = out.chosen_logps.shape[0]
+    ref = None if out.ref_chosen_logps is None else torch.cat([out.ref_chosen_logps, out.ref_rejected_logps]).double()
+    cnt = torch.cat([out.chosen_counts, out.rejected_counts]).double()
+    batch = PairBatch(lp[:b], lp[b:], cnt[:b], cnt[b:], None if ref is None else ref[:b], None if ref is None else ref[b:])
+    with torch.enable_grad():
+        per_pair, _ = get_loss(loss_type).fn(batch, params)
+        (coef,) = torch.autograd.grad(per_pair.sum(), lp)
+    return coef
+
+
+class MetaLearner:
+    """Owns the meta-network's optimiser and performs the meta-update.
+
+    Args:
+        net: the :class:`MetaWeightNet`.
+        lr: Adam learning rate on phi. Default 0.03: docs/math.md section 4 measured that the
+            paper's 1e-4 leaves phi unchanged (the weights stay at 1), while ~0.03 learns.
+        interval: K, steps between meta-updates (the trainer calls :meth:`step` every K steps).
+        lambda_margin: lambda of L_meta (paper: 0.1).
+        entropy_coef: weight of ``-H(w / sum w)`` added to the phi objective (paper Table 15; 0 = off).
+        inner_lr: eta of the lookahead (the policy's learning rate).
+        loss_type, loss_params: the training loss (its logit is the margin of L_meta).
+    """
+
+    def __init__(self, net: MetaWeightNet, lr: float = 0.03, interval: int = 100, lambda_margin: float = 0.1,
+                 entropy_coef: float = 0.0, inner_lr: float = 1e-6, loss_type: str = "sigmoid",
+                 loss_params: Optional[LossParams] = None, backend: str = "auto"):
+        if interval < 1:
+            raise ValueError(f"MetaLearner: interval (K) must be >= 1, got {interval}")
+        if lr <= 0 or inner_lr <= 0:
+            raise ValueError(f"MetaLearner: lr and inner_lr must be > 0, got {lr}, {inner_lr}")
+        self.net, self.interval, self.lambda_margin = net, interval, lambda_margin
+        self.entropy_coef, self.inner_lr, self.backend = entropy_coef, inner_lr, backend
+        self.loss_type, self.params = loss_type, loss_params or LossParams()
+        self.opt = torch.optim.Adam(net.parameters(), lr=lr)
+        self.updates = 0
+
+    # -- the meta-gradient direction ------------------------------------------------------------
+    def meta_gradient(self, model: nn.Module, val_batch: dict, ref_model=None) -> tuple[dict, dict]:
+        """``{param: grad L_meta}`` on the (global) validation batch, and diagnostics."""
+        device = next(model.parameters()).device
+        ctx = _Ctx(model, ref_model, val_batch, device)
+        val_name, margin_name = meta_objective_losses(self.loss_type)
+        kw = dict(beta=self.params.beta, label_smoothing=self.params.label_smoothing, focal_gamma=self.params.focal_gamma,
+                  simpo_gamma=self.params.simpo_gamma, orpo_lambda=self.params.orpo_lambda, compute_kl=False,
+                  backend=self.backend)
+        for p in model.parameters():
+            p.grad = None
+        hidden = last_hidden_states(model, ctx.ids, ctx.mask)
+        b_local = hidden.shape[0] // 2
+        world = _world()
+        # L_val = mean over the global batch of -log sigma(z): each rank's mean, averaged over ranks
+        val = fused_linear_preference_loss(hidden, ctx.head.weight, ctx.labels, bias=ctx.head.bias, **ctx.ref_kw,
+                                           loss_type=val_name, **kw)
+        z = val.margins
+        pos = (z > 0).to(hidden.dtype)
+        n_pos = pos.sum()
+        if world > 1:
+            dist.all_reduce(n_pos)
+        # lambda * L_margin = -(lambda/|P|) sum_{z>0} z over all ranks: per rank a weighted fused loss
+        # (1/b_local) sum_i w_i (-z_i) with w_i = lambda * b_local / |P| on positive pairs (rank grads are summed)
+        w_margin = pos * (b_local / n_pos.clamp(min=1)) * self.lambda_margin
+        ref_logps = None if val.ref_chosen_logps is None else (val.ref_chosen_logps, val.ref_rejected_logps)
+        margin = fused_linear_preference_loss(hidden, ctx.head.weight, ctx.labels, bias=ctx.head.bias, ref_logps=ref_logps,
+                                              sample_weights=w_margin, loss_type=margin_name, **kw)
+        total = val.loss / world + margin.loss
+        total.backward()
+        G = {p: p.grad.detach().clone() for p in model.parameters() if p.grad is not None}
+        for p in model.parameters():
+            p.grad = None
+        if world > 1:
+            for g in G.values():
+                dist.all_reduce(g)
+        l_margin = -(z * pos).sum()
+        if world > 1:
+            dist.all_reduce(l_margin)
+        return G, {"L_val": val.loss.detach(), "L_margin": l_margin / n_pos.clamp(min=1), "val_accuracy": (z > 0).float().mean()}
+
+    # -- one meta-update ------------------------------------------------------------------------
+    def step(self, model: nn.Module, train_batch: dict, val_batch: dict, features: torch.Tensor,
+             ref_model: Optional[nn.Module] = None) -> dict:
+        """Update phi from the training batch whose tracker features are ``features (B, 6)``."""
+        t0 = time.perf_counter()
+        out = self.phi_gradient(model, train_batch, val_batch, features, ref_model)
+        self.opt.step()
+        self.updates += 1
+        out["meta_time_s"] = time.perf_counter() - t0
+        return out
+
+    def phi_gradient(self, model: nn.Module, train_batch: dict, val_batch: dict, features: torch.Tensor,
+                     ref_model: Optional[nn.Module] = None) -> dict:
+        """Set ``p.grad`` of the meta-network's parameters to ``dL_meta/dphi`` (first order in eta)."""
+        was_training = model.training
+        model.eval()  # no dropout: the lookahead is about the deterministic gradient
+        G, diag = self.meta_gradient(model, val_batch, ref_model)
+        c = pair_gradient_dots(model, train_batch, G, self.loss_type, self.params, ref_model, self.backend)
+        model.train(was_training)
+        b_global = c.shape[0] * _world()
+        dl_dw = (-self.inner_lr / b_global) * c  # dL_meta/dw_i, first order in eta
+        self.opt.zero_grad(set_to_none=True)
+        w = self.net(features)
+        obj = (dl_dw.to(w.dtype).detach() * w).sum()
+        if self.entropy_coef:
+            q = w / w.sum()
+            obj = obj + self.entropy_coef * (q * q.clamp(min=1e-12).log()).sum()  # -H(q)
+        obj.backward()
+        if _world() > 1:
+            for p in self.net.parameters():
+                if p.grad is not None:
+                    dist.all_reduce(p.grad)
+        out = {k: float(v) for k, v in diag.items()}
+        out.update(c_abs_mean=float(c.abs().mean()),
+                   weight_mean=float(w.detach().mean()), weight_std=float(w.detach().std(unbiased=False)))
+        return out
+
+    def state_dict(self) -> dict:
+        return {"net": self.net.state_dict(), "optimizer": self.opt.state_dict(), "updates": self.updates}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.net.load_state_dict(sd["net"])
+        self.opt.load_state_dict(sd["optimizer"])
+        self.updates = int(sd["updates"])

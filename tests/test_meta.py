@@ -1,0 +1,177 @@
+"""Meta-update exactness (docs/math.md section 5): ghost dot products vs exact per-pair gradients,
+and the phi gradient vs the double-backward one-step lookahead, on a tiny Llama."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from metapo_fast.ghost import GhostCoverageError
+from metapo_fast.losses import LossParams, PairBatch, get_loss
+from metapo_fast.meta import MetaLearner, pair_gradient_dots
+from metapo_fast.meta_net import MetaWeightNet
+from metapo_fast.reference import sequence_logps
+
+B, T, V = 3, 9, 37
+PARAMS = LossParams(beta=0.5)
+
+
+def tiny_llama(tied: bool, dtype=torch.float64, seed=0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=V, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2,
+                      num_key_value_heads=1, max_position_embeddings=32, tie_word_embeddings=tied)
+    cfg._attn_implementation = "eager"  # double backward (the exact reference) needs it
+    m = LlamaForCausalLM(cfg).to(dtype)
+    with torch.no_grad():  # non-trivial norm weights and head
+        for name, p in m.named_parameters():
+            if "norm" in name:
+                p.add_(0.3 * torch.randn_like(p))
+    return m
+
+
+def make_batch(seed, b=B, t=T):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, V, (2 * b, t), generator=g)
+    mask = torch.ones_like(ids)
+    labels = torch.full_like(ids, -100)
+    for r in range(2 * b):
+        p = 2 + r % 3
+        end = t - (r % 2)  # some right padding
+        mask[r, end:] = 0
+        labels[r, p - 1:end - 1] = ids[r, p:end]
+    labels[1] = -100  # a chosen response with no tokens
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def naive_pair_losses(model, ref, batch, loss_type="sigmoid", params=PARAMS):
+    """Per-pair losses l_i from full logits (differentiable in every parameter)."""
+    h = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    s = sequence_logps(h, model.lm_head.weight, batch["labels"])
+    with torch.no_grad():
+        rh = ref.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        r = sequence_logps(rh, ref.lm_head.weight, batch["labels"]).logps
+    b = h.shape[0] // 2
+    pb = PairBatch(s.logps[:b], s.logps[b:], s.counts[:b], s.counts[b:], r[:b], r[b:])
+    return get_loss(loss_type).fn(pb, params)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("loss_type", ["sigmoid", "focal"])
+def test_ghost_dots_equal_exact_per_pair_gradients(tied, loss_type):
+    model = tiny_llama(tied)
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    batch = make_batch(1)
+    params = list(model.parameters())
+    G = {p: torch.randn_like(p) for p in params}
+    losses, _ = naive_pair_losses(model, ref, batch, loss_type)
+    exact = torch.stack([
+        sum((G[p] * g).sum() for p, g in zip(params, torch.autograd.grad(losses[i], params, retain_graph=True, allow_unused=True))
+            if g is not None)
+        for i in range(B)])
+    ghost = pair_gradient_dots(model, batch, G, loss_type, PARAMS, ref_model=ref, backend="torch")
+    torch.testing.assert_close(ghost, exact.detach(), rtol=1e-10, atol=1e-12)
+    assert all(p.grad is None for p in params)  # nothing leaks into the training step
+
+
+def test_uncovered_parameter_is_named():
+    model = tiny_llama(False)
+    model.model.extra = nn.Conv1d(2, 2, 1).double()  # a parameter kind with no ghost formula
+    G = {p: torch.ones_like(p) for p in model.parameters()}
+    with pytest.raises(GhostCoverageError, match="model.extra.weight"):
+        pair_gradient_dots(model, make_batch(2), G, "sigmoid", PARAMS, ref_model=copy.deepcopy(model), backend="torch")
+
+
+def exact_lookahead_phi_grad(model, ref, net, feats, train, val, eta, lam):
+    """dL_meta(theta')/dphi with theta' = theta - eta grad (1/B) sum_i w_phi(s_i) l_i, by double backward."""
+    names = [n for n, _ in model.named_parameters()]
+    params = [p for _, p in model.named_parameters()]
+    w = net(feats)
+    l_train, _ = naive_pair_losses(model, ref, train)
+    grads = torch.autograd.grad((w * l_train).mean(), params, create_graph=True)
+    new = {n: p - eta * g for n, p, g in zip(names, params, grads)}
+    look = copy.deepcopy(model)
+
+    def fwd(batch):
+        h = torch.func.functional_call(look.model, {k[len("model."):]: v for k, v in new.items() if k.startswith("model.")},
+                                       (), {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}).last_hidden_state
+        return h
+
+    h = fwd(val)
+    s = sequence_logps(h, new["lm_head.weight"] if "lm_head.weight" in new else new["model.embed_tokens.weight"], val["labels"])
+    with torch.no_grad():
+        rh = ref.model(input_ids=val["input_ids"], attention_mask=val["attention_mask"]).last_hidden_state
+        r = sequence_logps(rh, ref.lm_head.weight, val["labels"]).logps
+    b = h.shape[0] // 2
+    z = PARAMS.beta * ((s.logps[:b] - r[:b]) - (s.logps[b:] - r[b:]))
+    pos = (z > 0).double()
+    l_meta = -torch.nn.functional.logsigmoid(z).mean() + lam * (-(z * pos).sum() / pos.sum().clamp(min=1))
+    return torch.autograd.grad(l_meta, list(net.parameters()))
+
+
+@pytest.mark.parametrize("normalize", ["none", "batch_mean"])
+def test_phi_gradient_equals_double_backward_lookahead(normalize):
+    """First-order meta-gradient vs the exact lookahead at small eta (float64): rel err ~ eta."""
+    model = tiny_llama(False)
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    train, val = make_batch(3), make_batch(4, b=4)
+    torch.manual_seed(0)
+    net = MetaWeightNet(normalize=normalize).double()
+    with torch.no_grad():
+        net.v.copy_(torch.randn(6) * 0.5)
+    feats = torch.randn(B, 6, dtype=torch.float64)
+    eta = 1e-6
+    learner = MetaLearner(net, inner_lr=eta, lambda_margin=0.1, loss_params=PARAMS, backend="torch")
+    learner.phi_gradient(model, train, val, feats.float(), ref_model=ref)
+    ours = [p.grad.clone().double() for p in net.parameters()]
+    net.zero_grad()
+    exact = exact_lookahead_phi_grad(model, ref, net, feats.float().double(), train, val, eta, 0.1)
+    num = sum(((a - b) ** 2).sum() for a, b in zip(ours, exact)).sqrt()
+    den = sum((b ** 2).sum() for b in exact).sqrt()
+    assert den > 0 and num / den < 2e-4, f"relative error {float(num / den):.2e}"  # observed 1e-5 .. 5e-5 at eta=1e-6
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-3), (torch.bfloat16, 2e-2)])
+def test_low_precision_ghost_dots_against_float64(dtype, tol):
+    """The same model and direction in fp32 / bf16: ghost c vs the float64 exact value."""
+    m64 = tiny_llama(False)
+    ref64 = copy.deepcopy(m64)
+    batch = make_batch(5)
+    params = list(m64.parameters())
+    G = {p: torch.randn_like(p) for p in params}
+    losses, _ = naive_pair_losses(m64, ref64, batch)
+    exact = torch.stack([sum((G[p] * g).sum() for p, g in zip(params, torch.autograd.grad(losses[i], params, retain_graph=True)))
+                         for i in range(B)]).detach()
+    lo, ref_lo = copy.deepcopy(m64).to(dtype), copy.deepcopy(ref64).to(dtype)
+    G_lo = {pl: G[p].to(dtype) for pl, p in zip(lo.parameters(), params)}
+    c = pair_gradient_dots(lo, batch, G_lo, "sigmoid", PARAMS, ref_model=ref_lo, backend="torch")
+    rel = (c - exact).norm() / exact.norm()
+    assert rel < tol, f"{dtype}: relative error {float(rel):.2e}"
+
+
+def test_meta_learner_state_round_trip_gives_identical_next_update():
+    model = tiny_llama(False)
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    train, val = make_batch(6), make_batch(7)
+    feats = torch.randn(B, 6)
+    a = MetaLearner(MetaWeightNet().double(), inner_lr=1e-2, loss_params=PARAMS, backend="torch")
+    a.step(model, train, val, feats, ref_model=ref)
+    b = MetaLearner(MetaWeightNet().double(), inner_lr=1e-2, loss_params=PARAMS, backend="torch")
+    b.load_state_dict(copy.deepcopy(a.state_dict()))
+    a.step(model, train, val, feats, ref_model=ref)
+    b.step(model, train, val, feats, ref_model=ref)
+    for pa, pb in zip(a.net.parameters(), b.net.parameters()):
+        assert torch.equal(pa, pb)
+    assert a.updates == b.updates == 2 and a.net.v.abs().sum() > 0
+    with pytest.raises(ValueError, match="interval"):
+        MetaLearner(MetaWeightNet(), interval=0)
