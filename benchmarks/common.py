@@ -52,8 +52,8 @@ def provenance(device: str, module: str) -> dict:
 
 
 def write_csv(name: str, rows: list[dict]) -> str:
-    os.makedirs(RESULTS, exist_ok=True)
-    path = os.path.join(RESULTS, name)
+    path = name if os.path.isabs(name) else os.path.join(RESULTS, name)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
     keys: list[str] = []
     for r in rows:
         keys += [k for k in r if k not in keys]
