@@ -2,8 +2,11 @@
 import pytest
 import torch
 
+from metapo_fast import _cpp
 from metapo_fast.reference import tracker_update_reference
 from metapo_fast.tracker import TemporalTracker
+
+BACKENDS = ["torch", "triton", pytest.param("cpp", marks=pytest.mark.skipif(not _cpp.available(), reason="no C++ compiler"))]
 
 
 def _visits(seed, n, steps, b, dup=False):
@@ -16,9 +19,12 @@ def _visits(seed, n, steps, b, dup=False):
         yield ids, torch.randn(b, generator=g) * 3, torch.rand(b, generator=g)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dup", [False, True])
-def test_torch_backend_matches_reference_over_epochs(dup):
-    tr = TemporalTracker(20, alpha=0.8, backend="torch")
+def test_backend_matches_reference_over_epochs(dup, backend):
+    """fp32 state vs the float64 reference over 30 batches (~9 visits per pair): rel err <= 1e-6
+    (plus 1e-6 absolute for values near 0, e.g. a std after two nearly equal margins)."""
+    tr = TemporalTracker(20, alpha=0.8, backend=backend)
     ref = torch.zeros(20, 6, dtype=torch.float64)
     for ids, m, k in _visits(0, 20, 30, 6, dup):
         got = tr.update(ids, m, k)
