@@ -1,0 +1,71 @@
+"""Temporal tracker update time and memory (paper: 40 bytes per pair; ours: 24).
+
+    python -m benchmarks.tracker [--repeats 200]
+
+B = 64 pairs per update with N = 161k (HH-RLHF) and N = 10M pairs; fresh random ids and margins
+every repeat; median time per update. CPU backends (C++, vectorised torch) are measured here; the
+Triton kernel is timed only on a GPU (otherwise the table says "not measured").
+Writes benchmarks/results/tracker_<device>.csv and tracker.md.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+import torch
+
+from metapo_fast.tracker import TemporalTracker
+
+from .common import RESULTS, provenance, write_csv
+
+
+def bench(n: int, b: int, backend: str, device: str, repeats: int) -> float:
+    tr = TemporalTracker(n, device=device, backend=backend)
+    g = torch.Generator().manual_seed(0)
+    times = []
+    for r in range(repeats + 5):
+        ids = torch.randint(0, n, (b,), generator=g).to(device)
+        m, k = torch.randn(b, generator=g).to(device), torch.rand(b, generator=g).to(device)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        tr.update(ids, m, k)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        if r >= 5:
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--repeats", type=int, default=200)
+    args = ap.parse_args(argv)
+    rows = []
+    prov = provenance("cpu", "benchmarks.tracker")
+    cases = [("cpu", "cpp"), ("cpu", "torch")] + ([("cuda", "triton"), ("cuda", "torch")] if torch.cuda.is_available() else [])
+    for n in (161_000, 10_000_000):
+        for device, backend in cases:
+            t = bench(n, 64, backend, device, args.repeats)
+            rows.append({"device_kind": device, "backend": backend, "N": n, "B": 64, "median_us": round(t * 1e6, 2),
+                         "bytes_per_pair": 24, "paper_bytes_per_pair": 40, "state_mb": round(24 * n / 2 ** 20, 2),
+                         "paper_state_mb": round(40 * n / 2 ** 20, 2), **prov})
+            print(rows[-1]["backend"], n, rows[-1]["median_us"], "us")
+        if not torch.cuda.is_available():
+            rows.append({"device_kind": "cuda", "backend": "triton", "N": n, "B": 64, "median_us": "not measured (no GPU)",
+                         "bytes_per_pair": 24, "paper_bytes_per_pair": 40, "state_mb": round(24 * n / 2 ** 20, 2),
+                         "paper_state_mb": round(40 * n / 2 ** 20, 2), **prov})
+    write_csv("tracker.csv", rows)
+    lines = ["# Temporal tracker benchmark", "", f"device: {prov['device']}; torch {prov['torch']}; commit {prov['commit']}; {prov['date']}",
+             f"command: `{prov['command']}`; median of {args.repeats} updates, fresh random ids each", "",
+             "| backend | N pairs | B | median per update (us) | state (MB), ours 24 B/pair | paper 40 B/pair (MB) |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['backend']} ({r['device_kind']}) | {r['N']:,} | {r['B']} | {r['median_us']} | {r['state_mb']} | {r['paper_state_mb']} |" for r in rows]
+    with open(os.path.join(RESULTS, "tracker.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
