@@ -137,3 +137,39 @@ def test_bad_config_fails_at_startup_with_a_clear_message(tmp_path, override, ma
     assert main([f"train.output_dir={tmp_path}", override]) == 2
     err = capsys.readouterr().err
     assert "invalid configuration" in err and match in err
+
+
+@pytest.mark.slow
+def test_kill_9_at_random_points_then_resume_matches_uninterrupted(tmp_path):
+    """SIGKILL the training process at random moments (twice), resume each time with
+    train.resume=auto: the final loss curve and summary equal those of an uninterrupted run."""
+    import random
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    args = [*SMALL, "train.max_steps=16", "train.save_every=2", "meta.interval=4"]
+    full = _run(tmp_path, "full", args)
+    crashed = str(tmp_path / "crashed")
+    cmd = [sys.executable, "-m", "metapo_fast.train", *args, f"train.output_dir={crashed}", "train.resume=auto"]
+    rng = random.Random(0)
+    for _ in range(2):
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None:  # wait until training has started
+            if os.path.exists(os.path.join(crashed, "metrics.jsonl")) and os.path.getsize(os.path.join(crashed, "metrics.jsonl")):
+                break
+            time.sleep(0.05)
+        time.sleep(rng.uniform(0.0, 0.6))
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert subprocess.run(cmd, capture_output=True).returncode == 0
+    a, b = _train_losses(full), _train_losses(crashed)
+    assert [s for s, _ in b] == list(range(1, 17))
+    for (_, la), (_, lb) in zip(a, b):
+        assert la == pytest.approx(lb, abs=1e-6)
+    sa, sb = (json.load(open(os.path.join(d, "summary.json"))) for d in (full, crashed))
+    assert sa["eval/accuracy"] == sb["eval/accuracy"] and sa["coefficients"] == pytest.approx(sb["coefficients"], abs=1e-6)
+    assert CheckpointManager(crashed).latest_valid()[0] == 16
