@@ -1,0 +1,92 @@
+"""The HTML report builds from a run directory; its numbers are checked by hand (math.md section 8)."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from metapo_fast.meta_net import MetaWeightNet
+from metapo_fast.report import build_report, main, shapley_values, subset_table
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A real tiny MetaPO run (about 10 s): the report reads exactly what the trainer writes."""
+    from metapo_fast.train import main as train
+
+    out = str(tmp_path_factory.mktemp("run") / "r")
+    assert train(["data.synthetic.num_pairs=160", "data.synthetic.num_eval_pairs=40", "data.val_fraction=0.1",
+                  "train.per_device_batch_size=8", "train.sft_warmup_steps=5", "train.max_steps=9", "meta.interval=3",
+                  "meta.val_batch_size=8", "train.save_every=9", f"train.output_dir={out}"]) == 0
+    return out
+
+
+def test_report_builds_with_valid_pngs_and_escaped_texts(run_dir):
+    # a response containing markup must be escaped in the lowest-weight table
+    path = build_report(run_dir, top=200)
+    html_text = open(path).read()
+    pngs = [f for f in os.listdir(os.path.dirname(path)) if f.endswith(".png")]
+    assert {"coefficients.png", "weights_p_sigma.png", "gradient_factor.png", "weight_hist.png", "curves.png"} <= set(pngs)
+    import matplotlib.image as mpimg
+
+    for f in pngs:
+        assert f"src='{f}'" in html_text
+        data = open(os.path.join(os.path.dirname(path), f), "rb").read()
+        assert data[:8] == PNG_MAGIC and len(data) > 1000
+        assert mpimg.imread(os.path.join(os.path.dirname(path), f)).size > 0
+    md = open(os.path.join(os.path.dirname(path), "summary.md")).read()
+    assert "Shapley share per feature" in md and "| ema_std |" in md
+    assert "<script>" not in html_text
+    rows = [l for l in md.splitlines() if l.startswith("- row ")]
+    weights = [float(l.split("w=")[1].split()[0]) for l in rows]
+    assert weights == sorted(weights) and "+" in rows[0]  # texts of the synthetic task were found
+
+
+def test_html_escaping_of_pair_texts(run_dir, monkeypatch):
+    import metapo_fast.report as R
+
+    monkeypatch.setattr(R, "texts_for", lambda run, rows: ({int(r): ("<script>alert(1)</script>", "a&b", "<b>") for r in rows}, None))
+    text = open(build_report(run_dir, out=os.path.join(run_dir, "r2"), top=5)).read()
+    assert "<script>alert" not in text and "&lt;script&gt;alert(1)&lt;/script&gt;" in text and "a&amp;b" in text
+
+
+def test_shapley_values_sum_to_centred_preactivation():
+    torch.manual_seed(0)
+    net = MetaWeightNet()
+    with torch.no_grad():
+        net.v.copy_(torch.tensor([0.7, -1.2, 0.3, -0.9, 0.5, 0.1]))
+    s = np.random.default_rng(0).normal(size=(50, 6)) * np.array([3, 2, 0.5, 0.4, 1, 1])
+    net.update_stats(torch.as_tensor(s, dtype=torch.float32))
+    phi = shapley_values(net, s)
+    pre = net.preactivation(net.normalize_features(torch.as_tensor(s, dtype=torch.float32))).detach().double().numpy()
+    np.testing.assert_allclose(phi.sum(1), pre - pre.mean(), rtol=1e-5, atol=1e-5)
+
+
+def test_subset_table_by_hand():
+    """6 pairs: two stable correct (w 1.0, 0.8), one volatile correct (w 0.2), two persistent
+    incorrect (w 0.1, 0.3), one in no subset. FocalPO gamma = 1: its weight is p."""
+    p = np.array([0.9, 0.85, 0.95, 0.1, 0.2, 0.5])
+    sigma = np.array([0.05, 0.0, 0.5, 0.9, 0.0, 0.2])
+    w = np.array([1.0, 0.8, 0.2, 0.1, 0.3, 5.0])
+    t = subset_table(p, sigma, w, 1.0)
+    assert [(c, round(a, 6), round(b, 6)) for _, c, a, b in t] == [(2, 0.9, 0.875), (1, 0.2, 0.95), (2, 0.2, 0.15)]
+
+
+def test_run_without_meta_says_so_and_missing_files_are_named(tmp_path, run_dir, capsys):
+    import shutil
+
+    d = str(tmp_path / "nometa")
+    shutil.copytree(run_dir, d)
+    rows = open(os.path.join(d, "pair_weights.csv")).read().splitlines()
+    hdr = rows[0].split(",")
+    wi = hdr.index("weight")
+    fixed = [rows[0]] + [",".join("1" if i == wi else x for i, x in enumerate(r.split(","))) for r in rows[1:]]
+    open(os.path.join(d, "pair_weights.csv"), "w").write("\n".join(fixed) + "\n")
+    path = build_report(d)
+    assert "all weights are 1" in open(os.path.join(os.path.dirname(path), "summary.md")).read()
+    os.remove(os.path.join(d, "metrics.jsonl"))
+    assert main([d]) == 2
+    assert "metrics.jsonl is missing" in capsys.readouterr().err
