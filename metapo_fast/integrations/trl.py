@@ -1,0 +1,211 @@
+"""MetaPO for TRL users: ``MetaPOTrainer`` is a TRL ``DPOTrainer`` whose loss is metapo_fast's fused
+linear preference loss (no logits materialised), with the temporal tracker and the meta-learned
+pair weights. ``pip install metapo-fast[trl]``.
+
+    from metapo_fast.integrations.trl import MetaPOTrainer, MetaPOTRLConfig
+    args = MetaPOTRLConfig(output_dir="out", beta=0.1, metapo_interval=100)
+    trainer = MetaPOTrainer(model=model, ref_model=ref, args=args, train_dataset=ds, processing_class=tok)
+    trainer.train()
+
+It accepts every ``DPOConfig`` field plus the ``metapo_*`` fields below and TRL's dataset formats
+(TRL tokenises them). Only one hook is overridden, ``_compute_loss``, TRL's loss computation; pair
+identity is carried through TRL's data pipeline by an index column (``metapo_pair_id``, added
+before TRL processes the data) that the signature filter keeps and the collator forwards.
+Logged metrics: TRL's names (loss, rewards/chosen, rewards/rejected, rewards/accuracies,
+rewards/margins, logps/chosen, logps/rejected) plus metapo/weight_mean, metapo/weight_std,
+metapo/kl and the meta coefficients. Loss types: TRL's ``sigmoid`` and ``ipo`` map to ours; others
+are rejected at start-up. Tested on one process (CPU); multi-GPU DDP through this integration is
+not tested yet.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+try:
+    from trl import DPOConfig, DPOTrainer
+except ImportError as exc:  # TRL is an optional extra
+    raise ImportError("metapo_fast.integrations.trl needs TRL: pip install 'metapo-fast[trl]'") from exc
+
+from ..fused_loss import fused_linear_preference_loss
+from ..losses import LossParams
+from ..meta import MetaLearner
+from ..meta_net import MetaWeightNet
+from ..modeling import last_hidden_states, lm_head_of
+from ..tracker import TemporalTracker
+
+__all__ = ["MetaPOTRLConfig", "MetaPOTrainer", "PAIR_ID_COLUMN"]
+
+PAIR_ID_COLUMN = "metapo_pair_id"
+_LOSS_MAP = {"sigmoid": "sigmoid", "ipo": "ipo"}
+
+
+@dataclass
+class MetaPOTRLConfig(DPOConfig):
+    """``DPOConfig`` plus MetaPO's settings (docs/math.md sections 3-5)."""
+
+    metapo_enabled: bool = field(default=True, metadata={"help": "Learn per-pair weights (MetaPO); false = fused DPO."})
+    metapo_alpha: float = field(default=0.9, metadata={"help": "EMA decay of the temporal features, in (0, 1)."})
+    metapo_interval: int = field(default=100, metadata={"help": "K: a meta-update every K training steps."})
+    metapo_lambda_margin: float = field(default=0.1, metadata={"help": "lambda of L_meta = L_val + lambda L_margin."})
+    metapo_lr: float = field(default=0.03, metadata={"help": "Adam lr of the meta-network (the paper's 1e-4 does not move it)."})
+    metapo_features: str = field(default="all", metadata={"help": "Feature subset: all, no_margin, no_volatility, no_reference, no_temporal."})
+    metapo_arch: str = field(default="linear", metadata={"help": "linear (7 parameters) or mlp (6-32-1)."})
+    metapo_val_fraction: float = field(default=0.03, metadata={"help": "Share of the train set held out for L_meta when no meta_val_dataset is given."})
+    metapo_val_batch_size: int = field(default=16, metadata={"help": "Validation pairs per meta-update."})
+    metapo_backend: str = field(default="auto", metadata={"help": "Fused-loss / tracker implementation: auto, torch, triton, cpp."})
+    metapo_chunk_bytes: int = field(default=256 * 1024 * 1024, metadata={"help": "Logits memory budget per chunk of the fused loss."})
+
+
+class _PairIdCollator:
+    """Wraps TRL's collator and forwards the pair-id column as ``pair_ids (B,)``."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __call__(self, examples):
+        batch = self.inner(examples)
+        if examples and PAIR_ID_COLUMN in examples[0]:
+            batch["pair_ids"] = torch.tensor([int(e[PAIR_ID_COLUMN]) for e in examples], dtype=torch.long)
+        return batch
+
+
+def shifted_labels(input_ids: torch.Tensor, completion_mask: torch.Tensor) -> torch.Tensor:
+    """TRL's (input_ids, completion_mask) -> our labels: ``labels[:, t] = input_ids[:, t+1]`` where token
+    t+1 is a completion token, -100 elsewhere (so ``hidden[:, t]`` predicts ``labels[:, t]``)."""
+    nxt = input_ids[:, 1:].masked_fill(completion_mask[:, 1:] == 0, -100)
+    return torch.cat([nxt, torch.full_like(input_ids[:, :1], -100)], 1)
+
+
+class MetaPOTrainer(DPOTrainer):
+    """TRL ``DPOTrainer`` with metapo_fast's fused loss, tracker and meta-updates."""
+
+    def __init__(self, model, ref_model=None, args: Optional[MetaPOTRLConfig] = None, train_dataset=None,
+                 meta_val_dataset=None, **kwargs):
+        if args is None:
+            raise ValueError("MetaPOTrainer needs args=MetaPOTRLConfig(...)")
+        if not isinstance(args, MetaPOTRLConfig):
+            raise ValueError(f"args must be a MetaPOTRLConfig (DPOConfig + metapo_* fields), got {type(args).__name__}")
+        bad = [t for t in (args.loss_type if isinstance(args.loss_type, list) else [args.loss_type]) if t not in _LOSS_MAP]
+        if bad:
+            raise ValueError(f"MetaPOTrainer supports loss_type in {sorted(_LOSS_MAP)}, got {bad}")
+        if train_dataset is None:
+            raise ValueError("MetaPOTrainer needs a train_dataset")
+        if args.metapo_enabled and meta_val_dataset is None:
+            split = train_dataset.train_test_split(test_size=args.metapo_val_fraction, seed=args.seed, shuffle=True)
+            train_dataset, meta_val_dataset = split["train"], split["test"]
+        train_dataset = train_dataset.add_column(PAIR_ID_COLUMN, list(range(len(train_dataset))))
+        super().__init__(model=model, ref_model=ref_model, args=args, train_dataset=train_dataset, **kwargs)
+        self.data_collator = _PairIdCollator(self.data_collator)
+        dev = self.accelerator.device
+        self.metapo_tracker = TemporalTracker(len(train_dataset), alpha=args.metapo_alpha, device=dev, backend=args.metapo_backend)
+        self.metapo_net = self.metapo_learner = self._meta_val = None
+        if args.metapo_enabled:
+            normalize = "batch_mean" if "adam" in str(args.optim).lower() else "none"
+            self.metapo_net = MetaWeightNet(args.metapo_arch, args.metapo_features, normalize).to(dev)
+            self.metapo_learner = MetaLearner(self.metapo_net, lr=args.metapo_lr, interval=args.metapo_interval,
+                                              lambda_margin=args.metapo_lambda_margin, inner_lr=args.learning_rate,
+                                              loss_type=self._metapo_loss(), loss_params=self._metapo_params(),
+                                              backend=args.metapo_backend)
+            self._meta_val = self._prepare_dataset(meta_val_dataset, self.processing_class, args, "meta_val")
+        self._meta_cursor = 0
+        self._metapo_last = None
+
+    def _metapo_loss(self) -> str:
+        lt = self.args.loss_type
+        return _LOSS_MAP[lt[0] if isinstance(lt, list) else lt]
+
+    def _metapo_params(self) -> LossParams:
+        return LossParams(beta=self.beta, label_smoothing=self.args.label_smoothing)
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        if PAIR_ID_COLUMN not in self._signature_columns:
+            self._signature_columns = [*self._signature_columns, PAIR_ID_COLUMN]
+
+    def _fused(self, hidden, head, labels, **kw):
+        a = self.args
+        return fused_linear_preference_loss(hidden, head.weight, labels, bias=head.bias, loss_type=self._metapo_loss(),
+                                            beta=self.beta, label_smoothing=a.label_smoothing, backend=a.metapo_backend,
+                                            chunk_bytes=a.metapo_chunk_bytes, **kw)
+
+    def _ref_kwargs(self, inputs, ids, mask) -> dict:
+        if self.precompute_ref_logps:
+            return {"ref_logps": (inputs["ref_chosen_logps"], inputs["ref_rejected_logps"])}
+        ref = self.ref_model if self.ref_model is not None else None
+        if ref is None:
+            raise ValueError("MetaPOTrainer needs ref_model (or precompute_ref_log_probs=True)")
+        with torch.no_grad():
+            rh = last_hidden_states(ref, ids, mask)
+        rhead = lm_head_of(ref)
+        return {"ref_hidden": rh, "ref_weight": rhead.weight, "ref_bias": rhead.bias}
+
+    def _compute_loss(self, model, inputs, return_outputs):
+        mode = "train" if self.model.training else "eval"
+        unwrapped = self.accelerator.unwrap_model(model)
+        ids, mask = inputs["input_ids"], inputs["attention_mask"]
+        labels = shifted_labels(ids, inputs["completion_mask"])
+        hidden = last_hidden_states(unwrapped, ids, mask)
+        head = lm_head_of(unwrapped)
+        ref_kw = self._ref_kwargs(inputs, ids, mask)
+        pair_ids = inputs.get("pair_ids")
+        if mode == "train" and self.metapo_net is not None and pair_ids is not None:
+            with torch.no_grad():
+                stats = self._fused(hidden.detach(), head, labels, **ref_kw)
+            kl = stats.kl if stats.kl is not None else torch.zeros_like(stats.margins)
+            feats = self.metapo_tracker.update(pair_ids.to(hidden.device), stats.margins, kl)
+            w = self.metapo_net(feats, update_stats=True).detach()
+            out = self._fused(hidden, head, labels, ref_logps=(stats.ref_chosen_logps, stats.ref_rejected_logps),
+                              sample_weights=w, compute_kl=False)
+            self._metapo_last = ({k: v for k, v in inputs.items()}, labels, feats)
+        else:
+            out = stats = self._fused(hidden, head, labels, **ref_kw)
+            w = torch.ones_like(out.margins)
+            if mode == "train" and pair_ids is not None:
+                kl = stats.kl if stats.kl is not None else torch.zeros_like(stats.margins)
+                self.metapo_tracker.update(pair_ids.to(hidden.device), stats.margins, kl)
+        m = self._metrics[mode]
+        gather = self.accelerator.gather
+        m["rewards/chosen"].append(gather(stats.chosen_rewards).mean().item())
+        m["rewards/rejected"].append(gather(stats.rejected_rewards).mean().item())
+        m["rewards/accuracies"].append(gather(stats.accuracies).mean().item())
+        m["rewards/margins"].append(gather(stats.margins).mean().item())
+        m["logps/chosen"].append(gather(stats.chosen_logps).mean().item())
+        m["logps/rejected"].append(gather(stats.rejected_logps).mean().item())
+        m["metapo/weight_mean"].append(w.mean().item())
+        m["metapo/weight_std"].append(w.std(unbiased=False).item())
+        if stats.kl is not None:
+            m["metapo/kl"].append(stats.kl.mean().item())
+        return (out.loss, {"margins": out.margins}) if return_outputs else out.loss
+
+    def training_step(self, model, inputs, *args, **kwargs):
+        loss = super().training_step(model, inputs, *args, **kwargs)
+        step = self.state.global_step + 1  # the step this micro-batch belongs to
+        if (self.metapo_learner is not None and self._metapo_last is not None and step % self.args.metapo_interval == 0
+                and self.accelerator.gradient_state.sync_gradients):
+            self._meta_update(model)
+        return loss
+
+    def _meta_update(self, model) -> None:
+        unwrapped = self.accelerator.unwrap_model(model)
+        inputs, labels, feats = self._metapo_last
+        n = len(self._meta_val)
+        k = min(self.args.metapo_val_batch_size, n)
+        val_items = [self._meta_val[(self._meta_cursor + i) % n] for i in range(k)]
+        self._meta_cursor = (self._meta_cursor + k) % n
+        val = self.data_collator(val_items)
+        dev = self.accelerator.device
+        to_batch = lambda b: {"input_ids": b["input_ids"].to(dev), "attention_mask": b["attention_mask"].to(dev),  # noqa: E731
+                              "labels": shifted_labels(b["input_ids"], b["completion_mask"]).to(dev)}
+        saved = [p.grad for p in unwrapped.parameters()]  # keep the accumulated training gradients intact
+        for p in unwrapped.parameters():
+            p.grad = None
+        diag = self.metapo_learner.step(unwrapped, to_batch(inputs), to_batch(val), feats, ref_model=self.ref_model)
+        for p, g in zip(unwrapped.parameters(), saved):
+            p.grad = g
+        m = self._metrics["train"]
+        for name, v in self.metapo_net.coefficients().items() if self.metapo_net.arch == "linear" else []:
+            m[f"metapo/coef/{name}"].append(v)
+        m["metapo/L_val"].append(diag["L_val"])
