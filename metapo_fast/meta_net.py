@@ -6,7 +6,8 @@ feature vector ``s = [f1, ema1, f2, ema2, f3, ema3]`` after a per-feature scale 
     s_hat_j = s_j / (rms_j + 1e-8),   rms_j = sqrt(bias-corrected EMA over training batches of mean_i s_ij^2)
 
 The EMA (momentum 0.99, Adam-style bias correction so the first batch gets its own RMS) is updated
-only when ``update_stats=True`` (once per training step); it is deterministic, carries no
+only when ``update_stats=True`` (once per training step), from the global batch when several ranks
+run (all-reduced, so every rank's replica stays identical); it is deterministic, carries no
 gradient, and is part of ``state_dict()``. Scaling without centring keeps each feature's sign
 (a negative margin stays negative), so the learned coefficients read like the paper's Fig. 3c.
 
@@ -24,6 +25,7 @@ import math
 from typing import Iterable, Optional, Sequence
 
 import torch
+import torch.distributed as dist
 from torch import nn
 import torch.nn.functional as F
 
@@ -103,7 +105,12 @@ class MetaWeightNet(nn.Module):
     def update_stats(self, s: torch.Tensor) -> None:
         """Fold a training batch's mean squared features into the scale EMA (no gradient)."""
         m = self.stats_momentum
-        self.sq_ema.mul_(m).add_((1 - m) * s.detach().to(torch.float64).pow(2).mean(0))
+        ms = s.detach().to(torch.float64).pow(2).mean(0)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            # every rank keeps an identical replica: use the global batch (equal per-rank batch sizes)
+            dist.all_reduce(ms)
+            ms /= dist.get_world_size()
+        self.sq_ema.mul_(m).add_((1 - m) * ms)
         self.stats_steps.add_(1)
 
     def scale(self) -> torch.Tensor:

@@ -27,6 +27,7 @@ from .checkpoint import CheckpointManager, atomic_write_text
 from .config import MetaPOConfig, check_resume_compatible, config_fingerprint, save_yaml
 from .data import PairSampler
 from .distributed import DistInfo, barrier
+from .engine import PlainEngine
 from .evaluation import auroc, sigmoid, spearman, write_pair_table
 from .fused_loss import fused_linear_preference_loss
 from .losses import get_loss
@@ -90,11 +91,16 @@ class Trainer:
         self.grad_accum = t.resolved_grad_accum(dist.world_size)
         steps_per_epoch = self.sampler.batches_per_epoch // self.grad_accum
         self.total_steps = t.max_steps if t.max_steps is not None else steps_per_epoch * t.epochs
-        opt_cls = torch.optim.AdamW if t.optimizer == "adamw" else torch.optim.SGD
-        kw = {"weight_decay": t.weight_decay} if t.optimizer == "adamw" else {}
-        self.opt = opt_cls(self.model.parameters(), lr=t.lr, **kw)
-        self.sched = torch.optim.lr_scheduler.LambdaLR(
-            self.opt, _lr_lambda(self.total_steps, int(t.warmup_ratio * self.total_steps), t.lr_scheduler))
+        lr_fn = _lr_lambda(self.total_steps, int(t.warmup_ratio * self.total_steps), t.lr_scheduler)
+        self.meta_replica = None
+        if t.deepspeed is not None or dist.world_size > 1:
+            self.eng = self._deepspeed_engine(lr_fn)
+            self.model = self.eng.module
+        else:
+            opt_cls = torch.optim.AdamW if t.optimizer == "adamw" else torch.optim.SGD
+            kw = {"weight_decay": t.weight_decay} if t.optimizer == "adamw" else {}
+            opt = opt_cls(self.model.parameters(), lr=t.lr, **kw)
+            self.eng = PlainEngine(self.model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_fn), t.max_grad_norm)
         self.ckpt = CheckpointManager(self.run_dir, keep=t.keep_checkpoints, rank=dist.rank, world_size=dist.world_size,
                                       barrier=barrier if dist.world_size > 1 else None)
         self.step = 0
@@ -114,6 +120,26 @@ class Trainer:
         random.seed(seed)
         np.random.seed(seed)
         torch.manual_seed(seed)
+
+    def _deepspeed_engine(self, lr_fn):
+        """DeepSpeed (ZeRO-3 by default with several ranks). The reference model stays a full frozen
+        copy per rank, and so does the meta-update's replica (refreshed from the gathered
+        parameters every K steps): each costs one model's memory per rank."""
+        import copy
+
+        from . import configs
+        from .config import deepspeed_config
+        from .engine import DeepSpeedEngine
+
+        t = self.cfg.train
+        if t.optimizer != "adamw":
+            raise ValueError(f"train.optimizer={t.optimizer!r}: the DeepSpeed path supports adamw only")
+        if t.deepspeed is None:
+            t.deepspeed = os.path.join(os.path.dirname(os.path.abspath(configs.__file__)), "zero3.json")
+        ds_cfg = deepspeed_config(self.cfg, self.dist.world_size, hidden_size=self.model.config.hidden_size)
+        if self.meta_net is not None:
+            self.meta_replica = copy.deepcopy(self.model)
+        return DeepSpeedEngine(self.model, ds_cfg, t.lr, t.weight_decay, lr_fn)
 
     def _make_meta_learner(self):
         from .meta import MetaLearner
@@ -167,7 +193,16 @@ class Trainer:
 
     def _track(self, pair_ids: torch.Tensor, stats) -> torch.Tensor:
         kl = self._kl_or_zeros(stats)
-        self.last_seen[pair_ids] = torch.stack([stats.margins.float(), kl.float()], 1)
+        ids, seen = pair_ids, torch.stack([stats.margins.float(), kl.float()], 1)
+        if self.dist.world_size > 1:  # every rank keeps every pair's last visit, like the tracker replica
+            import torch.distributed as tdist
+
+            packed = torch.cat([pair_ids.double().unsqueeze(1), seen.double()], 1)
+            parts = [torch.empty_like(packed) for _ in range(self.dist.world_size)]
+            tdist.all_gather(parts, packed)
+            allp = torch.cat(parts)
+            ids, seen = allp[:, 0].long(), allp[:, 1:].float()
+        self.last_seen[ids] = seen
         return self.tracker.update(pair_ids, stats.margins, kl)
 
     def _train_step(self) -> dict:
@@ -175,6 +210,7 @@ class Trainer:
         t0 = time.perf_counter()
         agg: dict[str, list] = {}
         snapshots = []
+        skipped_micro = False
         it = iter(self.sampler)
         for _ in range(self.grad_accum):
             idx = next(it, None)
@@ -189,20 +225,27 @@ class Trainer:
                 box["s"] = self._track(pair_ids, stats)
                 return self.meta_net(box["s"], update_stats=True).detach()
 
-            out, stats, w = self._forward_stats(batch, True, weights_fn if self.meta_net is not None else None)
-            if w is None:
-                feats_box["s"] = self._track(pair_ids, stats)
-                w = torch.ones_like(stats.margins)
-            (out.loss / self.grad_accum).backward()
+            with self.eng.head_gathered():  # (ZeRO-3) the head's full weight through forward and backward
+                out, stats, w = self._forward_stats(batch, True, weights_fn if self.meta_net is not None else None)
+                if w is None:
+                    feats_box["s"] = self._track(pair_ids, stats)
+                    w = torch.ones_like(stats.margins)
+                ok = True if isinstance(self.eng, PlainEngine) else self.eng.loss_finite(out.loss)
+                if ok:
+                    self.eng.backward(out.loss, self.grad_accum)
+            if ok:
+                self.eng.micro_step()
+            else:
+                skipped_micro = True
             self._last = (batch, feats_box["s"])
             self.counters["tokens"] += int(batch["attention_mask"].sum())
             for k, v in self._batch_metrics(out, stats, w).items():
                 agg.setdefault(k, []).append(v)
-        gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.max_grad_norm or float("inf"))
         metrics = {k: torch.stack(v).mean() for k, v in agg.items()}
-        finite = bool(torch.isfinite(gnorm) & torch.isfinite(metrics["loss"]))  # the one host sync of a step
+        gnorm, finite = self.eng.clip_and_check(metrics["loss"])
+        finite = finite and not skipped_micro
         if finite:
-            self.opt.step()
+            self.eng.step()
             self.counters["consecutive_nonfinite"] = 0
         else:
             for ids, rows in reversed(snapshots):  # no tracker update for a skipped step
@@ -214,8 +257,7 @@ class Trainer:
             if self.counters["consecutive_nonfinite"] >= self.cfg.train.max_consecutive_nonfinite:
                 raise NonFiniteError(f"{self.counters['consecutive_nonfinite']} consecutive non-finite steps (last at step "
                                      f"{self.step + 1}, pairs {bad}); stopping. Lower train.lr or check the data.")
-        self.opt.zero_grad(set_to_none=True)
-        self.sched.step()
+        self.eng.end_step()
         metrics["grad_norm"] = gnorm
         self.counters["train_time_s"] += time.perf_counter() - t0
         return metrics
@@ -242,7 +284,8 @@ class Trainer:
     def _meta_update(self) -> dict:
         t0 = time.perf_counter()
         batch, feats = self._last
-        diag = self.meta.step(self.model, batch, self._val_batch(), feats, ref_model=self.ref)
+        model = self.eng.full_copy_into(self.meta_replica) if self.meta_replica is not None else self.model
+        diag = self.meta.step(model, batch, self._val_batch(), feats, ref_model=self.ref)
         dt = time.perf_counter() - t0
         self.counters["meta_time_s"] += dt
         self.counters["meta_updates"] += 1
@@ -263,7 +306,7 @@ class Trainer:
                 extra = self._meta_update()
             if self.step % t.log_every == 0 or self.step == self.total_steps or extra:
                 rec = {k: float(v) for k, v in metrics.items()}
-                rec.update(extra, lr=self.sched.get_last_lr()[0], epoch=self.sampler.epoch,
+                rec.update(extra, lr=self.eng.lr(), epoch=self.sampler.epoch,
                            tokens_per_s=self.counters["tokens"] / max(self.counters["train_time_s"], 1e-9),
                            step_time_s=self.counters["train_time_s"] / self.step, nonfinite_skips=self.counters["nonfinite_skips"])
                 if torch.cuda.is_available():
@@ -286,7 +329,8 @@ class Trainer:
         for s in range(0, len(ds), batch_size):
             batch = self.data.collator([ds[i] for i in range(s, min(s + batch_size, len(ds)))])
             self.model.eval()
-            _, stats, _ = self._forward_stats(batch, False)
+            with self.eng.head_gathered():
+                _, stats, _ = self._forward_stats(batch, False)
             self.model.train()
             zs.append(stats.margins.double().cpu())
             kls.append(self._kl_or_zeros(stats).double().cpu())
@@ -348,7 +392,7 @@ class Trainer:
     # --------------------------------------------------------------------------- checkpoints
     def _state(self) -> dict:
         return {
-            "step": self.step, "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
+            "step": self.step,
             "tracker": self.tracker.state_dict(), "last_seen": self.last_seen.cpu(), "meta": None if self.meta is None else self.meta.state_dict(),
             "sampler": self.sampler.state_dict(), "counters": dict(self.counters), "val_cursor": self._val_cursor,
             "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
@@ -357,21 +401,22 @@ class Trainer:
         }
 
     def save(self, final: bool = False) -> str:
-        def writer(d: str) -> None:
+        def writer(d: str) -> None:  # runs on every rank (DeepSpeed saves its partitions collectively)
+            eng_state = self.eng.save(d, self.dist.is_main)
             if self.dist.is_main:
-                self.model.save_pretrained(os.path.join(d, "model"))
                 self.tok.save_pretrained(os.path.join(d, "model"))
-                torch.save(self._state(), os.path.join(d, "trainer_state.pt"))
+                torch.save({**self._state(), **eng_state}, os.path.join(d, "trainer_state.pt"))
                 save_yaml(self.cfg, os.path.join(d, "config.yaml"))
                 z, feats, w = self.pair_weights()
                 tr = self.data.train
                 write_pair_table(os.path.join(d, "pair_weights.csv"), np.arange(len(tr)), tr.source_rows, w, sigmoid(z), feats)
 
         path = self.ckpt.save(self.step, writer, meta={"fingerprint": config_fingerprint(self.cfg), "step": self.step})
-        if final and self.dist.is_main:
+        if final:
             final_dir = os.path.join(self.run_dir, "final_model")
-            self.model.save_pretrained(final_dir)
-            self.tok.save_pretrained(final_dir)
+            self.eng.save_pretrained(final_dir, self.dist.is_main)
+            if self.dist.is_main:
+                self.tok.save_pretrained(final_dir)
         return path
 
     def _find_resume(self) -> Optional[str]:
@@ -396,9 +441,7 @@ class Trainer:
     def _restore(self, path: str) -> None:
         check_resume_compatible(path, self.cfg)  # names every differing field
         st = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=False, map_location="cpu")
-        self._load_weights(self.model, os.path.join(path, "model"))
-        self.opt.load_state_dict(st["optimizer"])
-        self.sched.load_state_dict(st["scheduler"])
+        self.eng.load(path, st, self._load_weights)
         self.tracker.load_state_dict(st["tracker"])
         self.last_seen.copy_(st["last_seen"])
         if self.meta is not None:

@@ -1,0 +1,158 @@
+"""Where the policy's parameters live: plain PyTorch on one process, or DeepSpeed (ZeRO-3) when
+``train.deepspeed`` is set or several ranks run (the bundled configs/zero3.json by default).
+
+The trainer talks to both through the same small interface: ``module`` (for the forward),
+``head_gathered()`` (the LM head's full weight for the fused loss, which reads it directly
+instead of calling the head module; kept gathered through the backward so the gradient reaches
+a full-size parameter), ``backward``, ``step``, ``save`` / ``load`` and ``full_copy_into`` (the
+full parameters, for the meta-update's replica).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .modeling import lm_head_of
+
+__all__ = ["PlainEngine", "DeepSpeedEngine"]
+
+
+class PlainEngine:
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, max_grad_norm: Optional[float]):
+        self.module, self.optimizer, self.scheduler, self.max_grad_norm = model, optimizer, scheduler, max_grad_norm
+        self.world_size = 1
+
+    def head_gathered(self):
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor, grad_accum: int) -> None:
+        (loss / grad_accum).backward()
+
+    def micro_step(self) -> None:  # DeepSpeed steps per micro-batch; plain PyTorch once per step
+        pass
+
+    def clip_and_check(self, loss: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        gnorm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.max_grad_norm or float("inf"))
+        return gnorm, bool(torch.isfinite(gnorm) & torch.isfinite(loss))  # the one host sync of a step
+
+    def step(self) -> None:
+        self.optimizer.step()
+
+    def skip(self) -> None:
+        pass
+
+    def end_step(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def save(self, d: str, is_main: bool) -> dict:
+        if is_main:
+            self.module.save_pretrained(os.path.join(d, "model"))
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+
+    def load(self, d: str, state: dict, load_weights: Callable) -> None:
+        load_weights(self.module, os.path.join(d, "model"))
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+
+    def save_pretrained(self, path: str, is_main: bool) -> None:
+        if is_main:
+            self.module.save_pretrained(path)
+
+    def full_copy_into(self, replica: nn.Module) -> nn.Module:
+        return self.module  # parameters are already full: the meta-update uses the model itself
+
+
+class DeepSpeedEngine:
+    """ZeRO-3 (or any stage) through ``deepspeed.initialize`` with the config of ``train.deepspeed``.
+
+    The optimiser is DeepSpeed's AdamW with ``torch_adam`` (the same update as torch.optim.AdamW),
+    the schedule is the trainer's LambdaLR, gradient clipping comes from ``train.max_grad_norm``.
+    Non-finite steps are detected from the loss (all-reduced) before the backward and skipped.
+    """
+
+    def __init__(self, model: nn.Module, ds_config: dict, lr: float, weight_decay: float, lr_lambda: Callable[[int], float]):
+        import deepspeed
+
+        self._ds = deepspeed
+        cfg = dict(ds_config)
+        cfg.setdefault("optimizer", {"type": "AdamW", "params": {"lr": lr, "weight_decay": weight_decay, "betas": [0.9, 0.999],
+                                                                 "eps": 1e-8, "torch_adam": True}})
+        cfg.setdefault("steps_per_print", 10 ** 12)
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=cfg,
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda))
+        self.module = self.engine.module
+        self.world_size = dist.get_world_size() if dist.is_initialized() else 1
+        self.zero3 = cfg.get("zero_optimization", {}).get("stage", 0) == 3
+
+    def head_gathered(self):
+        if not self.zero3:
+            return contextlib.nullcontext()
+        head = lm_head_of(self.module)
+        return self._ds.zero.GatheredParameters([p for p in head.parameters()], modifier_rank=None)
+
+    def backward(self, loss: torch.Tensor, grad_accum: int) -> None:
+        self.engine.backward(loss)  # DeepSpeed divides by gradient_accumulation_steps itself
+
+    def micro_step(self) -> None:
+        self.engine.step()  # steps the optimiser and scheduler at accumulation boundaries, clips, zeroes grads
+
+    def loss_finite(self, loss: torch.Tensor) -> bool:
+        flag = torch.isfinite(loss.detach()).float().reshape(1)
+        if self.world_size > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item())
+
+    def clip_and_check(self, loss: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        gn = self.engine.get_global_grad_norm()
+        return torch.tensor(float(gn) if gn is not None else float("nan")), True
+
+    def step(self) -> None:
+        pass
+
+    def skip(self) -> None:
+        pass
+
+    def end_step(self) -> None:
+        pass
+
+    def lr(self) -> float:
+        return self.engine.get_lr()[0]
+
+    def _gathered_all(self):
+        if not self.zero3:
+            return contextlib.nullcontext()
+        return self._ds.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=None)
+
+    def save(self, d: str, is_main: bool) -> dict:
+        self.engine.save_checkpoint(os.path.join(d, "deepspeed"), tag="state")  # optimizer + ZeRO partitions, collective
+        self.save_pretrained(os.path.join(d, "model"), is_main)
+        return {}
+
+    def load(self, d: str, state: dict, load_weights: Callable) -> None:
+        path, _ = self.engine.load_checkpoint(os.path.join(d, "deepspeed"), tag="state", load_optimizer_states=True,
+                                              load_lr_scheduler_states=True)
+        if path is None:
+            raise ValueError(f"DeepSpeed found no checkpoint under {os.path.join(d, 'deepspeed')}")
+
+    def save_pretrained(self, path: str, is_main: bool) -> None:
+        with self._gathered_all():  # collective: every rank takes part, rank 0 writes
+            if is_main:
+                state = {k: v.detach().clone() for k, v in self.module.state_dict().items()}
+                self.module.save_pretrained(path, state_dict=state)
+
+    def full_copy_into(self, replica: nn.Module) -> nn.Module:
+        """Copy the full (gathered) parameters into ``replica`` (a plain module) and return it."""
+        with self._gathered_all(), torch.no_grad():
+            for r, p in zip(replica.parameters(), self.module.parameters()):
+                r.copy_(p)
+        return replica
