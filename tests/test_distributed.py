@@ -143,3 +143,46 @@ def test_two_rank_zero3_run_matches_one_rank(tmp_path):
     c1, c2 = (json.load(open(os.path.join(d, "summary.json")))["coefficients"] for d in (one, two))
     for k in c1:
         assert c1[k] == pytest.approx(c2[k], rel=1e-3, abs=1e-4), k
+
+
+@pytest.mark.slow
+def test_a_rank_that_dies_ends_the_job_with_an_error(tmp_path):
+    """SIGKILL one of two torchrun workers mid-training: the job ends (no hang) within the timeout
+    with a non-zero exit and torchrun's report naming the failed rank; checkpoints stay valid."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from metapo_fast.checkpoint import CheckpointManager
+
+    out = str(tmp_path / "run")
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    proc = subprocess.Popen([torchrun, "--nproc_per_node", "2", "--master_port", str(_free_port()), "-m", "metapo_fast.train",
+                             "data.synthetic.num_pairs=160", "data.val_fraction=0.1", "train.per_device_batch_size=4",
+                             "train.sft_warmup_steps=5", "train.log_every=1", "train.eval_every=0", "meta.interval=3",
+                             "meta.val_batch_size=8", "train.max_steps=400", "train.save_every=2",
+                             "train.dist_timeout_s=60", f"train.output_dir={out}"],
+                            stdout=subprocess.DEVNULL, stderr=open(tmp_path / "stderr.txt", "w"), env=env)  # files: a full pipe would block the workers
+    metrics = os.path.join(out, "metrics.jsonl")
+    deadline = time.time() + 240
+    while time.time() < deadline and not (os.path.exists(metrics) and sum(1 for _ in open(metrics)) >= 4):
+        time.sleep(0.2)
+    children = [int(p) for p in os.listdir("/proc") if p.isdigit() and _ppid(int(p)) == proc.pid]
+    assert len(children) == 2, children
+    os.kill(children[1], signal.SIGKILL)
+    t0 = time.time()
+    proc.wait(timeout=120)
+    err = (tmp_path / "stderr.txt").read_text()
+    assert proc.returncode != 0 and time.time() - t0 < 120
+    assert "Signal 9" in err or "SIGKILL" in err or "failed" in err.lower()
+    assert CheckpointManager(out).latest_valid() is not None  # whatever was committed is intact
+
+
+def _ppid(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return -1
