@@ -44,6 +44,13 @@ def build_tokenizer_and_model(cfg: MetaPOConfig, device: torch.device):
                                                      attn_implementation=_attn(m.attn_implementation))
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
+    if m.use_liger_kernels:
+        if device.type != "cuda":
+            raise ValueError("model.use_liger_kernels=true needs a CUDA device (Liger's RMSNorm/SwiGLU are Triton kernels); "
+                             f"this run is on {device}")
+        from .liger import apply_liger_kernels
+
+        log.info("Liger-Kernel modules swapped in: %s", apply_liger_kernels(model))
     if m.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False

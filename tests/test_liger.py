@@ -1,0 +1,48 @@
+"""Liger-Kernel modules swapped into one model instance (no global patching)."""
+import copy
+
+import pytest
+import torch
+
+
+def _tiny():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, max_position_embeddings=32))
+
+
+def test_swap_replaces_modules_of_this_instance_only_and_copies_weights():
+    from transformers.models.llama import modeling_llama
+
+    from metapo_fast.liger import apply_liger_kernels
+
+    cls_before = (modeling_llama.LlamaRMSNorm, modeling_llama.LlamaMLP, modeling_llama.apply_rotary_pos_emb)
+    m = _tiny()
+    ref = copy.deepcopy(m)
+    counts = apply_liger_kernels(m)
+    assert counts == {"rms_norm": 2 * 2 + 1, "swiglu": 2}
+    assert type(m.model.norm).__name__ == "LigerRMSNorm" and type(m.model.layers[1].mlp).__name__ == "LigerSwiGLUMLP"
+    assert (modeling_llama.LlamaRMSNorm, modeling_llama.LlamaMLP, modeling_llama.apply_rotary_pos_emb) == cls_before
+    assert type(_tiny().model.norm).__name__ == "LlamaRMSNorm"  # other instances untouched
+    sd, sd_ref = m.state_dict(), ref.state_dict()
+    assert sd.keys() == sd_ref.keys() and all(torch.equal(sd[k], sd_ref[k]) for k in sd)
+
+
+def test_cpu_run_with_liger_fails_clearly(tmp_path, capsys):
+    from metapo_fast.train import main
+
+    with pytest.raises(ValueError, match="use_liger_kernels=true needs a CUDA device"):
+        main([f"train.output_dir={tmp_path}", "model.use_liger_kernels=true", "train.max_steps=1"])
+
+
+@pytest.mark.gpu
+def test_liger_model_matches_original_on_gpu():
+    from metapo_fast.liger import apply_liger_kernels
+
+    m = _tiny().cuda()
+    l = copy.deepcopy(m)
+    apply_liger_kernels(l)
+    ids = torch.randint(0, 50, (2, 9), device="cuda")
+    torch.testing.assert_close(l(ids).logits, m(ids).logits, rtol=1e-4, atol=1e-4)
