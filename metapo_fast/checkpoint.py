@@ -23,7 +23,7 @@ import re
 import shutil
 from typing import Callable, Optional
 
-__all__ = ["CheckpointManager", "CheckpointError", "fsync_dir", "atomic_write_bytes", "atomic_write_text"]
+__all__ = ["CheckpointManager", "CheckpointError", "fsync_dir", "atomic_write_bytes", "atomic_write_text", "sha256_file"]
 
 log = logging.getLogger(__name__)
 _STEP_RE = re.compile(r"^step_(\d{8})$")
@@ -57,7 +57,8 @@ def atomic_write_text(path: str, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def _sha256(path: str) -> str:
+def sha256_file(path: str) -> str:
+    """Hex SHA-256 of a file, read in 4 MiB blocks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):
@@ -125,7 +126,7 @@ class CheckpointManager:
                 os.fsync(f.fileno())
         self._barrier()
         if self.rank == 0:
-            files = {rel: {"sha256": _sha256(os.path.join(tmp, rel)), "bytes": os.path.getsize(os.path.join(tmp, rel))}
+            files = {rel: {"sha256": sha256_file(os.path.join(tmp, rel)), "bytes": os.path.getsize(os.path.join(tmp, rel))}
                      for rel in _files(tmp)}
             manifest = {"step": step, "files": files, "meta": meta or {}, "complete": True}
             atomic_write_text(os.path.join(tmp, MANIFEST), json.dumps(manifest, indent=1, sort_keys=True))
@@ -163,7 +164,7 @@ class CheckpointManager:
                 return False, f"{rel} is missing"
             if os.path.getsize(fp) != info["bytes"]:
                 return False, f"{rel} has {os.path.getsize(fp)} bytes, manifest says {info['bytes']}"
-            if deep and _sha256(fp) != info["sha256"]:
+            if deep and sha256_file(fp) != info["sha256"]:
                 return False, f"{rel} does not match its SHA-256 in manifest.json (corrupted)"
         return True, "ok"
 

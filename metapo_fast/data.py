@@ -41,6 +41,7 @@ from typing import Any, Iterable, Mapping, NamedTuple, Optional, Sequence
 import numpy as np
 
 # The split, the dataset, the collator and the sampler live in batching.py; re-exported here.
+from .checkpoint import sha256_file
 from .batching import IGNORE_INDEX, PairSampler, PreferenceCollator, PreferenceDataset, build_datasets, split_validation
 from .config import DataConfig
 
@@ -451,14 +452,6 @@ def _build(rows: Iterable, c: DataConfig, tokenizer, source: str, fmt: str, has_
 # ------------------------------------------------------------------------------------------------
 # Cache
 # ------------------------------------------------------------------------------------------------
-def _sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def tokenizer_fingerprint(tokenizer) -> str:
     """Hash of the vocabulary/model, chat template and special-token ids of ``tokenizer``."""
     h = hashlib.sha256(type(tokenizer).__name__.encode())
@@ -559,7 +552,7 @@ def load_preference_data(c: DataConfig, tokenizer, which: str = "train",
     elif rows is None:
         rows = load_rows(path, split, c.subset, c.revision, c.cache_dir)
         if os.path.isfile(path):
-            source, source_id = path, {"file_sha256": _sha256_file(path)}
+            source, source_id = path, {"file_sha256": sha256_file(path)}
         else:
             source = f"{path}[{split}]"
             source_id = {"hub": path, "subset": c.subset, "split": split, "revision": c.revision,
