@@ -51,6 +51,9 @@ def test_metapo_run_outputs_and_exact_resume(tmp_path):
         assert k in keys, k
     summary = json.load(open(os.path.join(full, "summary.json")))
     assert summary["steps"] == 12 and summary["meta_updates"] == 4
+    # phi moved (v starts at 0) and the weights spread away from 1
+    assert max(abs(v) for k, v in summary["coefficients"].items() if k != "bias") > 1e-3
+    assert summary["weight_std"] > 0.01
     assert 0.0 <= summary["eval/accuracy"] <= 1.0 and summary["meta_overhead_pct"] > 0
     with open(os.path.join(full, "pair_weights.csv")) as f:
         rows = list(csv.DictReader(f))
@@ -173,3 +176,32 @@ def test_kill_9_at_random_points_then_resume_matches_uninterrupted(tmp_path):
     sa, sb = (json.load(open(os.path.join(d, "summary.json"))) for d in (full, crashed))
     assert sa["eval/accuracy"] == sb["eval/accuracy"] and sa["coefficients"] == pytest.approx(sb["coefficients"], abs=1e-6)
     assert CheckpointManager(crashed).latest_valid()[0] == 16
+
+
+def test_local_hf_model_and_local_jsonl(tmp_path):
+    """A model saved with save_pretrained and a local JSONL in TRL's conversational format."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from metapo_fast.synthetic import build_char_tokenizer, make_synthetic_task
+
+    tok = build_char_tokenizer()
+    model_dir, data = tmp_path / "model", tmp_path / "pairs.jsonl"
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=4, max_position_embeddings=64, pad_token_id=tok.pad_token_id)).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    rows = make_synthetic_task(96, 0.3, 0.0, 0, 0).train_rows
+    with open(data, "w") as f:
+        for r in rows:
+            f.write(json.dumps({"prompt": [{"role": "user", "content": r["prompt"]}],
+                                "chosen": [{"role": "assistant", "content": r["chosen"]}],
+                                "rejected": [{"role": "assistant", "content": r["rejected"]}]}) + "\n")
+    out = str(tmp_path / "run")
+    assert main([f"model.name_or_path={model_dir}", f"data.path={data}", "train.sft_warmup_steps=0", "data.max_length=32", "data.max_prompt_length=24",
+                 "data.val_fraction=0.1", "train.per_device_batch_size=8", "train.max_steps=3", "meta.interval=3",
+                 "meta.val_batch_size=8", "train.eval_every=0", f"train.output_dir={out}"]) == 0
+    s = json.load(open(os.path.join(out, "summary.json")))
+    assert s["steps"] == 3 and s["meta_updates"] == 1
+    with open(os.path.join(out, "pair_weights.csv")) as f:
+        rows_out = list(csv.DictReader(f))
+    src = [int(r["source_row"]) for r in rows_out]
+    assert 84 <= len(src) <= 87 and len(set(src)) == len(src) and set(src) <= set(range(96))  # ~10% went to validation
