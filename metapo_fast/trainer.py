@@ -311,6 +311,9 @@ class Trainer:
                            step_time_s=self.counters["train_time_s"] / self.step, nonfinite_skips=self.counters["nonfinite_skips"])
                 if torch.cuda.is_available():
                     rec["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2 ** 30
+                    mfu = _mfu(self.model, rec["tokens_per_s"] * self.dist.world_size)
+                    if mfu is not None:
+                        rec["mfu"] = mfu
                 self.logger.log(self.step, rec)
             if t.eval_every and self.step % t.eval_every == 0 and self.step < self.total_steps:
                 self.logger.log(self.step, self.evaluate(), console=True)
@@ -465,3 +468,19 @@ def _truncate_metrics(path: str, step: int) -> None:
     with open(path) as f:
         keep = [l for l in f if l.strip() and json.loads(l).get("step", 0) <= step]
     atomic_write_text(path, "".join(keep))
+
+
+# Dense bf16 peak FLOP/s per GPU (vendor datasheets; no sparsity), for MFU.
+_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "A40": 150e12}
+
+
+def _mfu(model, tokens_per_s_all_ranks: float) -> Optional[float]:
+    """Model FLOPs utilisation: 6 * parameters * tokens/s over the GPUs' peak (None for unknown GPUs).
+    The reference forward (2 * parameters per token) is not counted as useful work."""
+    name = torch.cuda.get_device_name()
+    peak = next((v for k, v in _PEAK_BF16.items() if k in name), None)
+    if peak is None:
+        return None
+    n = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters())
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    return 6 * n * tokens_per_s_all_ranks / (peak * world)
