@@ -249,7 +249,6 @@ class _Chunker:
             self.grad_bias.add_(logits.sum(0, dtype=self.grad_bias.dtype))
 
     def run(self):
-        dev = self.hidden.device
         pair_rows = 2 * self.t
         if pair_rows <= self.rows_per_chunk:
             step = max(1, self.rows_per_chunk // pair_rows)

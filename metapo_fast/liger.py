@@ -7,7 +7,6 @@ or the Triton interpreter on CPU in tests.
 """
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 __all__ = ["apply_liger_kernels"]

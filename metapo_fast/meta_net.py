@@ -22,7 +22,7 @@ it by default for adaptive inner optimisers (math.md section 4).
 from __future__ import annotations
 
 import math
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, Sequence
 
 import torch
 import torch.distributed as dist

@@ -7,7 +7,6 @@ import json
 import math
 import os
 import sys
-from typing import Optional
 
 __all__ = ["RunLogger", "NullLogger", "make_logger"]
 

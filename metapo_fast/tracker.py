@@ -12,8 +12,6 @@ sequentially in the order given.
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.distributed as dist
 

@@ -1,6 +1,5 @@
 """The quality benchmark's reduced mode runs end to end (1 seed, 2 conditions, 3 methods)."""
 import csv
-import os
 
 from benchmarks.quality import main
 

@@ -1,5 +1,4 @@
 """The HTML report builds from a run directory; its numbers are checked by hand (math.md section 8)."""
-import json
 import os
 
 import numpy as np
