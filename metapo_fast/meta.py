@@ -66,13 +66,17 @@ def meta_objective_losses(base: str) -> tuple[str, str]:
 
 
 class _Ctx:
-    """Forward pieces shared by the validation and training passes."""
+    """Forward pieces shared by the validation and training passes. A batch may carry the
+    reference log-probs it already has (``ref_logps``, ``(2B,)``): then the reference model is
+    not run again."""
 
     def __init__(self, model, ref_model, batch, device):
         self.ids, self.mask, self.labels = (batch[k].to(device) for k in ("input_ids", "attention_mask", "labels"))
         self.head = lm_head_of(model)
         self.ref_kw = {}
-        if ref_model is not None:
+        if batch.get("ref_logps") is not None:
+            self.ref_kw = {"ref_logps": batch["ref_logps"].to(device)}
+        elif ref_model is not None:
             with torch.no_grad():
                 rdev = next(ref_model.parameters()).device
                 rh = last_hidden_states(ref_model, self.ids.to(rdev), self.mask.to(rdev)).to(device)

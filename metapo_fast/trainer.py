@@ -237,7 +237,10 @@ class Trainer:
                 self.eng.micro_step()
             else:
                 skipped_micro = True
-            self._last = (batch, feats_box["s"])
+            last = dict(batch)
+            if stats.ref_chosen_logps is not None:  # the meta-update's ghost pass reuses them
+                last["ref_logps"] = torch.cat([stats.ref_chosen_logps, stats.ref_rejected_logps])
+            self._last = (last, feats_box["s"])
             self.counters["tokens"] += int(batch["attention_mask"].sum())
             for k, v in self._batch_metrics(out, stats, w).items():
                 agg.setdefault(k, []).append(v)

@@ -175,3 +175,21 @@ def test_meta_learner_state_round_trip_gives_identical_next_update():
     assert a.updates == b.updates == 2 and a.net.v.abs().sum() > 0
     with pytest.raises(ValueError, match="interval"):
         MetaLearner(MetaWeightNet(), interval=0)
+
+
+def test_precomputed_reference_logps_give_the_same_dots():
+    """A training batch that carries its reference log-probs (as the trainer's does) skips the
+    reference forward and gives the same c_i."""
+    model = tiny_llama(False)
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    batch = make_batch(8)
+    G = {p: torch.randn_like(p) for p in model.parameters()}
+    with torch.no_grad():
+        rh = ref.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        ref_logps = sequence_logps(rh, ref.lm_head.weight, batch["labels"]).logps
+    a = pair_gradient_dots(model, batch, G, "sigmoid", PARAMS, ref_model=ref, backend="torch")
+    b = pair_gradient_dots(model, {**batch, "ref_logps": ref_logps}, G, "sigmoid", PARAMS, ref_model=None, backend="torch")
+    torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
