@@ -64,7 +64,7 @@ def shapley_values(net, s: np.ndarray) -> np.ndarray:
     return net.shapley(torch.as_tensor(s, dtype=torch.float32)).double().numpy()
 
 
-def load_meta_net(run_dir: str):
+def load_meta_net(run_dir: str, meta_cfg: Optional[dict] = None):
     """The MetaWeightNet of the newest valid checkpoint (with its feature normalisation), or None."""
     import torch
 
@@ -79,7 +79,10 @@ def load_meta_net(run_dir: str):
         return None
     sd = st["net"]
     arch = "linear" if "v" in sd else "mlp"
-    net = MetaWeightNet(arch=arch, hidden=sd["hidden_layer.weight"].shape[0] if arch == "mlp" else 32)
+    m = meta_cfg or {}
+    # the feature scale's bias correction depends on the run's momentum: rebuild with the run's settings
+    net = MetaWeightNet(arch=arch, features=m.get("features", "all"), stats_momentum=m.get("stats_momentum", 0.99),
+                        hidden=sd["hidden_layer.weight"].shape[0] if arch == "mlp" else 32)
     net.load_state_dict(sd)
     return net
 
@@ -190,7 +193,7 @@ def build_report(run_dir: str, out: Optional[str] = None, top: int = 50) -> str:
     md += ["## Summary", "", *(f"- {k}: {v}" for k, v in s.items() if not isinstance(v, dict)), ""]
     md += ["## Weights by subset (paper Table 9)", "", "| subset | pairs | MetaPO weight | FocalPO weight p^gamma |", "|---|---|---|---|"]
     md += [f"| {n} | {c} | {a:.3f} | {b:.3f} |" for n, c, a, b in subset_table(run["p"], run["sigma"], run["w"], gamma)]
-    net = load_meta_net(run_dir)
+    net = load_meta_net(run_dir, run["config"].get("meta", {}))
     md += ["", "## Shapley share per feature (paper Table 8)", ""]
     if net is None or net.arch != "linear":
         md += ["Exact Shapley values need the linear meta-network from a checkpoint; none was found"

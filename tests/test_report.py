@@ -89,3 +89,13 @@ def test_run_without_meta_says_so_and_missing_files_are_named(tmp_path, run_dir,
     os.remove(os.path.join(d, "metrics.jsonl"))
     assert main([d]) == 2
     assert "metrics.jsonl is missing" in capsys.readouterr().err
+
+
+def test_meta_net_rebuilt_with_the_runs_momentum(run_dir, tmp_path):
+    """The feature scale's bias correction depends on meta.stats_momentum: the loaded net must use the run's."""
+    from metapo_fast.report import load_meta_net
+
+    a = load_meta_net(run_dir, {"stats_momentum": 0.5})
+    b = load_meta_net(run_dir, {"stats_momentum": 0.99})
+    assert a.stats_momentum == 0.5 and b.stats_momentum == 0.99
+    assert not torch.allclose(a.scale(), b.scale())
