@@ -58,8 +58,13 @@ def build_tokenizer_and_model(cfg: MetaPOConfig, device: torch.device):
 
 
 def _attn(name: str) -> str:
-    # "varlen" packs pairs padding-free; with right-padded batches the SDPA path is used.
-    return "sdpa" if name == "varlen" else name
+    """transformers' name of an attention choice; "varlen" (padding-free packed pairs) is our own
+    kernel, registered with transformers' AttentionInterface (metapo_fast.varlen)."""
+    if name == "varlen":
+        from .varlen import register
+
+        return register()
+    return name
 
 
 def make_reference(model: nn.Module, cfg: MetaPOConfig, device: torch.device) -> Optional[nn.Module]:
@@ -71,7 +76,8 @@ def make_reference(model: nn.Module, cfg: MetaPOConfig, device: torch.device) ->
     if cfg.model.ref_name_or_path:
         from transformers import AutoModelForCausalLM
 
-        ref = AutoModelForCausalLM.from_pretrained(cfg.model.ref_name_or_path, dtype=getattr(torch, cfg.model.dtype))
+        ref = AutoModelForCausalLM.from_pretrained(cfg.model.ref_name_or_path, dtype=getattr(torch, cfg.model.dtype),
+                                                   attn_implementation=_attn(cfg.model.attn_implementation))
     else:
         ref = copy.deepcopy(model)
     ref.eval().requires_grad_(False)

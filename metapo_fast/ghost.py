@@ -43,7 +43,8 @@ class GhostDots:
     Args:
         model: the policy (its LM head is excluded: see :func:`head_ghost_dots`).
         direction: ``{parameter: G}`` (full tensors) for the parameters to cover.
-        token_pair: ``(N, T)`` long tensor: pair index of every token of the ``(N, T)`` batch.
+        token_pair: pair index of every token the hooked modules see: ``(N, T)`` for a padded
+            batch, ``(1, L)`` for a packed varlen row (:class:`metapo_fast.varlen.PackPlan`).
         num_pairs: B.
         exclude: modules to skip (the LM head).
     """

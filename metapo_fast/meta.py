@@ -36,7 +36,7 @@ from .fused_loss import fused_linear_preference_loss
 from .ghost import GhostCoverageError, GhostDots, head_ghost_dots
 from .losses import LOSSES, LossParams, PairBatch, get_loss, register_loss
 from .meta_net import MetaWeightNet
-from .modeling import last_hidden_states, lm_head_of
+from .modeling import last_hidden_states, lm_head_of, pack_plan
 
 __all__ = ["MetaLearner", "meta_objective_losses", "pair_gradient_dots"]
 
@@ -94,11 +94,15 @@ def pair_gradient_dots(model: nn.Module, batch: dict, direction: dict, loss_type
     ctx = _Ctx(model, ref_model, batch, device)
     n2, t = ctx.ids.shape
     bsz = n2 // 2
-    token_pair = (torch.arange(n2, device=device) % bsz).unsqueeze(1).expand(n2, t)
+    plan = pack_plan(model, batch["attention_mask"], device)
+    if plan is not None:  # packed varlen: the hooks see one row of the real tokens
+        token_pair = (plan.row % bsz).unsqueeze(0)
+    else:
+        token_pair = (torch.arange(n2, device=device) % bsz).unsqueeze(1).expand(n2, t)
     names = {id(p): n for n, p in model.named_parameters()}
     head = ctx.head
     with GhostDots(model, direction, token_pair, bsz, exclude=(head,)) as gd:
-        hidden = last_hidden_states(model, ctx.ids, ctx.mask)
+        hidden = last_hidden_states(model, ctx.ids, ctx.mask, plan=plan)
         h_leaf = hidden.detach().requires_grad_()
         out = fused_linear_preference_loss(h_leaf, head.weight.detach(), ctx.labels, bias=None if head.bias is None else head.bias.detach(),
                                            **ctx.ref_kw, loss_type=loss_type, beta=params.beta,

@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-__all__ = ["decoder_of", "lm_head_of", "last_hidden_states"]
+__all__ = ["decoder_of", "lm_head_of", "last_hidden_states", "pack_plan"]
 
 
 def decoder_of(model: nn.Module) -> nn.Module:
@@ -30,9 +30,30 @@ def lm_head_of(model: nn.Module) -> nn.Linear:
     return head
 
 
+def pack_plan(model: nn.Module, attention_mask: Optional[torch.Tensor], device=None):
+    """The :class:`~metapo_fast.varlen.PackPlan` of a batch when ``model`` runs packed varlen
+    attention (``model.attn_implementation=varlen``), else ``None``. Pass the collator's CPU
+    mask: the plan is built on the host and copied to ``device`` without a sync."""
+    from .varlen import PackPlan, is_varlen
+
+    if attention_mask is None or not is_varlen(model):
+        return None
+    return PackPlan.from_mask(attention_mask, device if device is not None else next(model.parameters()).device)
+
+
 def last_hidden_states(
-    model: nn.Module, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, **kwargs
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, plan=None, **kwargs
 ) -> torch.Tensor:
-    """``(N, T, H)`` hidden states that the LM head would read (final norm applied)."""
-    out = decoder_of(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
+    """``(N, T, H)`` hidden states that the LM head would read (final norm applied).
+
+    With packed varlen attention the ``N`` right-padded rows run as one packed row (``plan``, or
+    one built from ``attention_mask``) and come back in the padded layout, zeros at padding."""
+    dec = decoder_of(model)
+    if plan is None:
+        plan = pack_plan(model, attention_mask, input_ids.device)
+    if plan is not None:
+        out = dec(input_ids=plan.pack(input_ids), attention_mask=None, use_cache=False, **plan.decoder_kwargs(), **kwargs)
+        h = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        return plan.unpack(h)
+    out = dec(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
     return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]

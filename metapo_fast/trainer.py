@@ -32,7 +32,7 @@ from .evaluation import auroc, sigmoid, spearman, write_pair_table
 from .fused_loss import fused_linear_preference_loss
 from .losses import get_loss
 from .meta_net import MetaWeightNet
-from .modeling import last_hidden_states, lm_head_of
+from .modeling import last_hidden_states, lm_head_of, pack_plan
 from .run_logger import make_logger
 from .tracker import TemporalTracker
 
@@ -167,12 +167,14 @@ class Trainer:
         reference log-probs of the first pass."""
         ids, mask, labels = (batch[k].to(self.device) for k in ("input_ids", "attention_mask", "labels"))
         head = lm_head_of(self.model)
-        hidden = last_hidden_states(self.model, ids, mask)
+        plan = pack_plan(self.model, batch["attention_mask"], self.device)  # from the CPU mask: no sync
+        hidden = last_hidden_states(self.model, ids, mask, plan=plan)
         ref_kw = {}
         if self.ref is not None:
             with torch.no_grad():
                 rdev = next(self.ref.parameters()).device
-                rh = last_hidden_states(self.ref, ids.to(rdev), mask.to(rdev)).to(self.device)
+                rplan = plan if plan is None or rdev == self.device else plan.to(rdev)
+                rh = last_hidden_states(self.ref, ids.to(rdev), mask.to(rdev), plan=rplan).to(self.device)
             rhead = lm_head_of(self.ref)
             ref_kw = dict(ref_hidden=rh, ref_weight=rhead.weight.to(self.device),
                           ref_bias=None if rhead.bias is None else rhead.bias.to(self.device))

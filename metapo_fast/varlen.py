@@ -1,0 +1,171 @@
+"""Padding-free packed sequences with a variable-length attention kernel.
+
+``model.attn_implementation=varlen`` registers :data:`ATTN_NAME` with transformers'
+``AttentionInterface`` and sets it on the model. :func:`metapo_fast.modeling.last_hidden_states`
+then packs the ``2B`` right-padded sequences of a batch into one row of ``sum(lengths)`` tokens
+(:class:`PackPlan`), runs the decoder on that row with per-sequence ``position_ids`` and
+``cu_seq_lens``, and scatters the hidden states back to the ``(2B, T, H)`` layout the fused loss
+reads (a copy of ``H`` floats per token, against the ``V`` logits per token the fused loss never
+materialises). No FLOP is spent on padding in the decoder.
+
+The attention of a packed row (:func:`varlen_attention`):
+
+* CUDA, fp16/bf16: ``flash_attn_varlen_func`` when flash-attn is installed, otherwise PyTorch's
+  ``torch.nn.attention.varlen.varlen_attn`` (FlashAttention);
+* anywhere else (CPU, fp32/fp64): causal SDPA on each sequence in turn, which is also the
+  reference the kernels are tested against.
+
+No attention-mask function is registered for :data:`ATTN_NAME`: transformers then skips building
+a mask (and its packed-sequence detection, a host sync). Called without ``cu_seq_lens_q`` (an
+ordinary, unpacked forward such as ``generate``), the attention falls back to transformers' SDPA
+with the causal mask only, which is exact for unpadded and right-padded inputs at every real token.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+__all__ = ["ATTN_NAME", "PackPlan", "register", "is_varlen", "varlen_attention", "varlen_attention_reference"]
+
+ATTN_NAME = "metapo_varlen"
+
+
+@dataclass
+class PackPlan:
+    """Where each real token of a right-padded ``(N, T)`` batch goes in the packed row.
+
+    Attributes:
+        index: ``(L,)`` int64 flat positions ``row * T + t`` of the ``L`` real tokens, row-major.
+        row: ``(L,)`` int64 sequence (row) of each packed token.
+        position_ids: ``(1, L)`` int64 position of each token inside its own sequence.
+        cu_seqlens: ``(N + 1,)`` int32 cumulative lengths (FlashAttention's ``cu_seqlens``).
+        max_seqlen: the longest sequence (a Python int, so kernels need no host sync).
+        shape: ``(N, T)`` of the padded batch.
+    """
+
+    index: torch.Tensor
+    row: torch.Tensor
+    position_ids: torch.Tensor
+    cu_seqlens: torch.Tensor
+    max_seqlen: int
+    shape: tuple[int, int]
+
+    @classmethod
+    def from_mask(cls, attention_mask: torch.Tensor, device: Optional[torch.device] = None) -> "PackPlan":
+        """Plan of a right-padded ``(N, T)`` 0/1 mask. Built on the host from the CPU mask (a
+        device mask is copied to the host first: pass the collator's CPU mask to avoid that sync).
+        Raises ``ValueError`` naming the first row that is not right-padded."""
+        if attention_mask.dim() != 2:
+            raise ValueError(f"attention_mask: expected (N, T), got shape {tuple(attention_mask.shape)}")
+        m = attention_mask.detach().to("cpu", torch.bool)
+        n, t = m.shape
+        lengths = m.sum(1)
+        expected = torch.arange(t).unsqueeze(0) < lengths.unsqueeze(1)
+        bad = (m != expected).any(1).nonzero()
+        if bad.numel():
+            r = int(bad[0, 0])
+            raise ValueError(f"attention_mask row {r} is not right-padded (ones then zeros): packed varlen attention "
+                             f"needs right padding, got {m[r].int().tolist()}")
+        if n and int(lengths.min()) == 0:
+            raise ValueError(f"attention_mask row {int((lengths == 0).nonzero()[0, 0])} is empty: every sequence needs a token")
+        index = expected.reshape(-1).nonzero().squeeze(1)
+        row = torch.div(index, t, rounding_mode="floor")
+        pos = index - row * t
+        cu = torch.zeros(n + 1, dtype=torch.int32)
+        cu[1:] = lengths.cumsum(0).to(torch.int32)
+        plan = cls(index, row, pos.unsqueeze(0), cu, int(lengths.max()) if n else 0, (n, t))
+        return plan.to(device) if device is not None else plan
+
+    def to(self, device) -> "PackPlan":
+        mv = lambda x: x.to(device, non_blocking=True)  # noqa: E731
+        return PackPlan(mv(self.index), mv(self.row), mv(self.position_ids), mv(self.cu_seqlens), self.max_seqlen, self.shape)
+
+    def pack(self, x: torch.Tensor) -> torch.Tensor:
+        """``(N, T, ...)`` -> ``(1, L, ...)``."""
+        return x.reshape(self.shape[0] * self.shape[1], *x.shape[2:]).index_select(0, self.index).unsqueeze(0)
+
+    def unpack(self, x: torch.Tensor) -> torch.Tensor:
+        """``(1, L, ...)`` -> ``(N, T, ...)`` with zeros at padding (differentiable: a gather backward)."""
+        n, t = self.shape
+        out = x.new_zeros(n * t, *x.shape[2:]).index_copy(0, self.index, x[0])
+        return out.view(n, t, *x.shape[2:])
+
+    def decoder_kwargs(self) -> dict:
+        """What the decoder's attention layers need (transformers' FlashAttentionKwargs names)."""
+        return dict(position_ids=self.position_ids, cu_seq_lens_q=self.cu_seqlens, cu_seq_lens_k=self.cu_seqlens,
+                    max_length_q=self.max_seqlen, max_length_k=self.max_seqlen)
+
+
+def varlen_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                               scale: Optional[float] = None, dropout_p: float = 0.0) -> torch.Tensor:
+    """Causal attention of each packed sequence on its own: ``q (L, Hq, D)``, ``k, v (L, Hkv, D)``
+    (Hq a multiple of Hkv, grouped-query attention) -> ``(L, Hq, D)``."""
+    hq, hkv = q.shape[1], k.shape[1]
+    if hq % hkv:
+        raise ValueError(f"query heads ({hq}) must be a multiple of key/value heads ({hkv})")
+    rep = hq // hkv
+    bounds = cu_seqlens.tolist()
+    outs = []
+    for s, e in zip(bounds[:-1], bounds[1:]):
+        qs = q[s:e].transpose(0, 1)
+        ks = k[s:e].transpose(0, 1).repeat_interleave(rep, 0)
+        vs = v[s:e].transpose(0, 1).repeat_interleave(rep, 0)
+        outs.append(F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, dropout_p=dropout_p).transpose(0, 1))
+    return torch.cat(outs, 0) if outs else q.new_zeros(q.shape)
+
+
+def _flash_attn_varlen():
+    try:
+        from flash_attn import flash_attn_varlen_func
+    except ImportError:
+        return None
+    return flash_attn_varlen_func
+
+
+def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
+                     scale: Optional[float] = None, dropout_p: float = 0.0) -> torch.Tensor:
+    """Causal attention over packed sequences (shapes as :func:`varlen_attention_reference`)."""
+    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+        cu = cu_seqlens.to(torch.int32)
+        fa = _flash_attn_varlen()
+        if fa is not None:
+            return fa(q, k, v, cu, cu, max_seqlen, max_seqlen, dropout_p=dropout_p, softmax_scale=scale, causal=True)
+        if dropout_p == 0.0:
+            from torch.nn.attention.varlen import varlen_attn
+
+            return varlen_attn(q, k, v, cu, cu, max_seqlen, max_seqlen, scale=scale, window_size=(-1, 0),
+                               enable_gqa=q.shape[1] != k.shape[1])
+    return varlen_attention_reference(q, k, v, cu_seqlens, scale=scale, dropout_p=dropout_p)
+
+
+def _attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                       attention_mask: Optional[torch.Tensor], dropout: float = 0.0, scaling: Optional[float] = None,
+                       cu_seq_lens_q: Optional[torch.Tensor] = None, max_length_q: Optional[int] = None, **kwargs):
+    """transformers attention-interface signature: ``query (1, Hq, L, D)``, ``key/value (1, Hkv, L, D)``
+    -> ``((1, L, Hq, D), None)``."""
+    if cu_seq_lens_q is None:  # an ordinary unpacked forward (generate, a user's call)
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    if query.shape[0] != 1:
+        raise ValueError(f"packed varlen attention expects one packed row, got a batch of {query.shape[0]}")
+    q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))
+    out = varlen_attention(q, k, v, cu_seq_lens_q, int(max_length_q), scale=scaling, dropout_p=dropout)
+    return out.unsqueeze(0), None
+
+
+def register() -> str:
+    """Register :data:`ATTN_NAME` with transformers (idempotent); returns the name."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTN_NAME, _attention_forward)
+    return ATTN_NAME
+
+
+def is_varlen(model: nn.Module) -> bool:
+    cfg = getattr(model, "config", None)
+    return getattr(cfg, "_attn_implementation", None) == ATTN_NAME

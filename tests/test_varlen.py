@@ -1,0 +1,190 @@
+"""Padding-free packed sequences with varlen attention (metapo_fast.varlen): the pack plan, the
+attention against dense masked SDPA in float64, the decoder's hidden states and gradients
+packed vs padded, the meta-update's ghost dot products packed vs padded, and a training run."""
+import copy
+import json
+import os
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from metapo_fast import varlen as V
+from metapo_fast.meta import pair_gradient_dots
+from metapo_fast.modeling import last_hidden_states, pack_plan
+from metapo_fast.train import main
+from tests.test_meta import PARAMS, make_batch, tiny_llama
+
+LENGTHS = [13, 7, 1, 9, 12, 2]
+
+
+def _mask(lengths, t):
+    return (torch.arange(t).unsqueeze(0) < torch.tensor(lengths).unsqueeze(1)).long()
+
+
+def test_pack_plan_layout_and_round_trip():
+    mask = _mask([3, 1, 4], 5)
+    p = V.PackPlan.from_mask(mask)
+    assert p.index.tolist() == [0, 1, 2, 5, 10, 11, 12, 13]
+    assert p.row.tolist() == [0, 0, 0, 1, 2, 2, 2, 2]
+    assert p.position_ids.tolist() == [[0, 1, 2, 0, 0, 1, 2, 3]]
+    assert p.cu_seqlens.tolist() == [0, 3, 4, 8] and p.cu_seqlens.dtype == torch.int32
+    assert p.max_seqlen == 4 and p.shape == (3, 5)
+    x = torch.randn(3, 5, 2, dtype=torch.float64)
+    packed = p.pack(x)
+    assert packed.shape == (1, 8, 2)
+    back = p.unpack(packed)
+    torch.testing.assert_close(back, x * mask.unsqueeze(-1), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("mask, match", [
+    (torch.tensor([[1, 1, 0], [0, 1, 1]]), "row 1 is not right-padded"),
+    (torch.tensor([[1, 0, 1]]), "row 0 is not right-padded"),
+    (torch.tensor([[1, 1, 0], [0, 0, 0]]), "row 1 is empty"),
+    (torch.ones(2, 3, 1), r"expected \(N, T\)"),
+])
+def test_pack_plan_rejects_what_it_cannot_pack(mask, match):
+    with pytest.raises(ValueError, match=match):
+        V.PackPlan.from_mask(mask)
+
+
+def _dense_reference(q, k, v, lengths, t):
+    """Padded (N, H, T, D) causal SDPA with the padding mask, float64, GQA by repetition."""
+    n = len(lengths)
+    mask = _mask(lengths, t).bool()
+    plan = V.PackPlan.from_mask(mask)
+    qd, kd, vd = (plan.unpack(x.unsqueeze(0)).transpose(1, 2) for x in (q, k, v))
+    rep = q.shape[1] // k.shape[1]
+    kd, vd = kd.repeat_interleave(rep, 1), vd.repeat_interleave(rep, 1)
+    causal = torch.ones(t, t, dtype=torch.bool).tril()
+    allowed = causal.unsqueeze(0) & mask.unsqueeze(1)  # (N, T, T)
+    out = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=allowed.unsqueeze(1))
+    return plan.pack(out.transpose(1, 2))[0], n
+
+
+@pytest.mark.parametrize("hq, hkv", [(4, 4), (4, 2), (6, 1)])
+def test_varlen_attention_matches_dense_masked_sdpa_with_gradients(hq, hkv):
+    g = torch.Generator().manual_seed(hq * 10 + hkv)
+    t, d = max(LENGTHS), 8
+    L = sum(LENGTHS)
+    q, k, v = (torch.randn(L, h, d, dtype=torch.float64, generator=g).requires_grad_() for h in (hq, hkv, hkv))
+    cu = V.PackPlan.from_mask(_mask(LENGTHS, t)).cu_seqlens
+    out = V.varlen_attention(q, k, v, cu, max(LENGTHS))
+    ref, _ = _dense_reference(q, k, v, LENGTHS, t)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    go = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), go)
+    grads_ref = torch.autograd.grad(ref, (q, k, v), go)
+    for a, b in zip(grads, grads_ref):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_varlen_attention_rejects_bad_heads():
+    q, k = torch.randn(4, 3, 8), torch.randn(4, 2, 8)
+    with pytest.raises(ValueError, match="multiple of key/value heads"):
+        V.varlen_attention_reference(q, k, k, torch.tensor([0, 4], dtype=torch.int32))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_varlen_attention_gpu_kernel_matches_reference(dtype):
+    """The CUDA kernel (flash-attn or torch's varlen_attn) against the per-sequence reference."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    lengths, d = [129, 7, 1, 300, 64], 64
+    L = sum(lengths)
+    q, k, v = (torch.randn(L, h, d, device="cuda", dtype=dtype, generator=g).requires_grad_() for h in (8, 2, 2))
+    cu = V.PackPlan.from_mask(_mask(lengths, max(lengths))).cu_seqlens.cuda()
+    out = V.varlen_attention(q, k, v, cu, max(lengths))
+    ref = V.varlen_attention_reference(*(x.double() for x in (q, k, v)), cu)
+    tol = 2e-2 if dtype == torch.bfloat16 else 3e-3
+    torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol)
+    go = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), go),
+                    torch.autograd.grad(ref, (q, k, v), go.double())):
+        torch.testing.assert_close(a.double(), b, rtol=5 * tol, atol=5 * tol)
+
+
+def _varlen(model):
+    model.config._attn_implementation = V.register()
+    return model
+
+
+def _sdpa(model):
+    # the padded baseline: SDPA with the padding mask (tiny_llama's eager attention takes its
+    # softmax in float32, which would hide float64 differences)
+    model.config._attn_implementation = "sdpa"
+    return model
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_packed_decoder_equals_padded_decoder_values_and_gradients(checkpointing):
+    """float64 tiny Llama (GQA): hidden states at real tokens and every parameter gradient of a
+    loss on them are the same packed (varlen) and padded (SDPA with the padding mask)."""
+    padded = _sdpa(tiny_llama(tied=False))
+    packed = _varlen(copy.deepcopy(padded))
+    if checkpointing:
+        for m in (padded, packed):
+            m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            m.train()
+    t = max(LENGTHS)
+    mask = _mask(LENGTHS, t)
+    ids = torch.randint(0, padded.config.vocab_size, mask.shape, generator=torch.Generator().manual_seed(3))
+    w = torch.randn(len(LENGTHS), t, padded.config.hidden_size, dtype=torch.float64) * mask.unsqueeze(-1)
+    outs = []
+    for m in (padded, packed):
+        h = last_hidden_states(m, ids, mask)
+        (h * w).sum().backward()
+        outs.append((h.detach() * mask.unsqueeze(-1), {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}))
+    torch.testing.assert_close(outs[1][0], outs[0][0], rtol=1e-10, atol=1e-12)
+    assert outs[0][1].keys() == outs[1][1].keys() and len(outs[0][1]) == len(list(padded.model.parameters()))
+    for n in outs[0][1]:
+        torch.testing.assert_close(outs[1][1][n], outs[0][1][n], rtol=1e-9, atol=1e-11, msg=n)
+
+
+def test_unpacked_call_on_a_varlen_model_is_plain_causal_sdpa():
+    """A varlen-configured model still answers ordinary (unpacked) forwards, e.g. generate."""
+    padded = _sdpa(tiny_llama(tied=True))
+    packed = _varlen(copy.deepcopy(padded))
+    ids = torch.randint(0, padded.config.vocab_size, (2, 10), generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(packed(input_ids=ids).logits, padded(input_ids=ids).logits, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_ghost_dots_packed_equal_padded(tied):
+    """The meta-update's c_i = <G, grad l_i> with packed varlen forwards equals the padded one."""
+    model = _sdpa(tiny_llama(tied))
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    batch = make_batch(2)
+    G = {p: torch.randn_like(p) for p in model.parameters()}
+    padded = pair_gradient_dots(model, batch, G, "sigmoid", PARAMS, ref_model=ref, backend="torch")
+    pm, pr = _varlen(copy.deepcopy(model)), _varlen(copy.deepcopy(ref))
+    Gp = {q: G[p] for p, q in zip(model.parameters(), pm.parameters())}
+    assert pack_plan(pm, batch["attention_mask"]) is not None
+    packed = pair_gradient_dots(pm, batch, Gp, "sigmoid", PARAMS, ref_model=pr, backend="torch")
+    torch.testing.assert_close(packed, padded, rtol=1e-10, atol=1e-12)
+
+
+SMALL = ["data.synthetic.num_pairs=96", "data.synthetic.num_eval_pairs=16", "data.val_fraction=0.1",
+         "train.per_device_batch_size=8", "train.sft_warmup_steps=5", "train.log_every=1", "train.eval_every=0",
+         "meta.interval=3", "meta.val_batch_size=8", "train.max_steps=6"]
+
+
+def test_training_run_with_varlen_equals_sdpa_run(tmp_path):
+    """The same MetaPO run with padded SDPA and with packed varlen attention (fp32, CPU): the loss
+    curve and the learned meta-network agree to float32 accuracy."""
+    runs = {}
+    for attn in ("sdpa", "varlen"):
+        out = str(tmp_path / attn)
+        assert main([*SMALL, f"train.output_dir={out}", f"model.attn_implementation={attn}"]) == 0
+        with open(os.path.join(out, "metrics.jsonl")) as f:
+            recs = [json.loads(l) for l in f if l.strip()]
+        runs[attn] = ([r["loss"] for r in recs if "rewards/margins" in r],
+                      json.load(open(os.path.join(out, "summary.json")))["coefficients"])
+    (la, ca), (lb, cb) = runs["sdpa"], runs["varlen"]
+    assert len(la) == len(lb) == 6
+    torch.testing.assert_close(torch.tensor(lb), torch.tensor(la), rtol=1e-4, atol=1e-5)
+    for k in ca:
+        assert cb[k] == pytest.approx(ca[k], rel=1e-3, abs=1e-5), k
