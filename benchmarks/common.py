@@ -62,3 +62,19 @@ def write_csv(name: str, rows: list[dict]) -> str:
         w.writeheader()
         w.writerows(rows)
     return path
+
+
+def write_md(name: str, title: str, prov: dict, setup: str, rows: list[dict], notes: str = "") -> str:
+    """A results file: title, provenance line, setup, the rows as a table, optional notes."""
+    path = name if os.path.isabs(name) else os.path.join(RESULTS, name)
+    keys: list[str] = []
+    for r in rows:
+        keys += [k for k in r if k not in keys]
+    lines = [f"# {title}", "", f"device: {prov['device']}; torch {prov['torch']}; commit {prov['commit']}; {prov['date']}",
+             f"command: `{prov['command']}`; {setup}", "", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(str(r.get(k, "")) for k in keys) + " |" for r in rows]
+    if notes:
+        lines += ["", notes]
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return path

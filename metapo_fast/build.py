@@ -13,7 +13,7 @@ from torch import nn
 
 from .config import MetaPOConfig
 from .data import PreferenceCollator, PreferenceDataset, TokenizedPairs, build_datasets, load_preference_data
-from .modeling import last_hidden_states, lm_head_of
+from .modeling import compute_device, last_hidden_states, lm_head_of
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +138,8 @@ def sequence_logps_batched(model: nn.Module, ds: PreferenceDataset, collator: Pr
         items = [ds[i] for i in range(s, min(s + batch_size, len(ds)))]
         b = collator(items)
         h = last_hidden_states(model, b["input_ids"].to(device), b["attention_mask"].to(device))
-        r = fused_linear_preference_loss(h, head.weight, b["labels"].to(device), bias=head.bias, loss_type="simpo",
+        r = fused_linear_preference_loss(h, head.weight.to(device), b["labels"].to(device),
+                                         bias=None if head.bias is None else head.bias.to(device), loss_type="simpo",
                                          compute_kl=False)
         out[s:s + len(items), 0] = r.chosen_logps.double().cpu().numpy()
         out[s:s + len(items), 1] = r.rejected_logps.double().cpu().numpy()
@@ -170,7 +171,7 @@ def build_data(cfg: MetaPOConfig, tok, ref_model: Optional[nn.Module], device: t
         if ref_model is None:
             raise ValueError("data.val_split='stratified' needs a reference model (the margin logp_ref(y_w) - logp_ref(y_l)); "
                              "use data.val_split=random with reference-free losses")
-        lp = sequence_logps_batched(ref_model, PreferenceDataset(pairs), collator, next(ref_model.parameters()).device)
+        lp = sequence_logps_batched(ref_model, PreferenceDataset(pairs), collator, compute_device(ref_model))
         margins = lp[:, 0] - lp[:, 1]
     train, val = build_datasets(pairs, margins, d)
     ev = load_preference_data(d, tok, "eval", rows=rows_eval, source_name="synthetic-eval")

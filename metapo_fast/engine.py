@@ -19,7 +19,7 @@ from torch import nn
 
 from .modeling import lm_head_of
 
-__all__ = ["PlainEngine", "DeepSpeedEngine"]
+__all__ = ["PlainEngine", "DeepSpeedEngine", "ShardedReference"]
 
 
 class PlainEngine:
@@ -156,3 +156,32 @@ class DeepSpeedEngine:
             for r, p in zip(replica.parameters(), self.module.parameters()):
                 r.copy_(p)
         return replica
+
+
+class ShardedReference:
+    """The frozen reference model under DeepSpeed ZeRO-3, sharded like the policy: an inference-only
+    engine (no optimiser) built from the policy's DeepSpeed config, with ``offload_param`` to the
+    CPU when ``offload_cpu``. Its forwards are collective (every rank runs the same ones, as for the
+    policy). ``head()`` gathers the LM head's full weight for the fused loss, which reads it directly.
+    """
+
+    def __init__(self, ref: nn.Module, ds_config: dict, offload_cpu: bool):
+        import deepspeed
+
+        self._ds = deepspeed
+        cfg = {k: v for k, v in ds_config.items() if k not in ("optimizer", "scheduler", "gradient_clipping")}
+        zo = dict(cfg.get("zero_optimization", {}))
+        if zo.get("stage", 0) != 3:
+            raise ValueError(f"ShardedReference needs a ZeRO stage-3 config, got stage {zo.get('stage', 0)}")
+        for k in ("offload_optimizer", "overlap_comm", "contiguous_gradients", "reduce_bucket_size"):
+            zo.pop(k, None)  # optimiser-side settings: nothing to optimise
+        if offload_cpu:
+            zo["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+        cfg["zero_optimization"] = zo
+        self.engine, *_ = deepspeed.initialize(model=ref, config=cfg)
+        self.engine.eval()
+        self.module = self.engine.module
+
+    def head(self):
+        head = lm_head_of(self.module)
+        return self._ds.zero.GatheredParameters([p for p in head.parameters()], modifier_rank=None)

@@ -36,7 +36,7 @@ from .fused_loss import fused_linear_preference_loss
 from .ghost import GhostCoverageError, GhostDots, head_ghost_dots
 from .losses import LOSSES, LossParams, PairBatch, get_loss, register_loss
 from .meta_net import MetaWeightNet
-from .modeling import last_hidden_states, lm_head_of, pack_plan
+from .modeling import compute_device, last_hidden_states, lm_head_of, pack_plan
 
 __all__ = ["MetaLearner", "meta_objective_losses", "pair_gradient_dots"]
 
@@ -78,7 +78,7 @@ class _Ctx:
             self.ref_kw = {"ref_logps": batch["ref_logps"].to(device)}
         elif ref_model is not None:
             with torch.no_grad():
-                rdev = next(ref_model.parameters()).device
+                rdev = compute_device(ref_model)
                 rh = last_hidden_states(ref_model, self.ids.to(rdev), self.mask.to(rdev)).to(device)
             rhead = lm_head_of(ref_model)
             self.ref_kw = dict(ref_hidden=rh, ref_weight=rhead.weight.to(device),

@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-__all__ = ["decoder_of", "lm_head_of", "last_hidden_states", "pack_plan"]
+__all__ = ["decoder_of", "lm_head_of", "last_hidden_states", "pack_plan", "compute_device"]
 
 
 def decoder_of(model: nn.Module) -> nn.Module:
@@ -28,6 +28,13 @@ def lm_head_of(model: nn.Module) -> nn.Linear:
     if head is None or not hasattr(head, "weight"):
         raise ValueError(f"{type(model).__name__} has no output embeddings (lm_head) to fuse the loss with")
     return head
+
+
+def compute_device(model: nn.Module) -> torch.device:
+    """Where ``model`` computes: its parameters' device, or the device a host-resident model is
+    streamed to (:func:`metapo_fast.offload.stream_reference`)."""
+    dev = getattr(model, "_metapo_compute_device", None)
+    return dev if dev is not None else next(model.parameters()).device
 
 
 def pack_plan(model: nn.Module, attention_mask: Optional[torch.Tensor], device=None):

@@ -12,6 +12,7 @@ single pass.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -32,7 +33,7 @@ from .evaluation import auroc, sigmoid, spearman, write_pair_table
 from .fused_loss import fused_linear_preference_loss
 from .losses import get_loss
 from .meta_net import MetaWeightNet
-from .modeling import last_hidden_states, lm_head_of, pack_plan
+from .modeling import compute_device, last_hidden_states, lm_head_of, pack_plan
 from .run_logger import make_logger
 from .tracker import TemporalTracker
 
@@ -76,6 +77,13 @@ class Trainer:
         elif task is not None and t.sft_warmup_steps:  # resumed: the warmed-up start was saved
             self._load_weights(self.model, ref_dir)
         self.ref = B.make_reference(self.model, cfg, self.device)
+        self._ref_head = contextlib.nullcontext  # gathers the reference head where it is sharded (ZeRO-3)
+        self.ref_placement = "none" if self.ref is None else ("cpu" if cfg.model.ref_offload_cpu else "device")
+        if self.ref is not None and cfg.model.ref_offload_cpu and self.device.type != "cpu" and not self._zero3_planned():
+            from .offload import stream_reference
+
+            self._ref_streams = stream_reference(self.ref, self.device)  # host-resident, streamed per block
+            self.ref_placement = "cpu, streamed per block"
         if self.dist.is_main and task is not None and t.sft_warmup_steps and self.resume_path is None:
             self.model.save_pretrained(ref_dir)  # the run's reference, needed to resume exactly
         self.data = B.build_data(cfg, self.tok, self.ref, self.device, task)
@@ -96,6 +104,12 @@ class Trainer:
         if t.deepspeed is not None or dist.world_size > 1:
             self.eng = self._deepspeed_engine(lr_fn)
             self.model = self.eng.module
+            if self.ref is not None and self.eng.zero3:  # the reference is sharded like the policy
+                from .engine import ShardedReference
+
+                sharded = ShardedReference(self.ref, self._ds_cfg, cfg.model.ref_offload_cpu)
+                self.ref, self._ref_head = sharded.module, sharded.head
+                self.ref_placement = "zero3" + ("+offload_param" if cfg.model.ref_offload_cpu else "")
         else:
             opt_cls = torch.optim.AdamW if t.optimizer == "adamw" else torch.optim.SGD
             kw = {"weight_decay": t.weight_decay} if t.optimizer == "adamw" else {}
@@ -122,9 +136,10 @@ class Trainer:
         torch.manual_seed(seed)
 
     def _deepspeed_engine(self, lr_fn):
-        """DeepSpeed (ZeRO-3 by default with several ranks). The reference model stays a full frozen
-        copy per rank, and so does the meta-update's replica (refreshed from the gathered
-        parameters every K steps): each costs one model's memory per rank."""
+        """DeepSpeed (ZeRO-3 by default with several ranks). Under ZeRO-3 the reference model is
+        sharded like the policy (engine.ShardedReference, set up by the caller). The meta-update's
+        replica stays a full copy per rank (refreshed from the gathered parameters every K steps):
+        it costs one model's memory per rank."""
         import copy
 
         from . import configs
@@ -137,9 +152,20 @@ class Trainer:
         if t.deepspeed is None:
             t.deepspeed = os.path.join(os.path.dirname(os.path.abspath(configs.__file__)), "zero3.json")
         ds_cfg = deepspeed_config(self.cfg, self.dist.world_size, hidden_size=self.model.config.hidden_size)
+        self._ds_cfg = ds_cfg
         if self.meta_net is not None:
             self.meta_replica = copy.deepcopy(self.model)
         return DeepSpeedEngine(self.model, ds_cfg, t.lr, t.weight_decay, lr_fn)
+
+    def _zero3_planned(self) -> bool:
+        """Whether this run will shard the policy (and so the reference) with ZeRO-3."""
+        t = self.cfg.train
+        if t.deepspeed is None and self.dist.world_size == 1:
+            return False
+        if t.deepspeed is None:
+            return True  # the bundled configs/zero3.json
+        with open(t.deepspeed, encoding="utf-8") as f:
+            return json.load(f).get("zero_optimization", {}).get("stage", 0) == 3
 
     def _make_meta_learner(self):
         from .meta import MetaLearner
@@ -169,26 +195,42 @@ class Trainer:
         head = lm_head_of(self.model)
         plan = pack_plan(self.model, batch["attention_mask"], self.device)  # from the CPU mask: no sync
         hidden = last_hidden_states(self.model, ids, mask, plan=plan)
-        ref_kw = {}
-        if self.ref is not None:
-            with torch.no_grad():
-                rdev = next(self.ref.parameters()).device
-                rplan = plan if plan is None or rdev == self.device else plan.to(rdev)
-                rh = last_hidden_states(self.ref, ids.to(rdev), mask.to(rdev), plan=rplan).to(self.device)
-            rhead = lm_head_of(self.ref)
-            ref_kw = dict(ref_hidden=rh, ref_weight=rhead.weight.to(self.device),
-                          ref_bias=None if rhead.bias is None else rhead.bias.to(self.device))
         kw = self._loss_kwargs()
-        if weights_fn is None:
-            out = fused_linear_preference_loss(hidden, head.weight, labels, bias=head.bias, **ref_kw, **kw)
-            return out, out, None
-        with torch.no_grad():
-            stats = fused_linear_preference_loss(hidden.detach(), head.weight, labels, bias=head.bias, **ref_kw, **kw)
+        with self._ref_head():  # (ZeRO-3) the reference head's full weight, for the forward only
+            ref_kw = self._ref_inputs(ids, mask, plan)
+            if weights_fn is None:
+                out = fused_linear_preference_loss(hidden, head.weight, labels, bias=head.bias, **ref_kw, **kw)
+                return out, out, None
+            with torch.no_grad():
+                stats = fused_linear_preference_loss(hidden.detach(), head.weight, labels, bias=head.bias, **ref_kw, **kw)
+            del ref_kw
         w = weights_fn(stats)
         ref_logps = None if stats.ref_chosen_logps is None else (stats.ref_chosen_logps, stats.ref_rejected_logps)
         out = fused_linear_preference_loss(hidden, head.weight, labels, bias=head.bias, ref_logps=ref_logps,
                                            sample_weights=w, compute_kl=False, **kw)
         return out, stats, w
+
+    @torch.no_grad()
+    def _ref_inputs(self, ids, mask, plan) -> dict:
+        """The reference's hidden states and head for the fused loss (empty without a reference)."""
+        if self.ref is None:
+            return {}
+        rdev = compute_device(self.ref)
+        rplan = plan if plan is None or rdev == self.device else plan.to(rdev)
+        rh = last_hidden_states(self.ref, ids.to(rdev), mask.to(rdev), plan=rplan).to(self.device)
+        rhead = lm_head_of(self.ref)
+        return dict(ref_hidden=rh, ref_weight=rhead.weight.to(self.device, non_blocking=True),
+                    ref_bias=None if rhead.bias is None else rhead.bias.to(self.device, non_blocking=True))
+
+    def _ref_logps(self, batch) -> torch.Tensor:
+        """``(2B,)`` reference log-probs (chosen then rejected) of a batch: the meta-update's
+        validation batch carries them, so the meta-learner never touches the reference model."""
+        ids, mask, labels = (batch[k].to(self.device) for k in ("input_ids", "attention_mask", "labels"))
+        with self._ref_head():
+            r = self._ref_inputs(ids, mask, pack_plan(self.ref, batch["attention_mask"], compute_device(self.ref)))
+            seq = fused_linear_preference_loss(r["ref_hidden"], r["ref_weight"], labels, bias=r["ref_bias"], loss_type="simpo",
+                                               compute_kl=False, chunk_bytes=self.cfg.loss.chunk_bytes, backend=self.cfg.loss.backend)
+        return torch.cat([seq.chosen_logps, seq.rejected_logps]).detach()
 
     def _kl_or_zeros(self, stats) -> torch.Tensor:
         return stats.kl if stats.kl is not None else torch.zeros_like(stats.margins)
@@ -290,7 +332,10 @@ class Trainer:
         t0 = time.perf_counter()
         batch, feats = self._last
         model = self.eng.full_copy_into(self.meta_replica) if self.meta_replica is not None else self.model
-        diag = self.meta.step(model, batch, self._val_batch(), feats, ref_model=self.ref)
+        val = self._val_batch()
+        if self.ref is not None:
+            val["ref_logps"] = self._ref_logps(val)
+        diag = self.meta.step(model, batch, val, feats, ref_model=self.ref)
         dt = time.perf_counter() - t0
         self.counters["meta_time_s"] += dt
         self.counters["meta_updates"] += 1
@@ -375,7 +420,7 @@ class Trainer:
                    "tokens_per_s": self.counters["tokens"] / max(self.counters["train_time_s"], 1e-9),
                    "meta_overhead_pct": 100 * self.counters["meta_time_s"] / max(self.counters["train_time_s"], 1e-9),
                    "meta_updates": self.counters["meta_updates"], "nonfinite_skips": self.counters["nonfinite_skips"],
-                   "weight_mean": float(w.mean()), "weight_std": float(w.std())}
+                   "weight_mean": float(w.mean()), "weight_std": float(w.std()), **self._reference_footprint()}
         if "is_flipped" in extra and extra["is_flipped"].min() >= 0:
             clean = extra["is_flipped"] == 0
             summary["weights_auroc_clean_vs_flipped"] = auroc(w, clean)
@@ -396,6 +441,15 @@ class Trainer:
             self.logger.info(f"report: python -m metapo_fast.report {os.path.abspath(self.run_dir)}")
         summary["finish_time_s"] = time.perf_counter() - t_end
         return summary
+
+    def _reference_footprint(self) -> dict:
+        """Where the reference lives and how many of its parameters this rank holds (ZeRO-3: its
+        partition; otherwise all of them)."""
+        if self.ref is None:
+            return {"reference": "none"}
+        local = sum((p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel()) for p in self.ref.parameters())
+        total = sum((p.ds_numel if hasattr(p, "ds_numel") else p.numel()) for p in self.ref.parameters())
+        return {"reference": self.ref_placement, "reference_params_on_rank": int(local), "reference_params_total": int(total)}
 
     # --------------------------------------------------------------------------- checkpoints
     def _state(self) -> dict:

@@ -108,8 +108,8 @@ def test_two_rank_meta_update_equals_one_rank(tmp_path):
 
 @pytest.mark.slow
 def test_two_rank_zero3_run_matches_one_rank(tmp_path):
-    """`torchrun --nproc_per_node 2 -m metapo_fast.train` (DeepSpeed ZeRO-3, gloo) with 4 pairs per
-    rank equals the 1-process run with 8 pairs: same final weights, tracker state and meta
+    """`torchrun --nproc_per_node 2 -m metapo_fast.train` (DeepSpeed ZeRO-3, gloo; the reference sharded
+    and offloaded) with 4 pairs per rank equals the 1-process run with 8 pairs: same final weights, tracker state and meta
     coefficients (within 1e-4 relative; reduction order differs)."""
     import json
     import subprocess
@@ -127,9 +127,15 @@ def test_two_rank_zero3_run_matches_one_rank(tmp_path):
     assert r1.returncode == 0, r1.stderr[-3000:]
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     r2 = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", str(_free_port()), "-m", "metapo_fast.train",
-                         *common, "train.per_device_batch_size=4", f"train.output_dir={two}"],
+                         *common, "train.per_device_batch_size=4", f"train.output_dir={two}", "model.ref_offload_cpu=true"],
                         capture_output=True, text=True, env=env, timeout=600)
     assert r2.returncode == 0, r2.stderr[-3000:]
+    # the reference is sharded like the policy (ZeRO-3, parameters offloaded to the CPU): each rank
+    # holds about half of it; one process holds all of it
+    f1, f2 = (json.load(open(os.path.join(d, "summary.json"))) for d in (one, two))
+    assert f1["reference"] == "device" and f1["reference_params_on_rank"] == f1["reference_params_total"] > 0
+    assert f2["reference"] == "zero3+offload_param" and f2["reference_params_total"] == f1["reference_params_total"]
+    assert f2["reference_params_on_rank"] <= 0.55 * f2["reference_params_total"]
     w1 = load_file(os.path.join(one, "final_model", "model.safetensors"))
     w2 = load_file(os.path.join(two, "final_model", "model.safetensors"))
     assert w1.keys() == w2.keys()

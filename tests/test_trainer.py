@@ -205,3 +205,17 @@ def test_local_hf_model_and_local_jsonl(tmp_path):
         rows_out = list(csv.DictReader(f))
     src = [int(r["source_row"]) for r in rows_out]
     assert 84 <= len(src) <= 87 and len(set(src)) == len(src) and set(src) <= set(range(96))  # ~10% went to validation
+
+
+@pytest.mark.gpu
+def test_gpu_run_with_streamed_reference_and_varlen_matches_resident_padded(tmp_path):
+    """On a GPU: the reference streamed from host memory and packed varlen attention (bf16)
+    give the loss curve of the resident reference with padded SDPA (bf16 tolerance)."""
+    extra = ["train.max_steps=6", "model.dtype=bfloat16"]
+    a = _run(tmp_path, "resident", extra)
+    b = _run(tmp_path, "streamed", [*extra, "model.ref_offload_cpu=true", "model.attn_implementation=varlen"])
+    la, lb = ([l for _, l in _train_losses(d)] for d in (a, b))
+    assert len(la) == len(lb) == 6
+    torch.testing.assert_close(torch.tensor(lb), torch.tensor(la), rtol=3e-2, atol=3e-2)
+    summary = json.load(open(os.path.join(b, "summary.json")))
+    assert summary["reference"] == "cpu, streamed per block"
