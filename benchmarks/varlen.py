@@ -88,7 +88,9 @@ def main(argv=None) -> None:
     setup = (f"{a.seqs} sequences per batch, lengths uniform in [{a.min_len}, {a.max_len}], Llama decoder hidden {a.hidden}, "
              f"{a.layers} layers, {dtype}, forward + backward, median of {a.reps} fresh batches (paths alternate)")
     write_csv(f"varlen_{a.device}.csv", rows)
-    write_md(f"varlen_{a.device}.md", "Padded SDPA vs packed varlen attention", prov, setup, rows)
+    notes = ("The CUDA kernels (flash-attn varlen / torch varlen_attn, bf16): not measured, no GPU was available. "
+             "Run `python -m benchmarks.varlen --device cuda` on one.") if a.device == "cpu" else ""
+    write_md(f"varlen_{a.device}.md", "Padded SDPA vs packed varlen attention", prov, setup, rows, notes)
     for r in rows:
         print(r)
 
