@@ -219,3 +219,16 @@ def test_gpu_run_with_streamed_reference_and_varlen_matches_resident_padded(tmp_
     torch.testing.assert_close(torch.tensor(lb), torch.tensor(la), rtol=3e-2, atol=3e-2)
     summary = json.load(open(os.path.join(b, "summary.json")))
     assert summary["reference"] == "cpu, streamed per block"
+
+
+def test_mfu_is_six_n_tokens_over_the_gpu_peak(monkeypatch):
+    """MFU = 6 * parameters * tokens/s / (peak bf16 FLOP/s * GPUs); None on GPUs without a known peak."""
+    from metapo_fast import trainer as T
+
+    model = torch.nn.Sequential(torch.nn.Linear(10, 20), torch.nn.Linear(20, 3, bias=False))  # 220 + 60 parameters
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H100 80GB HBM3")
+    assert T._mfu(model, 1e9) == pytest.approx(6 * 280 * 1e9 / 989e12)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA A100-SXM4-40GB")
+    assert T._mfu(model, 2e9) == pytest.approx(6 * 280 * 2e9 / 312e12)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Some Future GPU")
+    assert T._mfu(model, 1e9) is None
