@@ -232,3 +232,27 @@ def test_mfu_is_six_n_tokens_over_the_gpu_peak(monkeypatch):
     assert T._mfu(model, 2e9) == pytest.approx(6 * 280 * 2e9 / 312e12)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Some Future GPU")
     assert T._mfu(model, 1e9) is None
+
+
+@pytest.mark.gpu
+def test_gpu_training_step_syncs_with_the_host_once(tmp_path):
+    """The design claim of README (Host syncs): one host read per optimiser step (the finite check)."""
+    import warnings
+
+    from metapo_fast.distributed import init_distributed
+    from metapo_fast.trainer import Trainer
+
+    cfg = load_config(_default_config(), [*SMALL, f"train.output_dir={tmp_path}", "meta.interval=1000"])
+    tr = Trainer(cfg, init_distributed(cfg.train.dist_timeout_s, cfg.train.device))
+    for _ in range(2):  # warm-up: kernel compilation and caches
+        tr._train_step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            tr._train_step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+    assert len(syncs) == 1, syncs
