@@ -105,7 +105,7 @@ class ModelConfig:
     dtype: Literal["float32", "bfloat16"] = _f("float32", "Parameter dtype. bfloat16 for real runs; float32 for the tiny CPU run and exact tests.")
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "varlen"] = _f("sdpa", "Attention kernel: sdpa (PyTorch), eager, flash_attention_2 (needs flash-attn and bfloat16), varlen (padding-free packed pairs: flash-attn or torch varlen_attn on CUDA, per-sequence SDPA on CPU; metapo_fast.varlen).")
     gradient_checkpointing: bool = _f(False, "Recompute decoder-layer activations in backward (less memory, ~30% more compute).")
-    use_liger_kernels: bool = _f(False, "Use Liger-Kernel's fused RMSNorm/RoPE/SwiGLU in the decoder (explicitly, no global patching).")
+    use_liger_kernels: bool = _f(False, "Use Liger-Kernel's fused RMSNorm and SwiGLU (any model) and RoPE (Llama attention) in this model instance only, no global patching; CUDA only (metapo_fast.liger).")
     ref_offload_cpu: bool = _f(False, "Keep the reference model's weights in CPU memory: under ZeRO-3 DeepSpeed's offload_param on the sharded reference; otherwise each decoder block is streamed to the GPU for its forward (metapo_fast.offload). Saves the reference's device memory for host-to-device traffic.")
     tiny: TinyModelConfig = _section(TinyModelConfig, "Sizes of the embedded tiny Llama (ignored when name_or_path is set).")
 
