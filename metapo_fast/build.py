@@ -34,7 +34,7 @@ def build_tokenizer_and_model(cfg: MetaPOConfig, device: torch.device):
         lcfg = LlamaConfig(vocab_size=len(tok), hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
                            num_hidden_layers=t.num_layers, num_attention_heads=t.num_heads, num_key_value_heads=t.num_kv_heads,
                            max_position_embeddings=t.max_position_embeddings, pad_token_id=tok.pad_token_id,
-                           bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=False)
+                           bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=t.tie_word_embeddings)
         torch.manual_seed(cfg.train.seed)
         model = LlamaForCausalLM(lcfg).to(dtype)
         model.config._attn_implementation = _attn(m.attn_implementation)

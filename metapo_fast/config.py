@@ -83,6 +83,7 @@ class TinyModelConfig:
     num_kv_heads: int = _f(4, "Key/value heads (grouped-query attention); must divide num_heads.")
     intermediate_size: int = _f(128, "MLP inner size.")
     max_position_embeddings: int = _f(2048, "Longest sequence the tiny model accepts (RoPE: costs no parameters); must be >= data.max_length.")
+    tie_word_embeddings: bool = _f(False, "Share the LM head's weight with the input embedding (as Llama-3.2-1B and Qwen2.5-0.5B do).")
 
     def __post_init__(self) -> None:
         p = "model.tiny"

@@ -147,7 +147,9 @@ class DeepSpeedEngine:
     def save_pretrained(self, path: str, is_main: bool) -> None:
         with self._gathered_all():  # collective: every rank takes part, rank 0 writes
             if is_main:
-                state = {k: v.detach().clone() for k, v in self.module.state_dict().items()}
+                first: dict[int, str] = {}  # tied parameters (lm_head = embed_tokens) are saved once, as HF does
+                tied = {n for n, p in self.module.named_parameters(remove_duplicate=False) if first.setdefault(id(p), n) != n}
+                state = {k: v.detach().clone() for k, v in self.module.state_dict().items() if k not in tied}
                 self.module.save_pretrained(path, state_dict=state)
 
     def full_copy_into(self, replica: nn.Module) -> nn.Module:

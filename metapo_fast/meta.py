@@ -72,6 +72,7 @@ class _Ctx:
 
     def __init__(self, model, ref_model, batch, device):
         self.ids, self.mask, self.labels = (batch[k].to(device) for k in ("input_ids", "attention_mask", "labels"))
+        self.plan = pack_plan(model, batch["attention_mask"], device)  # packed varlen: from the host mask, no sync
         self.head = lm_head_of(model)
         self.ref_kw = {}
         if batch.get("ref_logps") is not None:
@@ -79,7 +80,8 @@ class _Ctx:
         elif ref_model is not None:
             with torch.no_grad():
                 rdev = compute_device(ref_model)
-                rh = last_hidden_states(ref_model, self.ids.to(rdev), self.mask.to(rdev)).to(device)
+                rplan = pack_plan(ref_model, batch["attention_mask"], rdev)
+                rh = last_hidden_states(ref_model, self.ids.to(rdev), self.mask.to(rdev), plan=rplan).to(device)
             rhead = lm_head_of(ref_model)
             self.ref_kw = dict(ref_hidden=rh, ref_weight=rhead.weight.to(device),
                                ref_bias=None if rhead.bias is None else rhead.bias.to(device))
@@ -94,7 +96,7 @@ def pair_gradient_dots(model: nn.Module, batch: dict, direction: dict, loss_type
     ctx = _Ctx(model, ref_model, batch, device)
     n2, t = ctx.ids.shape
     bsz = n2 // 2
-    plan = pack_plan(model, batch["attention_mask"], device)
+    plan = ctx.plan
     if plan is not None:  # packed varlen: the hooks see one row of the real tokens
         token_pair = (plan.row % bsz).unsqueeze(0)
     else:
@@ -177,7 +179,7 @@ class MetaLearner:
                   backend=self.backend)
         for p in model.parameters():
             p.grad = None
-        hidden = last_hidden_states(model, ctx.ids, ctx.mask)
+        hidden = last_hidden_states(model, ctx.ids, ctx.mask, plan=ctx.plan)
         b_local = hidden.shape[0] // 2
         world = _world()
         # L_val = mean over the global batch of -log sigma(z): each rank's mean, averaged over ranks

@@ -33,7 +33,7 @@ class StreamedModule:
 
     def _stage(self, mod, args):
         for t, h in zip(self.tensors, self.host):
-            t.data = h.to(self.device, non_blocking=True)
+            t.data = h.to(self.device, non_blocking=True, copy=True)  # copy=True: a copy on the same device too (tests)
         self.staged += 1
 
     def _release(self, mod, args, output):

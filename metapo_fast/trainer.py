@@ -164,8 +164,10 @@ class Trainer:
             return False
         if t.deepspeed is None:
             return True  # the bundled configs/zero3.json
-        with open(t.deepspeed, encoding="utf-8") as f:
-            return json.load(f).get("zero_optimization", {}).get("stage", 0) == 3
+        from .config import deepspeed_config
+
+        ds = deepspeed_config(self.cfg, self.dist.world_size)  # validates the file (ConfigError naming it)
+        return ds.get("zero_optimization", {}).get("stage", 0) == 3
 
     def _make_meta_learner(self):
         from .meta import MetaLearner
@@ -187,17 +189,24 @@ class Trainer:
                     simpo_gamma=l.simpo_gamma, orpo_lambda=l.orpo_lambda, chunk_bytes=l.chunk_bytes, backend=l.backend)
 
     # ------------------------------------------------------------------------------- one step
-    def _forward_stats(self, batch, need_grad: bool, weights_fn=None):
+    def _forward_stats(self, batch, weights_fn=None, *, stack: contextlib.ExitStack):
         """Hidden states, then the fused loss. With ``weights_fn`` (MetaPO), a no-grad pass first
         gives z and KL, ``weights_fn(z, kl)`` the weights, and the gradient pass reuses the
-        reference log-probs of the first pass."""
+        reference log-probs of the first pass.
+
+        Under ZeRO-3 the LM heads are gathered only after both decoder forwards: with tied
+        embeddings the embedding's post-forward hook would release a head gathered earlier. The
+        policy head stays gathered on ``stack`` (through the caller's backward); the reference head
+        only for the fused loss's forward."""
         ids, mask, labels = (batch[k].to(self.device) for k in ("input_ids", "attention_mask", "labels"))
-        head = lm_head_of(self.model)
         plan = pack_plan(self.model, batch["attention_mask"], self.device)  # from the CPU mask: no sync
         hidden = last_hidden_states(self.model, ids, mask, plan=plan)
+        ref_hidden = self._ref_hidden(ids, mask, plan)
+        stack.enter_context(self.eng.head_gathered())
+        head = lm_head_of(self.model)
         kw = self._loss_kwargs()
-        with self._ref_head():  # (ZeRO-3) the reference head's full weight, for the forward only
-            ref_kw = self._ref_inputs(ids, mask, plan)
+        with self._ref_head():
+            ref_kw = self._ref_head_inputs(ref_hidden)
             if weights_fn is None:
                 out = fused_linear_preference_loss(hidden, head.weight, labels, bias=head.bias, **ref_kw, **kw)
                 return out, out, None
@@ -211,26 +220,33 @@ class Trainer:
         return out, stats, w
 
     @torch.no_grad()
-    def _ref_inputs(self, ids, mask, plan) -> dict:
-        """The reference's hidden states and head for the fused loss (empty without a reference)."""
+    def _ref_hidden(self, ids, mask, plan) -> Optional[torch.Tensor]:
+        """The reference's last hidden states on the training device (None without a reference)."""
         if self.ref is None:
-            return {}
+            return None
         rdev = compute_device(self.ref)
         rplan = plan if plan is None or rdev == self.device else plan.to(rdev)
-        rh = last_hidden_states(self.ref, ids.to(rdev), mask.to(rdev), plan=rplan).to(self.device)
+        return last_hidden_states(self.ref, ids.to(rdev), mask.to(rdev), plan=rplan).to(self.device)
+
+    def _ref_head_inputs(self, ref_hidden: Optional[torch.Tensor]) -> dict:
+        """Fused-loss arguments of the reference (inside ``self._ref_head()`` under ZeRO-3)."""
+        if ref_hidden is None:
+            return {}
         rhead = lm_head_of(self.ref)
-        return dict(ref_hidden=rh, ref_weight=rhead.weight.to(self.device, non_blocking=True),
+        return dict(ref_hidden=ref_hidden, ref_weight=rhead.weight.to(self.device, non_blocking=True),
                     ref_bias=None if rhead.bias is None else rhead.bias.to(self.device, non_blocking=True))
 
+    @torch.no_grad()
     def _ref_logps(self, batch) -> torch.Tensor:
         """``(2B,)`` reference log-probs (chosen then rejected) of a batch: the meta-update's
         validation batch carries them, so the meta-learner never touches the reference model."""
         ids, mask, labels = (batch[k].to(self.device) for k in ("input_ids", "attention_mask", "labels"))
+        rh = self._ref_hidden(ids, mask, pack_plan(self.ref, batch["attention_mask"], self.device))
         with self._ref_head():
-            r = self._ref_inputs(ids, mask, pack_plan(self.ref, batch["attention_mask"], compute_device(self.ref)))
-            seq = fused_linear_preference_loss(r["ref_hidden"], r["ref_weight"], labels, bias=r["ref_bias"], loss_type="simpo",
+            r = self._ref_head_inputs(rh)
+            seq = fused_linear_preference_loss(rh, r["ref_weight"], labels, bias=r["ref_bias"], loss_type="simpo",
                                                compute_kl=False, chunk_bytes=self.cfg.loss.chunk_bytes, backend=self.cfg.loss.backend)
-        return torch.cat([seq.chosen_logps, seq.rejected_logps]).detach()
+        return torch.cat([seq.chosen_logps, seq.rejected_logps])
 
     def _kl_or_zeros(self, stats) -> torch.Tensor:
         return stats.kl if stats.kl is not None else torch.zeros_like(stats.margins)
@@ -269,8 +285,8 @@ class Trainer:
                 box["s"] = self._track(pair_ids, stats)
                 return self.meta_net(box["s"], update_stats=True).detach()
 
-            with self.eng.head_gathered():  # (ZeRO-3) the head's full weight through forward and backward
-                out, stats, w = self._forward_stats(batch, True, weights_fn if self.meta_net is not None else None)
+            with contextlib.ExitStack() as stack:  # (ZeRO-3) holds the head's full weight through the backward
+                out, stats, w = self._forward_stats(batch, weights_fn if self.meta_net is not None else None, stack=stack)
                 if w is None:
                     feats_box["s"] = self._track(pair_ids, stats)
                     w = torch.ones_like(stats.margins)
@@ -382,8 +398,8 @@ class Trainer:
         for s in range(0, len(ds), batch_size):
             batch = self.data.collator([ds[i] for i in range(s, min(s + batch_size, len(ds)))])
             self.model.eval()
-            with self.eng.head_gathered():
-                _, stats, _ = self._forward_stats(batch, False)
+            with contextlib.ExitStack() as stack:
+                _, stats, _ = self._forward_stats(batch, stack=stack)
             self.model.train()
             zs.append(stats.margins.double().cpu())
             kls.append(self._kl_or_zeros(stats).double().cpu())

@@ -53,6 +53,7 @@ class PackPlan:
     cu_seqlens: torch.Tensor
     max_seqlen: int
     shape: tuple[int, int]
+    bounds: tuple[int, ...] = ()  # cu_seqlens on the host
 
     @classmethod
     def from_mask(cls, attention_mask: torch.Tensor, device: Optional[torch.device] = None) -> "PackPlan":
@@ -77,12 +78,13 @@ class PackPlan:
         pos = index - row * t
         cu = torch.zeros(n + 1, dtype=torch.int32)
         cu[1:] = lengths.cumsum(0).to(torch.int32)
-        plan = cls(index, row, pos.unsqueeze(0), cu, int(lengths.max()) if n else 0, (n, t))
+        plan = cls(index, row, pos.unsqueeze(0), cu, int(lengths.max()) if n else 0, (n, t), tuple(cu.tolist()))
         return plan.to(device) if device is not None else plan
 
     def to(self, device) -> "PackPlan":
         mv = lambda x: x.to(device, non_blocking=True)  # noqa: E731
-        return PackPlan(mv(self.index), mv(self.row), mv(self.position_ids), mv(self.cu_seqlens), self.max_seqlen, self.shape)
+        return PackPlan(mv(self.index), mv(self.row), mv(self.position_ids), mv(self.cu_seqlens), self.max_seqlen, self.shape,
+                        self.bounds)
 
     def pack(self, x: torch.Tensor) -> torch.Tensor:
         """``(N, T, ...)`` -> ``(1, L, ...)``."""
@@ -95,20 +97,22 @@ class PackPlan:
         return out.view(n, t, *x.shape[2:])
 
     def decoder_kwargs(self) -> dict:
-        """What the decoder's attention layers need (transformers' FlashAttentionKwargs names)."""
+        """What the decoder's attention layers need (transformers' FlashAttentionKwargs names, plus
+        the bounds as a host list for the per-sequence path, which then needs no device read)."""
         return dict(position_ids=self.position_ids, cu_seq_lens_q=self.cu_seqlens, cu_seq_lens_k=self.cu_seqlens,
-                    max_length_q=self.max_seqlen, max_length_k=self.max_seqlen)
+                    max_length_q=self.max_seqlen, max_length_k=self.max_seqlen, metapo_bounds=self.bounds)
 
 
-def varlen_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
-                               scale: Optional[float] = None, dropout_p: float = 0.0) -> torch.Tensor:
+def varlen_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens, scale: Optional[float] = None,
+                               dropout_p: float = 0.0) -> torch.Tensor:
     """Causal attention of each packed sequence on its own: ``q (L, Hq, D)``, ``k, v (L, Hkv, D)``
-    (Hq a multiple of Hkv, grouped-query attention) -> ``(L, Hq, D)``."""
+    (Hq a multiple of Hkv, grouped-query attention) -> ``(L, Hq, D)``. ``cu_seqlens``: a tensor
+    or, to avoid reading a device tensor, a host sequence of the bounds."""
     hq, hkv = q.shape[1], k.shape[1]
     if hq % hkv:
         raise ValueError(f"query heads ({hq}) must be a multiple of key/value heads ({hkv})")
     rep = hq // hkv
-    bounds = cu_seqlens.tolist()
+    bounds = cu_seqlens.tolist() if isinstance(cu_seqlens, torch.Tensor) else list(cu_seqlens)
     outs = []
     for s, e in zip(bounds[:-1], bounds[1:]):
         qs = q[s:e].transpose(0, 1)
@@ -127,8 +131,9 @@ def _flash_attn_varlen():
 
 
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
-                     scale: Optional[float] = None, dropout_p: float = 0.0) -> torch.Tensor:
-    """Causal attention over packed sequences (shapes as :func:`varlen_attention_reference`)."""
+                     scale: Optional[float] = None, dropout_p: float = 0.0, bounds=None) -> torch.Tensor:
+    """Causal attention over packed sequences (shapes as :func:`varlen_attention_reference`;
+    ``bounds``: ``cu_seqlens`` on the host, used by the per-sequence path)."""
     if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
         cu = cu_seqlens.to(torch.int32)
         fa = _flash_attn_varlen()
@@ -139,12 +144,13 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
 
             return varlen_attn(q, k, v, cu, cu, max_seqlen, max_seqlen, scale=scale, window_size=(-1, 0),
                                enable_gqa=q.shape[1] != k.shape[1])
-    return varlen_attention_reference(q, k, v, cu_seqlens, scale=scale, dropout_p=dropout_p)
+    return varlen_attention_reference(q, k, v, cu_seqlens if not bounds else bounds, scale=scale, dropout_p=dropout_p)
 
 
 def _attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                        attention_mask: Optional[torch.Tensor], dropout: float = 0.0, scaling: Optional[float] = None,
-                       cu_seq_lens_q: Optional[torch.Tensor] = None, max_length_q: Optional[int] = None, **kwargs):
+                       cu_seq_lens_q: Optional[torch.Tensor] = None, max_length_q: Optional[int] = None,
+                       metapo_bounds=None, **kwargs):
     """transformers attention-interface signature: ``query (1, Hq, L, D)``, ``key/value (1, Hkv, L, D)``
     -> ``((1, L, Hq, D), None)``."""
     if cu_seq_lens_q is None:  # an ordinary unpacked forward (generate, a user's call)
@@ -153,8 +159,17 @@ def _attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     if query.shape[0] != 1:
         raise ValueError(f"packed varlen attention expects one packed row, got a batch of {query.shape[0]}")
+    window = kwargs.get("sliding_window")
+    if window is not None and int(max_length_q) > int(window):
+        raise NotImplementedError(f"{type(module).__name__} uses a sliding window of {window} tokens and this batch has a "
+                                  f"sequence of {max_length_q}: packed varlen attention implements full causal attention "
+                                  "only; use model.attn_implementation=flash_attention_2 or sdpa")
+    for name in ("softcap", "s_aux"):
+        if kwargs.get(name) is not None:
+            raise NotImplementedError(f"{type(module).__name__} passes {name}={kwargs[name]!r}: packed varlen attention does not "
+                                      "implement it; use model.attn_implementation=flash_attention_2 or sdpa")
     q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))
-    out = varlen_attention(q, k, v, cu_seq_lens_q, int(max_length_q), scale=scaling, dropout_p=dropout)
+    out = varlen_attention(q, k, v, cu_seq_lens_q, int(max_length_q), scale=scaling, dropout_p=dropout, bounds=metapo_bounds)
     return out.unsqueeze(0), None
 
 

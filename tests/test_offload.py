@@ -25,11 +25,16 @@ def test_streaming_hooks_stage_every_block_and_restore_host_tensors():
     covered = {id(t) for s in streams for t in s.tensors}
     assert all(id(p) in covered for p in ref.model.parameters())
     ids = _ids(ref)
+    during = []
+    mlp = ref.model.layers[1].mlp
+    probe = mlp.register_forward_pre_hook(lambda m, a: during.append(m.gate_proj.weight.data_ptr()))  # runs after staging
     with torch.no_grad():
         got = last_hidden_states(ref, ids)
         want = last_hidden_states(plain, ids)
+    probe.remove()
     torch.testing.assert_close(got, want, rtol=0, atol=0)
     assert all(s.staged == 1 for s in streams)
+    assert during and during[0] != host["model.layers.1.mlp.gate_proj.weight"]  # the block ran on its staged copy
     assert {n: p.data.data_ptr() for n, p in ref.named_parameters()} == host  # back on the host tensors
     assert compute_device(ref) == torch.device("cpu")
     for s in streams:

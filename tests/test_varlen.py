@@ -188,3 +188,39 @@ def test_training_run_with_varlen_equals_sdpa_run(tmp_path):
     torch.testing.assert_close(torch.tensor(lb), torch.tensor(la), rtol=1e-4, atol=1e-5)
     for k in ca:
         assert cb[k] == pytest.approx(ca[k], rel=1e-3, abs=1e-5), k
+
+
+def test_packed_forward_reads_no_device_tensor_for_its_bounds(monkeypatch):
+    """The per-sequence path gets the host copy of cu_seqlens (on a GPU, reading the tensor would
+    be a device-to-host sync in every layer)."""
+    seen = []
+    real = V.varlen_attention_reference
+
+    def spy(q, k, v, cu_seqlens, **kw):
+        seen.append(cu_seqlens)
+        return real(q, k, v, cu_seqlens, **kw)
+
+    monkeypatch.setattr(V, "varlen_attention_reference", spy)
+    model = _varlen(tiny_llama(tied=False))
+    mask = _mask(LENGTHS, max(LENGTHS))
+    last_hidden_states(model, torch.zeros_like(mask), mask)
+    assert len(seen) == model.config.num_hidden_layers
+    assert all(isinstance(b, (tuple, list)) and list(b) == V.PackPlan.from_mask(mask).cu_seqlens.tolist() for b in seen)
+
+
+def test_sliding_window_longer_than_a_sequence_is_refused_else_exact():
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    cfg = MistralConfig(vocab_size=40, hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2,
+                        num_key_value_heads=1, max_position_embeddings=32, sliding_window=max(LENGTHS))
+    cfg._attn_implementation = "sdpa"
+    padded = MistralForCausalLM(cfg).double()
+    packed = _varlen(copy.deepcopy(padded))
+    mask = _mask(LENGTHS, max(LENGTHS))
+    ids = torch.randint(0, 40, mask.shape, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(last_hidden_states(packed, ids, mask) * mask.unsqueeze(-1),
+                               last_hidden_states(padded, ids, mask) * mask.unsqueeze(-1), rtol=1e-10, atol=1e-12)
+    packed.config.sliding_window = 4
+    with pytest.raises(NotImplementedError, match="sliding window of 4 tokens"):
+        last_hidden_states(packed, ids, mask)
