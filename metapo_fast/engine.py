@@ -22,6 +22,16 @@ from .modeling import lm_head_of
 __all__ = ["PlainEngine", "DeepSpeedEngine", "ShardedReference"]
 
 
+def _reset_zero3_trace(engine) -> None:
+    """Start of a forward for ZeRO-3's parameter coordinator. DeepSpeed does this in a forward
+    pre-hook of the engine's root module, but the trainer calls the decoder (a submodule)
+    directly, so without this the fetch trace is never completed and nothing is prefetched."""
+    opt = engine.optimizer
+    offload = getattr(opt, "parameter_offload", opt)  # stage-3 optimiser, or the optimiser-free engine's DeepSpeedZeRoOffload
+    if hasattr(offload, "get_param_coordinator"):
+        offload.get_param_coordinator().reset_step()
+
+
 class PlainEngine:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, max_grad_norm: Optional[float]):
         self.module, self.optimizer, self.scheduler, self.max_grad_norm = model, optimizer, scheduler, max_grad_norm
@@ -29,6 +39,9 @@ class PlainEngine:
 
     def head_gathered(self):
         return contextlib.nullcontext()
+
+    def begin_forward(self) -> None:
+        pass
 
     def backward(self, loss: torch.Tensor, grad_accum: int) -> None:
         (loss / grad_accum).backward()
@@ -93,6 +106,10 @@ class DeepSpeedEngine:
         self.module = self.engine.module
         self.world_size = dist.get_world_size() if dist.is_initialized() else 1
         self.zero3 = cfg.get("zero_optimization", {}).get("stage", 0) == 3
+
+    def begin_forward(self) -> None:
+        if self.zero3:
+            _reset_zero3_trace(self.engine)
 
     def head_gathered(self):
         if not self.zero3:
@@ -183,6 +200,9 @@ class ShardedReference:
         self.engine, *_ = deepspeed.initialize(model=ref, config=cfg)
         self.engine.eval()
         self.module = self.engine.module
+
+    def begin_forward(self) -> None:
+        _reset_zero3_trace(self.engine)
 
     def head(self):
         head = lm_head_of(self.module)

@@ -78,6 +78,7 @@ class Trainer:
             self._load_weights(self.model, ref_dir)
         self.ref = B.make_reference(self.model, cfg, self.device)
         self._ref_head = contextlib.nullcontext  # gathers the reference head where it is sharded (ZeRO-3)
+        self._ref_begin_forward = lambda: None  # (ZeRO-3) resets the sharded reference's fetch trace
         self.ref_placement = "none" if self.ref is None else ("cpu" if cfg.model.ref_offload_cpu else "device")
         if self.ref is not None and cfg.model.ref_offload_cpu and self.device.type != "cpu" and not self._zero3_planned():
             from .offload import stream_reference
@@ -108,7 +109,7 @@ class Trainer:
                 from .engine import ShardedReference
 
                 sharded = ShardedReference(self.ref, self._ds_cfg, cfg.model.ref_offload_cpu)
-                self.ref, self._ref_head = sharded.module, sharded.head
+                self.ref, self._ref_head, self._ref_begin_forward = sharded.module, sharded.head, sharded.begin_forward
                 self.ref_placement = "zero3" + ("+offload_param" if cfg.model.ref_offload_cpu else "")
         else:
             opt_cls = torch.optim.AdamW if t.optimizer == "adamw" else torch.optim.SGD
@@ -200,6 +201,7 @@ class Trainer:
         only for the fused loss's forward."""
         ids, mask, labels = (batch[k].to(self.device) for k in ("input_ids", "attention_mask", "labels"))
         plan = pack_plan(self.model, batch["attention_mask"], self.device)  # from the CPU mask: no sync
+        self.eng.begin_forward()
         hidden = last_hidden_states(self.model, ids, mask, plan=plan)
         ref_hidden = self._ref_hidden(ids, mask, plan)
         stack.enter_context(self.eng.head_gathered())
@@ -226,6 +228,7 @@ class Trainer:
             return None
         rdev = compute_device(self.ref)
         rplan = plan if plan is None or rdev == self.device else plan.to(rdev)
+        self._ref_begin_forward()
         return last_hidden_states(self.ref, ids.to(rdev), mask.to(rdev), plan=rplan).to(self.device)
 
     def _ref_head_inputs(self, ref_hidden: Optional[torch.Tensor]) -> dict:

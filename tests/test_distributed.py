@@ -227,3 +227,48 @@ def test_two_rank_deepspeed_resume_matches_uninterrupted(tmp_path):
     w2 = load_file(os.path.join(crashed, "final_model", "model.safetensors"))
     for k in w1:
         assert (w1[k] - w2[k]).norm() <= 1e-6 * w1[k].norm() + 1e-7, k
+
+
+def _trace_worker(rank, world, port, out):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))  # what torchrun sets; DeepSpeed reads it
+    _init(rank, world, port)
+    import json as _json
+
+    from metapo_fast.engine import DeepSpeedEngine, ShardedReference
+    from metapo_fast.modeling import last_hidden_states
+    from tests.test_meta import tiny_llama
+
+    cfg = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "train_batch_size": 2 * world,
+           "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}, "steps_per_print": 10 ** 9}
+    result = {}
+    for reset in (False, True):
+        pol = DeepSpeedEngine(tiny_llama(False, torch.float32), cfg, 1e-3, 0.0, lambda s: 1.0)
+        ref = ShardedReference(tiny_llama(False, torch.float32, seed=1).requires_grad_(False), cfg, offload_cpu=False)
+        ids = torch.randint(0, 30, (2, 7), generator=torch.Generator().manual_seed(rank))
+        for _ in range(3):
+            if reset:
+                pol.begin_forward()
+                ref.begin_forward()
+            h = last_hidden_states(pol.module, ids)
+            with torch.no_grad():
+                last_hidden_states(ref.module, ids)
+            pol.backward(h.square().mean(), 1)
+            pol.micro_step()
+        result[str(reset)] = [e.optimizer.parameter_offload.get_param_coordinator().is_complete_trace()
+                              if hasattr(e.optimizer, "parameter_offload") else e.optimizer.get_param_coordinator().is_complete_trace()
+                              for e in (pol.engine, ref.engine)]
+    with open(os.path.join(out, f"trace{rank}.json"), "w") as f:
+        _json.dump(result, f)
+    dist.destroy_process_group()
+
+
+def test_zero3_fetch_trace_completes_when_the_decoder_is_called_directly(tmp_path):
+    """The trainer calls the decoder, not the engine's root module, so DeepSpeed's own start-of-forward
+    hook never runs: begin_forward() must reset the coordinator, or the fetch trace never completes
+    and ZeRO-3 never prefetches (policy and sharded reference)."""
+    import json
+
+    mp.spawn(_trace_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        r = json.load(open(os.path.join(tmp_path, f"trace{rank}.json")))
+        assert r == {"False": [False, False], "True": [True, True]}, r
