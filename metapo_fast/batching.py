@@ -123,6 +123,23 @@ def build_datasets(pairs: TokenizedPairs, ref_margins: Optional[np.ndarray], c: 
     return PreferenceDataset(pairs, train_idx), PreferenceDataset(pairs, val_idx)
 
 
+class TrueLabels(torch.utils.data.Dataset):
+    """A view of a :class:`PreferenceDataset` whose flipped pairs (``is_flipped == 1``, known for
+    the synthetic task) have chosen and rejected swapped back."""
+
+    def __init__(self, ds: PreferenceDataset):
+        self.ds, self.flipped = ds, ds.column("is_flipped") == 1
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, pair_id: int) -> dict:
+        item = self.ds[pair_id]
+        if self.flipped[pair_id]:
+            item = {**item, "chosen_ids": item["rejected_ids"], "rejected_ids": item["chosen_ids"]}
+        return item
+
+
 class PreferenceCollator:
     """Items -> padded batch, the B chosen sequences first and the B rejected ones second.
 

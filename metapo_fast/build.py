@@ -174,5 +174,9 @@ def build_data(cfg: MetaPOConfig, tok, ref_model: Optional[nn.Module], device: t
         lp = sequence_logps_batched(ref_model, PreferenceDataset(pairs), collator, compute_device(ref_model))
         margins = lp[:, 0] - lp[:, 1]
     train, val = build_datasets(pairs, margins, d)
+    if task is not None and d.synthetic.clean_validation:
+        from .batching import TrueLabels
+
+        val = TrueLabels(val)
     ev = load_preference_data(d, tok, "eval", rows=rows_eval, source_name="synthetic-eval")
     return RunData(train, val, PreferenceDataset(ev) if ev is not None and len(ev) else None, collator, pairs)

@@ -126,6 +126,7 @@ class SyntheticConfig:
     flip_fraction: float = _f(0.3, "Fraction of training pairs whose chosen/rejected are swapped (label noise with known ground truth).")
     ambiguous_fraction: float = _f(0.0, "Fraction of training pairs whose two answers are both wrong (no preference signal); disjoint from the flipped ones.")
     seed: int = _f(0, "Generator seed.")
+    clean_validation: bool = _f(False, "Give the validation pairs their true labels (the task knows which are flipped). The paper's validation split is drawn from the same noisy data; this tests MetaPO when the validation set is clean.")
 
     def __post_init__(self) -> None:
         p = "data.synthetic"
