@@ -510,3 +510,18 @@ def test_default_config_end_to_end(tmp_path):
     assert batch["input_ids"].shape[0] == 64 and batch["input_ids"].shape[1] <= c.data.max_length
     pairs.save_invalid(str(tmp_path / "invalid.jsonl"))
     assert (tmp_path / "invalid.jsonl").read_text() == ""
+
+
+def test_true_labels_view_swaps_back_only_the_flipped_pairs():
+    import numpy as np
+
+    from metapo_fast.batching import PreferenceDataset, TrueLabels
+    from metapo_fast.data import TokenizedPairs
+
+    i32 = lambda *v: np.array(v, np.int32)  # noqa: E731
+    pairs = TokenizedPairs(source="synthetic", prompt_ids=[i32(1), i32(2), i32(3)], chosen_ids=[i32(10), i32(20), i32(30)],
+                           rejected_ids=[i32(11), i32(21), i32(31)], source_rows=np.arange(3),
+                           extra={"is_flipped": np.array([0, 1, 1])})
+    view = TrueLabels(PreferenceDataset(pairs, [2, 0, 1]))
+    got = [(int(view[k]["chosen_ids"][0]), int(view[k]["rejected_ids"][0])) for k in range(3)]
+    assert got == [(31, 30), (10, 11), (21, 20)] and len(view) == 3
