@@ -31,6 +31,17 @@ def tiny_llama(tied: bool, dtype=torch.float64, seed=0):
     return m
 
 
+def policy_and_reference(tied: bool, attn: str = "eager"):
+    """A tiny Llama reference and a policy moved away from it (so margins and KL are non-zero)."""
+    ref = tiny_llama(tied)
+    ref.config._attn_implementation = attn
+    model = copy.deepcopy(ref)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model, ref
+
+
 def make_batch(seed, b=B, t=T):
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, V, (2 * b, t), generator=g)
@@ -60,11 +71,7 @@ def naive_pair_losses(model, ref, batch, loss_type="sigmoid", params=PARAMS):
 @pytest.mark.parametrize("tied", [False, True])
 @pytest.mark.parametrize("loss_type", ["sigmoid", "focal"])
 def test_ghost_dots_equal_exact_per_pair_gradients(tied, loss_type):
-    model = tiny_llama(tied)
-    ref = copy.deepcopy(model)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+    model, ref = policy_and_reference(tied)
     batch = make_batch(1)
     params = list(model.parameters())
     G = {p: torch.randn_like(p) for p in params}
@@ -180,11 +187,7 @@ def test_meta_learner_state_round_trip_gives_identical_next_update():
 def test_precomputed_reference_logps_give_the_same_dots():
     """A training batch that carries its reference log-probs (as the trainer's does) skips the
     reference forward and gives the same c_i."""
-    model = tiny_llama(False)
-    ref = copy.deepcopy(model)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+    model, ref = policy_and_reference(False)
     batch = make_batch(8)
     G = {p: torch.randn_like(p) for p in model.parameters()}
     with torch.no_grad():

@@ -13,7 +13,7 @@ from metapo_fast import varlen as V
 from metapo_fast.meta import pair_gradient_dots
 from metapo_fast.modeling import last_hidden_states, pack_plan
 from metapo_fast.train import main
-from tests.test_meta import PARAMS, make_batch, tiny_llama
+from tests.test_meta import PARAMS, make_batch, policy_and_reference, tiny_llama
 
 LENGTHS = [13, 7, 1, 9, 12, 2]
 
@@ -152,11 +152,7 @@ def test_unpacked_call_on_a_varlen_model_is_plain_causal_sdpa():
 @pytest.mark.parametrize("tied", [False, True])
 def test_ghost_dots_packed_equal_padded(tied):
     """The meta-update's c_i = <G, grad l_i> with packed varlen forwards equals the padded one."""
-    model = _sdpa(tiny_llama(tied))
-    ref = copy.deepcopy(model)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+    model, ref = policy_and_reference(tied, attn="sdpa")
     batch = make_batch(2)
     G = {p: torch.randn_like(p) for p in model.parameters()}
     padded = pair_gradient_dots(model, batch, G, "sigmoid", PARAMS, ref_model=ref, backend="torch")
