@@ -199,7 +199,7 @@ class Trainer:
         embeddings the embedding's post-forward hook would release a head gathered earlier. The
         policy head stays gathered on ``stack`` (through the caller's backward); the reference head
         only for the fused loss's forward."""
-        ids, mask, labels = (batch[k].to(self.device) for k in ("input_ids", "attention_mask", "labels"))
+        ids, mask, labels = (batch[k].to(self.device, non_blocking=True) for k in ("input_ids", "attention_mask", "labels"))
         plan = pack_plan(self.model, batch["attention_mask"], self.device)  # from the CPU mask: no sync
         self.eng.begin_forward()
         hidden = last_hidden_states(self.model, ids, mask, plan=plan)
@@ -220,6 +220,13 @@ class Trainer:
         out = fused_linear_preference_loss(hidden, head.weight, labels, bias=head.bias, ref_logps=ref_logps,
                                            sample_weights=w, compute_kl=False, **kw)
         return out, stats, w
+
+    def _pinned(self, batch: dict) -> dict:
+        """On CUDA, the collated batch in pinned host memory, so that its copies to the device are
+        asynchronous (a copy from pageable memory waits for the GPU: a host sync per tensor)."""
+        if self.device.type != "cuda":
+            return batch
+        return {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
     @torch.no_grad()
     def _ref_hidden(self, ids, mask, plan) -> Optional[torch.Tensor]:
@@ -279,8 +286,8 @@ class Trainer:
             idx = next(it, None)
             if idx is None:  # epoch boundary inside an accumulation window
                 idx = next(iter(self.sampler))
-            batch = self.data.collator([self.data.train[i] for i in idx])
-            pair_ids = batch["pair_ids"].to(self.device)
+            batch = self._pinned(self.data.collator([self.data.train[i] for i in idx]))
+            pair_ids = batch["pair_ids"].to(self.device, non_blocking=True)
             snapshots.append((pair_ids, self.tracker.state[pair_ids].clone()))
             feats_box = {}
 

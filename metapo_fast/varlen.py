@@ -79,7 +79,12 @@ class PackPlan:
         cu = torch.zeros(n + 1, dtype=torch.int32)
         cu[1:] = lengths.cumsum(0).to(torch.int32)
         plan = cls(index, row, pos.unsqueeze(0), cu, int(lengths.max()) if n else 0, (n, t), tuple(cu.tolist()))
-        return plan.to(device) if device is not None else plan
+        if device is None:
+            return plan
+        if torch.device(device).type == "cuda":  # pinned: the copies below are then truly asynchronous
+            plan = PackPlan(plan.index.pin_memory(), plan.row.pin_memory(), plan.position_ids.pin_memory(),
+                            plan.cu_seqlens.pin_memory(), plan.max_seqlen, plan.shape, plan.bounds)
+        return plan.to(device)
 
     def to(self, device) -> "PackPlan":
         mv = lambda x: x.to(device, non_blocking=True)  # noqa: E731

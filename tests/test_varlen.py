@@ -101,7 +101,7 @@ def test_varlen_attention_gpu_kernel_matches_reference(dtype):
     go = torch.randn_like(out)
     for a, b in zip(torch.autograd.grad(out, (q, k, v), go),
                     torch.autograd.grad(ref, (q, k, v), go.double())):
-        torch.testing.assert_close(a.double(), b, rtol=5 * tol, atol=5 * tol)
+        torch.testing.assert_close(a.double(), b.double(), rtol=5 * tol, atol=5 * tol)
 
 
 def _varlen(model):
