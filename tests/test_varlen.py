@@ -86,16 +86,18 @@ def test_varlen_attention_rejects_bad_heads():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("opts", [{}, {"window": 17}, {"softcap": 2.0}])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_varlen_attention_gpu_kernel_matches_reference(dtype):
-    """The CUDA kernel (flash-attn or torch's varlen_attn) against the per-sequence reference."""
+def test_varlen_attention_gpu_kernel_matches_reference(dtype, opts):
+    """The CUDA kernel (flash-attn or torch's varlen_attn) against the per-sequence reference,
+    plain causal, with a sliding window and with soft-capping."""
     g = torch.Generator(device="cuda").manual_seed(0)
     lengths, d = [129, 7, 1, 300, 64], 64
     L = sum(lengths)
     q, k, v = (torch.randn(L, h, d, device="cuda", dtype=dtype, generator=g).requires_grad_() for h in (8, 2, 2))
     cu = V.PackPlan.from_mask(_mask(lengths, max(lengths))).cu_seqlens.cuda()
-    out = V.varlen_attention(q, k, v, cu, max(lengths))
-    ref = V.varlen_attention_reference(*(x.double() for x in (q, k, v)), cu)
+    out = V.varlen_attention(q, k, v, cu, max(lengths), **opts)
+    ref = V.varlen_attention_reference(*(x.double() for x in (q, k, v)), cu, **opts)
     tol = 2e-2 if dtype == torch.bfloat16 else 3e-3
     torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol)
     go = torch.randn_like(out)
@@ -204,19 +206,62 @@ def test_packed_forward_reads_no_device_tensor_for_its_bounds(monkeypatch):
     assert all(isinstance(b, (tuple, list)) and list(b) == V.PackPlan.from_mask(mask).cu_seqlens.tolist() for b in seen)
 
 
-def test_sliding_window_longer_than_a_sequence_is_refused_else_exact():
+def _packed_vs_one_by_one(model, tol):
+    """Hidden states of the packed varlen copy of ``model`` against ``model`` run on each sequence
+    alone, unpadded (float64). One by one, because transformers' eager Gemma 2 turns whole padded
+    rows into NaN."""
+    packed = _varlen(copy.deepcopy(model))
+    mask = _mask(LENGTHS, max(LENGTHS))
+    ids = torch.randint(0, model.config.vocab_size, mask.shape, generator=torch.Generator().manual_seed(1))
+    got = last_hidden_states(packed, ids, mask)
+    for r, n in enumerate(LENGTHS):
+        torch.testing.assert_close(got[r, :n], last_hidden_states(model, ids[r:r + 1, :n])[0], rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("window", [4, max(LENGTHS)])
+def test_sliding_window_matches_transformers(window):
+    """Mistral's sliding window (shorter than most sequences, and covering all of them) against
+    SDPA with transformers' windowed mask."""
     from transformers import MistralConfig, MistralForCausalLM
 
     torch.manual_seed(0)
-    cfg = MistralConfig(vocab_size=40, hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2,
-                        num_key_value_heads=1, max_position_embeddings=32, sliding_window=max(LENGTHS))
+    cfg = MistralConfig(vocab_size=40, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2,
+                        num_key_value_heads=1, max_position_embeddings=32, sliding_window=window)
     cfg._attn_implementation = "sdpa"
-    padded = MistralForCausalLM(cfg).double()
-    packed = _varlen(copy.deepcopy(padded))
-    mask = _mask(LENGTHS, max(LENGTHS))
-    ids = torch.randint(0, 40, mask.shape, generator=torch.Generator().manual_seed(1))
-    torch.testing.assert_close(last_hidden_states(packed, ids, mask) * mask.unsqueeze(-1),
-                               last_hidden_states(padded, ids, mask) * mask.unsqueeze(-1), rtol=1e-10, atol=1e-12)
-    packed.config.sliding_window = 4
-    with pytest.raises(NotImplementedError, match="sliding window of 4 tokens"):
-        last_hidden_states(packed, ids, mask)
+    _packed_vs_one_by_one(MistralForCausalLM(cfg).double(), 1e-10)
+
+
+def test_softcap_and_alternating_windows_match_transformers_gemma2():
+    """Gemma 2: logit soft-capping on every layer, a window on every other one. The baseline is
+    transformers' eager attention, which takes its softmax in float32 (hence 1e-6, not 1e-10)."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Gemma2Config(vocab_size=40, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2,
+                       num_key_value_heads=1, head_dim=8, max_position_embeddings=32, sliding_window=3,
+                       attn_logit_softcapping=0.5, final_logit_softcapping=None)
+    cfg._attn_implementation = "eager"
+    m = Gemma2ForCausalLM(cfg).double()
+    assert m.model.layers[0].self_attn.sliding_window == 3 and m.model.layers[0].self_attn.attn_logit_softcapping == 0.5
+    with torch.no_grad():  # scores of order 1, so that the cap bites (at init they are ~1e-3 and tanh is linear)
+        for layer in m.model.layers:
+            layer.self_attn.q_proj.weight.mul_(20)
+            layer.self_attn.k_proj.weight.mul_(20)
+    _packed_vs_one_by_one(m, 1e-6)
+
+
+def test_attention_sinks_match_transformers_gpt_oss():
+    """GPT-OSS: a learned sink logit per head (and windowed layers), against its eager attention.
+    float32: its expert matmul (grouped_mm) has no float64 kernel."""
+    from transformers import GptOssConfig, GptOssForCausalLM
+
+    torch.manual_seed(0)
+    cfg = GptOssConfig(vocab_size=40, hidden_size=16, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2,
+                       num_key_value_heads=1, head_dim=8, max_position_embeddings=32, sliding_window=3, num_local_experts=2,
+                       num_experts_per_tok=1)
+    cfg._attn_implementation = "eager"
+    m = GptOssForCausalLM(cfg).float()
+    with torch.no_grad():
+        for layer in m.model.layers:
+            layer.self_attn.sinks.normal_()  # initialised at zero: make them matter
+    _packed_vs_one_by_one(m, 2e-5)
