@@ -128,7 +128,7 @@ def sft_warmup(model: nn.Module, tok, rows: list[dict], steps: int, lr: float, s
 def sequence_logps_batched(model: nn.Module, ds: PreferenceDataset, collator: PreferenceCollator, device,
                            batch_size: int = 64) -> np.ndarray:
     """``(N, 2)`` float64 sums of response log-probs (chosen, rejected) of every pair of ``ds``."""
-    from .fused_loss import fused_linear_preference_loss
+    from .fused_loss import fused_sequence_logps
 
     head = lm_head_of(model)
     out = np.zeros((len(ds), 2))
@@ -138,11 +138,9 @@ def sequence_logps_batched(model: nn.Module, ds: PreferenceDataset, collator: Pr
         items = [ds[i] for i in range(s, min(s + batch_size, len(ds)))]
         b = collator(items)
         h = last_hidden_states(model, b["input_ids"].to(device), b["attention_mask"].to(device))
-        r = fused_linear_preference_loss(h, head.weight.to(device), b["labels"].to(device),
-                                         bias=None if head.bias is None else head.bias.to(device), loss_type="simpo",
-                                         compute_kl=False)
-        out[s:s + len(items), 0] = r.chosen_logps.double().cpu().numpy()
-        out[s:s + len(items), 1] = r.rejected_logps.double().cpu().numpy()
+        lp = fused_sequence_logps(h, head.weight.to(device), b["labels"].to(device),
+                                  bias=None if head.bias is None else head.bias.to(device))
+        out[s:s + len(items)] = lp.double().reshape(2, -1).t().cpu().numpy()
     model.train(was_training)
     return out
 

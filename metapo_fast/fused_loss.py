@@ -29,7 +29,8 @@ from .backend import BACKENDS
 from .losses import LossParams, PairBatch, get_loss
 from .reference import compute_dtype
 
-__all__ = ["PreferenceLossOutput", "fused_linear_preference_loss", "FusedLinearPreferenceLoss", "DEFAULT_CHUNK_BYTES"]
+__all__ = ["PreferenceLossOutput", "fused_linear_preference_loss", "fused_sequence_logps", "FusedLinearPreferenceLoss",
+           "DEFAULT_CHUNK_BYTES"]
 
 # Logits budget per chunk (policy + reference logits together). 256 MiB holds 1024 rows of fp32
 # V=32000 logits with a reference: 2 pairs of T=256 per chunk, GEMMs of 1024 rows that run at full
@@ -467,6 +468,17 @@ def fused_linear_preference_loss(
         ref_chosen_logps=ref[:bsz].detach() if has_ref else None, ref_rejected_logps=ref[bsz:].detach() if has_ref else None,
         kl=kl, beta=params.beta,
     )
+
+
+@torch.no_grad()
+def fused_sequence_logps(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *, bias: Optional[torch.Tensor] = None,
+                         ignore_index: int = -100, chunk_bytes: int = DEFAULT_CHUNK_BYTES, backend: str = "auto") -> torch.Tensor:
+    """``(2B,)`` sums of the response log-probs (the B chosen rows, then the B rejected ones),
+    through the fused op: chunked, no full logits. No gradient (reference log-probs, statistics)."""
+    # any reference-free loss gives the per-sequence sums; its loss value is discarded
+    out = fused_linear_preference_loss(hidden, weight, labels, bias=bias, loss_type="simpo", ignore_index=ignore_index,
+                                       compute_kl=False, chunk_bytes=chunk_bytes, backend=backend)
+    return torch.cat([out.chosen_logps, out.rejected_logps])
 
 
 class FusedLinearPreferenceLoss(nn.Module):

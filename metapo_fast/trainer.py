@@ -30,7 +30,7 @@ from .data import PairSampler
 from .distributed import DistInfo, barrier
 from .engine import PlainEngine
 from .evaluation import auroc, sigmoid, spearman, write_pair_table
-from .fused_loss import fused_linear_preference_loss
+from .fused_loss import fused_linear_preference_loss, fused_sequence_logps
 from .losses import get_loss
 from .meta_net import MetaWeightNet
 from .modeling import compute_device, last_hidden_states, lm_head_of, pack_plan
@@ -226,7 +226,8 @@ class Trainer:
         asynchronous (a copy from pageable memory waits for the GPU: a host sync per tensor)."""
         if self.device.type != "cuda":
             return batch
-        return {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        copied = ("input_ids", "attention_mask", "labels", "pair_ids")  # what the step moves to the device
+        return {k: v.pin_memory() if k in copied else v for k, v in batch.items()}
 
     @torch.no_grad()
     def _ref_hidden(self, ids, mask, plan) -> Optional[torch.Tensor]:
@@ -254,9 +255,8 @@ class Trainer:
         rh = self._ref_hidden(ids, mask, pack_plan(self.ref, batch["attention_mask"], self.device))
         with self._ref_head():
             r = self._ref_head_inputs(rh)
-            seq = fused_linear_preference_loss(rh, r["ref_weight"], labels, bias=r["ref_bias"], loss_type="simpo",
-                                               compute_kl=False, chunk_bytes=self.cfg.loss.chunk_bytes, backend=self.cfg.loss.backend)
-        return torch.cat([seq.chosen_logps, seq.rejected_logps])
+            return fused_sequence_logps(rh, r["ref_weight"], labels, bias=r["ref_bias"], chunk_bytes=self.cfg.loss.chunk_bytes,
+                                        backend=self.cfg.loss.backend)
 
     def _kl_or_zeros(self, stats) -> torch.Tensor:
         return stats.kl if stats.kl is not None else torch.zeros_like(stats.margins)
@@ -450,6 +450,7 @@ class Trainer:
         if "is_flipped" in extra and extra["is_flipped"].min() >= 0:
             clean = extra["is_flipped"] == 0
             summary["weights_auroc_clean_vs_flipped"] = auroc(w, clean)
+            summary["margin_auroc_clean_vs_flipped"] = auroc(z, clean)  # the margin alone, as a yardstick for the weights
             summary["weights_spearman_cleanliness"] = spearman(w, clean.astype(float))
         if self.meta_net is not None and self.meta_net.arch == "linear":
             summary["coefficients"] = self.meta_net.coefficients()

@@ -55,6 +55,7 @@ def test_metapo_run_outputs_and_exact_resume(tmp_path):
     assert max(abs(v) for k, v in summary["coefficients"].items() if k != "bias") > 1e-3
     assert summary["weight_std"] > 0.01
     assert 0.0 <= summary["eval/accuracy"] <= 1.0 and summary["meta_overhead_pct"] > 0
+    assert 0.0 <= summary["margin_auroc_clean_vs_flipped"] <= 1.0
     with open(os.path.join(full, "pair_weights.csv")) as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 144 and {"source_row", "pair_id", "weight", "p", "ema_std", "is_flipped"} <= set(rows[0])
