@@ -102,7 +102,7 @@ class Trainer:
         self.total_steps = t.max_steps if t.max_steps is not None else steps_per_epoch * t.epochs
         lr_fn = _lr_lambda(self.total_steps, int(t.warmup_ratio * self.total_steps), t.lr_scheduler)
         self.meta_replica = None
-        if t.deepspeed is not None or dist.world_size > 1:
+        if self._uses_deepspeed():
             self.eng = self._deepspeed_engine(lr_fn)
             self.model = self.eng.module
             if self.ref is not None and self.eng.zero3:  # the reference is sharded like the policy
@@ -158,10 +158,13 @@ class Trainer:
             self.meta_replica = copy.deepcopy(self.model)
         return DeepSpeedEngine(self.model, ds_cfg, t.lr, t.weight_decay, lr_fn)
 
+    def _uses_deepspeed(self) -> bool:
+        return self.cfg.train.deepspeed is not None or self.dist.world_size > 1
+
     def _zero3_planned(self) -> bool:
         """Whether this run will shard the policy (and so the reference) with ZeRO-3."""
         t = self.cfg.train
-        if t.deepspeed is None and self.dist.world_size == 1:
+        if not self._uses_deepspeed():
             return False
         if t.deepspeed is None:
             return True  # the bundled configs/zero3.json
