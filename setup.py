@@ -5,7 +5,9 @@ so the repository keeps the layout of the brief while the import namespace stays
 from setuptools import setup
 
 setup(
-    packages=["metapo_fast", "metapo_fast.integrations", "metapo_fast.kernels", "metapo_fast.csrc", "metapo_fast.configs"],
+    packages=["metapo_fast", "metapo_fast.config", "metapo_fast.data", "metapo_fast.metapo", "metapo_fast.models",
+              "metapo_fast.ops", "metapo_fast.train", "metapo_fast.integrations", "metapo_fast.kernels", "metapo_fast.csrc",
+              "metapo_fast.configs"],
     package_dir={"metapo_fast.kernels": "kernels", "metapo_fast.csrc": "csrc", "metapo_fast.configs": "configs"},
     package_data={"metapo_fast.csrc": ["*.cpp", "*.h"], "metapo_fast.configs": ["*.yaml", "*.json", "*.md"], "metapo_fast": ["py.typed"]},
     include_package_data=True,

@@ -33,7 +33,7 @@ from benchmarks.common import provenance, write_csv, write_md
 def _setup(tmp: str, a) -> tuple[str, str, float, int]:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from metapo_fast.synthetic import build_char_tokenizer, make_synthetic_task
+    from metapo_fast.data.synthetic import build_char_tokenizer, make_synthetic_task
 
     tok = build_char_tokenizer()
     torch.manual_seed(0)
@@ -100,7 +100,7 @@ def run_trl(model_dir: str, data: str, a, out: str) -> list[float]:
 
 
 def run_ours(model_dir: str, data: str, a, out: str, meta: bool) -> tuple[list[float], list[float]]:
-    from metapo_fast.train import main
+    from metapo_fast.train.cli import main
 
     argv = [f"model.name_or_path={model_dir}", f"data.path={data}", "train.sft_warmup_steps=0", "data.val_fraction=0.05",
             "data.val_split=random", f"train.per_device_batch_size={a.batch}", f"train.max_steps={a.steps}", "train.eval_every=0",
@@ -140,7 +140,7 @@ def main(argv=None) -> None:
     ap.add_argument("--attn", default="sdpa", choices=["sdpa", "varlen"])
     a = ap.parse_args(argv)
     os.environ.setdefault("CUDA_VISIBLE_DEVICES", "" if a.device == "cpu" else os.environ.get("CUDA_VISIBLE_DEVICES", "0"))
-    from metapo_fast.trainer import _PEAK_BF16
+    from metapo_fast.train.loop import _PEAK_BF16
 
     with tempfile.TemporaryDirectory() as tmp:
         model_dir, data, tokens_per_step, n_params = _setup(tmp, a)

@@ -52,7 +52,7 @@ def _step(impl, x, backend):
                                             beta=0.1, backend=backend).loss
     elif impl == "naive":
         from metapo_fast.losses import PairBatch, pair_loss
-        from metapo_fast.reference import sequence_logps
+        from tests.naive import sequence_logps
 
         s = sequence_logps(hidden, weight, labels, ref_hidden=ref_hidden, ref_weight=ref_weight, compute_kl=True)
         b = hidden.shape[0] // 2

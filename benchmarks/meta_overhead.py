@@ -22,9 +22,9 @@ from .common import RESULTS, provenance, write_csv
 
 def _trainer(meta: bool, out: str, device: str):
     from metapo_fast.config import load_config
-    from metapo_fast.distributed import DistInfo
-    from metapo_fast.train import _default_config
-    from metapo_fast.trainer import Trainer
+    from metapo_fast.train.parallel import DistInfo
+    from metapo_fast.train.cli import _default_config
+    from metapo_fast.train.loop import Trainer
 
     cfg = load_config(_default_config(), [f"train.output_dir={out}", f"meta.enabled={str(meta).lower()}", "train.log_every=100000",
                                           "train.device=" + device])

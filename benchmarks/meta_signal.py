@@ -23,14 +23,14 @@ from benchmarks.common import provenance, write_csv, write_md
 
 
 def measure(steps: int, n_pairs: int, out_dir: str) -> list[dict]:
-    from metapo_fast.batching import TrueLabels
+    from metapo_fast.data.batches import TrueLabels
     from metapo_fast.config import load_config
-    from metapo_fast.distributed import DistInfo
-    from metapo_fast.evaluation import auroc
-    from metapo_fast.meta import MetaLearner, pair_gradient_dots
-    from metapo_fast.meta_net import MetaWeightNet
-    from metapo_fast.train import _default_config
-    from metapo_fast.trainer import Trainer
+    from metapo_fast.train.parallel import DistInfo
+    from metapo_fast.train.outputs import auroc
+    from metapo_fast.metapo.bilevel import MetaLearner, pair_gradient_dots
+    from metapo_fast.metapo.weight_net import MetaWeightNet
+    from metapo_fast.train.cli import _default_config
+    from metapo_fast.train.loop import Trainer
 
     cfg = load_config(_default_config(), [f"train.output_dir={out_dir}", f"train.max_steps={max(steps, 1)}", "train.save_every=0",
                                           "train.eval_every=0", "meta.enabled=false"])

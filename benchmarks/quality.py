@@ -57,8 +57,8 @@ def _weights_and_truth(run_dir: str, focal_gamma: float, method: str):
 
 
 def run_one(condition: str, method: str, seed: int, workdir: str, extra: list[str]) -> dict:
-    from metapo_fast.evaluation import auroc, spearman
-    from metapo_fast.train import main
+    from metapo_fast.train.outputs import auroc, spearman
+    from metapo_fast.train.cli import main
 
     out = os.path.join(workdir, f"{condition}-{method}-{seed}")
     args = [*BASE, *CONDITIONS[condition], *METHODS[method], *extra, f"data.synthetic.seed={seed}", f"train.seed={seed}",

@@ -8,7 +8,7 @@ import torch
 
 from metapo_fast import fused_linear_preference_loss
 from metapo_fast.losses import PairBatch, pair_loss
-from metapo_fast.reference import sequence_logps
+from tests.naive import sequence_logps
 
 B, T, H, V = 4, 128, 256, 8192
 

@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from metapo_fast.tracker import TemporalTracker
+from metapo_fast.metapo.tracker import TemporalTracker
 
 from .common import RESULTS, provenance, write_csv
 

@@ -17,8 +17,8 @@ import time
 import torch
 
 from benchmarks.common import provenance, write_csv, write_md
-from metapo_fast.modeling import last_hidden_states
-from metapo_fast.varlen import register
+from metapo_fast.models.hf import last_hidden_states
+from metapo_fast.models.varlen import register
 
 
 def _model(hidden: int, layers: int, heads: int, kv_heads: int, dtype, device):

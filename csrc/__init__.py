@@ -1,1 +1,1 @@
-"""C++ CPU implementations (compiled on first use, see metapo_fast._cpp)."""
+"""C++ CPU implementations (compiled on first use, see metapo_fast.ops._cpp)."""

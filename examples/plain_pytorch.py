@@ -11,8 +11,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from metapo_fast import MetaLearner, MetaWeightNet, TemporalTracker, fused_linear_preference_loss
 from metapo_fast.config import DataConfig
 from metapo_fast.data import PreferenceCollator, PreferenceDataset, load_preference_data
-from metapo_fast.modeling import last_hidden_states
-from metapo_fast.synthetic import build_char_tokenizer, make_synthetic_task
+from metapo_fast.models.hf import last_hidden_states
+from metapo_fast.data.synthetic import build_char_tokenizer, make_synthetic_task
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--steps", type=int, default=100)

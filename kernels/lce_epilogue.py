@@ -1,6 +1,6 @@
 """Triton kernels of the fused-loss epilogue (GPU). Math and PyTorch reference:
-metapo_fast.reference.epilogue_forward_reference / epilogue_backward_reference; C++ twin:
-csrc/lce_epilogue.cpp. Called through metapo_fast.epilogue, which validates the inputs.
+metapo_fast.ops.lce_epilogue.lce_epilogue_forward_ref / lce_epilogue_backward_ref_; C++ twin:
+csrc/lce_epilogue.cpp. Called through metapo_fast.ops.lce_epilogue, which validates the inputs.
 
 forward: one program per row, one pass over the row's policy and reference logits in blocks of
 BLOCK_V with online max / sum-exp rescaling, so each logit is read once:
@@ -116,7 +116,7 @@ def lce_epilogue_backward_triton_(logits: torch.Tensor, lse: torch.Tensor, targe
 
 _TY = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 # Every configuration the launchers above can use, for the sm_90 compile-and-spill check
-# (python -m metapo_fast.kernels.compile_check).
+# (python -m tools.sm90_check).
 SM90_CONFIGS = [
     *({"name": f"lce_fwd_{_TY[dt]}_{'ref' if ref else 'noref'}", "fn": _lce_epilogue_fwd_kernel,
        "signature": {"X": f"*{_TY[dt]}", "Y": f"*{_TY[dt]}", "T": "*i64", "LSE": "*fp32", "LOGP": "*fp32",

@@ -1,5 +1,5 @@
 """Triton kernel of the temporal tracker (GPU): one launch, state updated in place, no host sync.
-Math and reference: metapo_fast.reference.tracker_update_reference; C++ twin: csrc/tracker.cpp.
+Math and reference: metapo_fast.ops.tracker_update.tracker_update_ref; C++ twin: csrc/tracker.cpp.
 
 One program per batch position j. Duplicate ids keep the sequential semantics deterministically:
 a program whose id occurs earlier in the batch does nothing; the program of the first occurrence
@@ -22,7 +22,7 @@ def _block(b: int) -> int:
 
 def _warps(block: int) -> int:
     # The id block is held in registers for the duplicate test: 1 warp up to 256 ids, then enough
-    # warps to keep it at <= 32 int64 per thread (compile_check: 4096 ids on 1 warp spilled, 255 registers).
+    # warps to keep it at <= 32 int64 per thread (tools/sm90_check.py: 4096 ids on 1 warp spilled, 255 registers).
     return 1 if block <= 256 else max(4, block // 512)
 
 

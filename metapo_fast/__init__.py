@@ -8,17 +8,17 @@ Public API:
     MetaPOConfig, load_config                                                       (the trainer's configuration)
 """
 from .config import MetaPOConfig, load_config
-from .fused_loss import FusedLinearPreferenceLoss, PreferenceLossOutput, fused_linear_preference_loss
+from .ops.preference_loss import FusedLinearPreferenceLoss, PreferenceLossOutput, fused_linear_preference_loss
 from .losses import LOSSES, LossParams, PairBatch, get_loss, pair_loss, register_loss
-from .meta_net import MetaWeightNet
-from .tracker import TemporalTracker
+from .metapo.weight_net import MetaWeightNet
+from .metapo.tracker import TemporalTracker
 
 __version__ = "0.1.0"
 
 
 def __getattr__(name):  # the meta-learner pulls in more machinery: imported on first use
     if name == "MetaLearner":
-        from .meta import MetaLearner
+        from .metapo.bilevel import MetaLearner
 
         return MetaLearner
     raise AttributeError(f"module 'metapo_fast' has no attribute {name!r}")

@@ -15,6 +15,7 @@ Adding a loss is one function and one ``@register_loss`` line.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -52,6 +53,10 @@ class LossParams:
             raise ValueError(f"LossParams.focal_gamma must be >= 0, got {self.focal_gamma}")
         if not self.orpo_lambda >= 0:
             raise ValueError(f"LossParams.orpo_lambda must be >= 0, got {self.orpo_lambda}")
+
+    def kwargs(self) -> dict:
+        """The fields as keyword arguments of :func:`metapo_fast.fused_linear_preference_loss`."""
+        return dataclasses.asdict(self)
 
 
 @dataclass

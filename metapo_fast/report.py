@@ -20,7 +20,7 @@ from typing import Optional
 
 import numpy as np
 
-from .reference import FEATURE_NAMES
+from .ops.tracker_update import FEATURE_NAMES
 
 SUBSETS = {  # paper Table 9
     "stable correct (p > 0.8, sigma < 0.1)": lambda p, s: (p > 0.8) & (s < 0.1),
@@ -68,8 +68,8 @@ def load_meta_net(run_dir: str, meta_cfg: Optional[dict] = None):
     """The MetaWeightNet of the newest valid checkpoint (with its feature normalisation), or None."""
     import torch
 
-    from .checkpoint import CheckpointManager
-    from .meta_net import MetaWeightNet
+    from .train.state import CheckpointManager
+    from .metapo.weight_net import MetaWeightNet
 
     found = CheckpointManager(run_dir).latest_valid(deep=False) if os.path.isdir(os.path.join(run_dir, "checkpoints")) else None
     if found is None:
@@ -92,13 +92,13 @@ def texts_for(run: dict, source_rows: np.ndarray) -> tuple[dict, Optional[str]]:
     d = run["config"].get("data", {})
     try:
         if d.get("path") is None:
-            from .synthetic import make_synthetic_task
+            from .data.synthetic import make_synthetic_task
 
             s = d.get("synthetic", {})
             rows = make_synthetic_task(s.get("num_pairs", 2000), s.get("flip_fraction", 0.3), s.get("ambiguous_fraction", 0.0),
                                        s.get("seed", 0), s.get("num_eval_pairs", 500)).train_rows
         else:
-            from .data import load_rows
+            from .data.formats import load_rows
 
             rows = load_rows(d["path"], d.get("split", "train"), d.get("subset"))
     except (OSError, ValueError, ImportError) as exc:

@@ -8,7 +8,8 @@ import textwrap
 
 import pytest
 
-from metapo_fast.checkpoint import CheckpointManager, atomic_write_text
+from metapo_fast.files import atomic_write_text
+from metapo_fast.train.state import CheckpointManager
 
 
 def _writer(payload: bytes):
@@ -62,7 +63,7 @@ def test_kill_during_save_leaves_previous_checkpoint_intact(tmp_path):
     the half-written directory is never loaded, and the next save cleans it up."""
     script = textwrap.dedent(f"""
         import os, sys, time
-        from metapo_fast.checkpoint import CheckpointManager
+        from metapo_fast.train.state import CheckpointManager
         cm = CheckpointManager({str(tmp_path)!r})
         def w(d, slow):
             with open(os.path.join(d, "weights.bin"), "wb") as f:

@@ -195,7 +195,7 @@ def test_chunk_bytes_default_matches_fused_loss():
     """config.py does not import the kernels; read fused_loss.DEFAULT_CHUNK_BYTES from its source."""
     import ast
 
-    tree = ast.parse(open(os.path.join(ROOT, "metapo_fast", "fused_loss.py")).read())
+    tree = ast.parse(open(os.path.join(ROOT, "metapo_fast", "ops", "preference_loss.py")).read())
     (node,) = [n for n in tree.body if isinstance(n, ast.Assign) and getattr(n.targets[0], "id", "") == "DEFAULT_CHUNK_BYTES"]
     value = eval(compile(ast.Expression(node.value), "fused_loss.py", "eval"), {"__builtins__": {}})
     assert MetaPOConfig().loss.chunk_bytes == value

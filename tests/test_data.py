@@ -12,7 +12,7 @@ from metapo_fast.data import (
     IGNORE_INDEX, InvalidDataError, PairSampler, PreferenceCollator, PreferenceDataset, build_datasets,
     load_preference_data, load_rows, split_validation,
 )
-from metapo_fast.synthetic import build_char_tokenizer, make_synthetic_task
+from metapo_fast.data.synthetic import build_char_tokenizer, make_synthetic_task
 
 TOK = build_char_tokenizer()
 BOS, EOS, PAD = TOK.bos_token_id, TOK.eos_token_id, TOK.pad_token_id
@@ -515,7 +515,7 @@ def test_default_config_end_to_end(tmp_path):
 def test_true_labels_view_swaps_back_only_the_flipped_pairs():
     import numpy as np
 
-    from metapo_fast.batching import PreferenceDataset, TrueLabels
+    from metapo_fast.data.batches import PreferenceDataset, TrueLabels
     from metapo_fast.data import TokenizedPairs
 
     i32 = lambda *v: np.array(v, np.int32)  # noqa: E731

@@ -24,7 +24,7 @@ def _init(rank, world, port):
 
 def _tracker_worker(rank, world, port, out):
     _init(rank, world, port)
-    from metapo_fast.tracker import TemporalTracker
+    from metapo_fast.metapo.tracker import TemporalTracker
 
     tr = TemporalTracker(30, alpha=0.9, backend="torch")
     g = torch.Generator().manual_seed(0)
@@ -42,7 +42,7 @@ def test_tracker_replicas_identical_and_equal_to_one_process(tmp_path):
     mp.spawn(_tracker_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
     s0, s1 = (torch.load(tmp_path / f"tracker{r}.pt") for r in range(2))
     assert torch.equal(s0, s1)
-    from metapo_fast.tracker import TemporalTracker
+    from metapo_fast.metapo.tracker import TemporalTracker
 
     single = TemporalTracker(30, alpha=0.9, backend="torch")
     g = torch.Generator().manual_seed(0)
@@ -74,8 +74,8 @@ def _rows(batch, idx):
 
 
 def _phi_grad(model, ref, train, val, feats, params):
-    from metapo_fast.meta import MetaLearner
-    from metapo_fast.meta_net import MetaWeightNet
+    from metapo_fast.metapo.bilevel import MetaLearner
+    from metapo_fast.metapo.weight_net import MetaWeightNet
 
     net = MetaWeightNet(normalize="none").double()
     with torch.no_grad():
@@ -162,7 +162,7 @@ def test_a_rank_that_dies_ends_the_job_with_an_error(tmp_path):
     import sys
     import time
 
-    from metapo_fast.checkpoint import CheckpointManager
+    from metapo_fast.train.state import CheckpointManager
 
     out = str(tmp_path / "run")
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
@@ -234,8 +234,8 @@ def _trace_worker(rank, world, port, out):
     _init(rank, world, port)
     import json as _json
 
-    from metapo_fast.engine import DeepSpeedEngine, ShardedReference
-    from metapo_fast.modeling import last_hidden_states
+    from metapo_fast.train.parallel import DeepSpeedEngine, ShardedReference
+    from metapo_fast.models.hf import last_hidden_states
     from tests.test_meta import tiny_llama
 
     cfg = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "train_batch_size": 2 * world,

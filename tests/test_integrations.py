@@ -12,7 +12,7 @@ trl = pytest.importorskip("trl")
 from datasets import Dataset  # noqa: E402
 
 from metapo_fast.integrations.trl import PAIR_ID_COLUMN, MetaPOTRLConfig, MetaPOTrainer, shifted_labels  # noqa: E402
-from metapo_fast.synthetic import build_char_tokenizer, make_synthetic_task  # noqa: E402
+from metapo_fast.data.synthetic import build_char_tokenizer, make_synthetic_task  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -16,7 +16,7 @@ def _tiny():
 def test_swap_replaces_modules_of_this_instance_only_and_copies_weights():
     from transformers.models.llama import modeling_llama
 
-    from metapo_fast.liger import apply_liger_kernels
+    from metapo_fast.models.liger import apply_liger_kernels
 
     cls_before = (modeling_llama.LlamaRMSNorm, modeling_llama.LlamaMLP, modeling_llama.apply_rotary_pos_emb)
     m = _tiny()
@@ -33,7 +33,7 @@ def test_swap_replaces_modules_of_this_instance_only_and_copies_weights():
 
 
 def test_cpu_run_with_liger_fails_clearly(tmp_path, capsys):
-    from metapo_fast.train import main
+    from metapo_fast.train.cli import main
 
     with pytest.raises(ValueError, match="use_liger_kernels=true needs a CUDA device"):
         main([f"train.output_dir={tmp_path}", "model.use_liger_kernels=true", "train.max_steps=1"])
@@ -41,7 +41,7 @@ def test_cpu_run_with_liger_fails_clearly(tmp_path, capsys):
 
 @pytest.mark.gpu
 def test_liger_model_matches_original_on_gpu():
-    from metapo_fast.liger import apply_liger_kernels
+    from metapo_fast.models.liger import apply_liger_kernels
 
     m = _tiny().cuda()
     l = copy.deepcopy(m)
@@ -57,7 +57,7 @@ def test_instance_rope_forward_equals_transformers_attention(attn):
     from transformers import LlamaConfig, LlamaForCausalLM
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-    from metapo_fast.liger import use_rope
+    from metapo_fast.models.liger import use_rope
 
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,

@@ -6,11 +6,11 @@ import pytest
 import torch
 from torch import nn
 
-from metapo_fast.ghost import GhostCoverageError
+from metapo_fast.metapo.ghost import GhostCoverageError
 from metapo_fast.losses import LossParams, PairBatch, get_loss
-from metapo_fast.meta import MetaLearner, pair_gradient_dots
-from metapo_fast.meta_net import MetaWeightNet
-from metapo_fast.reference import sequence_logps
+from metapo_fast.metapo.bilevel import MetaLearner, pair_gradient_dots
+from metapo_fast.metapo.weight_net import MetaWeightNet
+from tests.naive import sequence_logps
 
 B, T, V = 3, 9, 37
 PARAMS = LossParams(beta=0.5)

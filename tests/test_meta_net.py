@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from metapo_fast.meta_net import SOFTPLUS_INV_ONE, MetaWeightNet, feature_subset
+from metapo_fast.metapo.weight_net import SOFTPLUS_INV_ONE, MetaWeightNet, feature_subset
 
 
 @pytest.mark.parametrize("arch", ["linear", "mlp"])

@@ -1,4 +1,4 @@
-"""CPU offload of the reference without DeepSpeed (metapo_fast.offload): the streaming hooks stage
+"""CPU offload of the reference without DeepSpeed (metapo_fast.models.offload): the streaming hooks stage
 every decoder block per forward and restore the host tensors after it; values are unchanged.
 (Under ZeRO-3 the reference is sharded and offloaded by DeepSpeed: tests/test_distributed.py.)"""
 import copy
@@ -6,8 +6,8 @@ import copy
 import pytest
 import torch
 
-from metapo_fast.modeling import compute_device, last_hidden_states
-from metapo_fast.offload import stream_reference
+from metapo_fast.models.hf import compute_device, last_hidden_states
+from metapo_fast.models.offload import stream_reference
 from tests.test_meta import tiny_llama
 
 

@@ -5,7 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from metapo_fast import reference as R
+from metapo_fast.ops.lce_epilogue import lce_epilogue_backward_ref_, lce_epilogue_forward_ref
+from metapo_fast.ops.tracker_update import tracker_update_ref
+from tests import naive as R
 
 
 def _hand_head():
@@ -62,7 +64,7 @@ def test_epilogue_reference_matches_definitions():
     x = torch.randn(6, 11, dtype=torch.float64) * 4
     y = torch.randn(6, 11, dtype=torch.float64) * 4
     tgt = torch.randint(0, 11, (6,))
-    lse, logp, ref_logp, kl = R.epilogue_forward_reference(x, tgt, y)
+    lse, logp, ref_logp, kl = lce_epilogue_forward_ref(x, tgt, y)
     torch.testing.assert_close(logp, torch.log_softmax(x, -1)[torch.arange(6), tgt], rtol=0, atol=1e-13)
     torch.testing.assert_close(ref_logp, torch.log_softmax(y, -1)[torch.arange(6), tgt], rtol=0, atol=1e-13)
     torch.testing.assert_close(kl, R.token_kl(x, y), rtol=0, atol=1e-13)
@@ -70,9 +72,9 @@ def test_epilogue_reference_matches_definitions():
     coef = torch.randn(6, dtype=torch.float64)
     xg = x.clone().requires_grad_()
     (torch.log_softmax(xg, -1)[torch.arange(6), tgt] * coef).sum().backward()
-    g = R.epilogue_backward_reference(x.clone(), lse, tgt, coef)
+    g = lce_epilogue_backward_ref_(x.clone(), lse, tgt, coef)
     torch.testing.assert_close(g, xg.grad, rtol=0, atol=1e-13)
-    assert R.epilogue_forward_reference(x, tgt)[2].numel() == 0
+    assert lce_epilogue_forward_ref(x, tgt)[2].numel() == 0
 
 
 def _numpy_tracker(visits, n, alpha):
@@ -112,7 +114,7 @@ def test_tracker_reference_against_numpy_multi_epoch():
     st_np, outs_np = _numpy_tracker(visits, n, alpha)
     st = torch.zeros(n, 6, dtype=torch.float64)
     for (ids, m, k), o in zip(visits, outs_np):
-        out = R.tracker_update_reference(st, torch.as_tensor(ids), torch.as_tensor(m), torch.as_tensor(k), alpha)
+        out = tracker_update_ref(st, torch.as_tensor(ids), torch.as_tensor(m), torch.as_tensor(k), alpha)
         np.testing.assert_allclose(out.numpy(), o, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(st.numpy(), st_np, rtol=1e-12, atol=1e-12)
     # population std of all margins seen by pair 0 (the Welford definition, not an EMA mean)
@@ -122,6 +124,6 @@ def test_tracker_reference_against_numpy_multi_epoch():
 
 def test_tracker_first_visit_starts_emas_at_first_value():
     st = torch.zeros(3, 6, dtype=torch.float64)
-    out = R.tracker_update_reference(st, torch.tensor([1]), torch.tensor([2.5], dtype=torch.float64), torch.tensor([0.7], dtype=torch.float64), 0.9)
+    out = tracker_update_ref(st, torch.tensor([1]), torch.tensor([2.5], dtype=torch.float64), torch.tensor([0.7], dtype=torch.float64), 0.9)
     assert out[0].tolist() == [2.5, 2.5, 0.0, 0.0, 0.7, 0.7]
     assert st[1].tolist() == [2.5, 0.0, 0.7, 2.5, 0.0, 1.0] and st[0].abs().sum() == 0

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from metapo_fast.meta_net import MetaWeightNet
+from metapo_fast.metapo.weight_net import MetaWeightNet
 from metapo_fast.report import build_report, main, shapley_values, subset_table
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -14,7 +14,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     """A real tiny MetaPO run (about 10 s): the report reads exactly what the trainer writes."""
-    from metapo_fast.train import main as train
+    from metapo_fast.train.cli import main as train
 
     out = str(tmp_path_factory.mktemp("run") / "r")
     assert train(["data.synthetic.num_pairs=160", "data.synthetic.num_eval_pairs=40", "data.val_fraction=0.1",

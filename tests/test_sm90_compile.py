@@ -5,13 +5,15 @@ import os
 import subprocess
 import sys
 
-from metapo_fast.kernels.compile_check import KERNEL_MODULES
+from tools.sm90_check import KERNEL_MODULES
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_all_kernels_compile_for_sm90_without_spills():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-m", "metapo_fast.kernels.compile_check", "--json"], capture_output=True,
-                          text=True, env=env, timeout=900)
+    proc = subprocess.run([sys.executable, "-m", "tools.sm90_check", "--json"], capture_output=True,
+                          text=True, env=env, timeout=900, cwd=ROOT)
     results = json.loads(proc.stdout.strip().splitlines()[-1])
     assert {r["module"] for r in results} == set(KERNEL_MODULES)
     assert len(results) >= 14

@@ -2,11 +2,11 @@
 import pytest
 import torch
 
-from metapo_fast import _cpp
-from metapo_fast.reference import tracker_update_reference
-from metapo_fast.tracker import TemporalTracker
+from metapo_fast.ops.dispatch import cpp_available
+from metapo_fast.ops.tracker_update import tracker_update_ref
+from metapo_fast.metapo.tracker import TemporalTracker
 
-BACKENDS = ["torch", "triton", pytest.param("cpp", marks=pytest.mark.skipif(not _cpp.available(), reason="no C++ compiler"))]
+BACKENDS = ["torch", "triton", pytest.param("cpp", marks=pytest.mark.skipif(not cpp_available(), reason="no C++ compiler"))]
 
 
 def _visits(seed, n, steps, b, dup=False):
@@ -28,7 +28,7 @@ def test_backend_matches_reference_over_epochs(dup, backend):
     ref = torch.zeros(20, 6, dtype=torch.float64)
     for ids, m, k in _visits(0, 20, 30, 6, dup):
         got = tr.update(ids, m, k)
-        want = tracker_update_reference(ref, ids, m.double(), k.double(), 0.8)
+        want = tracker_update_ref(ref, ids, m.double(), k.double(), 0.8)
         torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(tr.state.double(), ref, rtol=1e-6, atol=1e-6)
     assert tr.visits(torch.arange(20)).sum().item() == 30 * 6

@@ -6,10 +6,10 @@ import os
 import pytest
 import torch
 
-from metapo_fast.checkpoint import CheckpointManager
+from metapo_fast.train.state import CheckpointManager
 from metapo_fast.config import load_config
-from metapo_fast.distributed import DistInfo
-from metapo_fast.train import _default_config, main
+from metapo_fast.train.parallel import DistInfo
+from metapo_fast.train.cli import _default_config, main
 
 SMALL = ["data.synthetic.num_pairs=160", "data.synthetic.num_eval_pairs=40", "data.val_fraction=0.1",
          "train.per_device_batch_size=8", "train.sft_warmup_steps=5", "train.log_every=1", "train.eval_every=0",
@@ -102,7 +102,7 @@ def test_resume_with_a_different_config_is_refused(tmp_path):
 def test_nonfinite_steps_are_skipped_then_the_run_stops(tmp_path, monkeypatch, capsys):
     """NaN (then inf) injected into the loss of steps 3-5: each step is skipped (no optimiser or
     tracker update), counted, logged with its pair ids; the third consecutive one stops the run."""
-    import metapo_fast.trainer as T
+    import metapo_fast.train.loop as T
 
     real = T.fused_linear_preference_loss
     calls = {"n": 0}
@@ -183,7 +183,7 @@ def test_local_hf_model_and_local_jsonl(tmp_path):
     """A model saved with save_pretrained and a local JSONL in TRL's conversational format."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from metapo_fast.synthetic import build_char_tokenizer, make_synthetic_task
+    from metapo_fast.data.synthetic import build_char_tokenizer, make_synthetic_task
 
     tok = build_char_tokenizer()
     model_dir, data = tmp_path / "model", tmp_path / "pairs.jsonl"
@@ -224,7 +224,7 @@ def test_gpu_run_with_streamed_reference_and_varlen_matches_resident_padded(tmp_
 
 def test_mfu_is_six_n_tokens_over_the_gpu_peak(monkeypatch):
     """MFU = 6 * parameters * tokens/s / (peak bf16 FLOP/s * GPUs); None on GPUs without a known peak."""
-    from metapo_fast import trainer as T
+    from metapo_fast.train import loop as T
 
     model = torch.nn.Sequential(torch.nn.Linear(10, 20), torch.nn.Linear(20, 3, bias=False))  # 220 + 60 parameters
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H100 80GB HBM3")
@@ -240,8 +240,8 @@ def test_gpu_training_step_syncs_with_the_host_once(tmp_path):
     """The design claim of README (Host syncs): one host read per optimiser step (the finite check)."""
     import warnings
 
-    from metapo_fast.distributed import init_distributed
-    from metapo_fast.trainer import Trainer
+    from metapo_fast.train.parallel import init_distributed
+    from metapo_fast.train.loop import Trainer
 
     cfg = load_config(_default_config(), [*SMALL, f"train.output_dir={tmp_path}", "meta.interval=1000"])
     tr = Trainer(cfg, init_distributed(cfg.train.dist_timeout_s, cfg.train.device))

@@ -1,4 +1,4 @@
-"""Padding-free packed sequences with varlen attention (metapo_fast.varlen): the pack plan, the
+"""Padding-free packed sequences with varlen attention (metapo_fast.models.varlen): the pack plan, the
 attention against dense masked SDPA in float64, the decoder's hidden states and gradients
 packed vs padded, the meta-update's ghost dot products packed vs padded, and a training run."""
 import copy
@@ -9,10 +9,10 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from metapo_fast import varlen as V
-from metapo_fast.meta import pair_gradient_dots
-from metapo_fast.modeling import last_hidden_states, pack_plan
-from metapo_fast.train import main
+from metapo_fast.models import varlen as V
+from metapo_fast.metapo.bilevel import pair_gradient_dots
+from metapo_fast.models.hf import last_hidden_states, pack_plan
+from metapo_fast.train.cli import main
 from tests.test_meta import PARAMS, make_batch, policy_and_reference, tiny_llama
 
 LENGTHS = [13, 7, 1, 9, 12, 2]

@@ -29,12 +29,12 @@ try:
 except ImportError as exc:  # TRL is an optional extra
     raise ImportError("metapo_fast.integrations.trl needs TRL: pip install 'metapo-fast[trl]'") from exc
 
-from ..fused_loss import fused_linear_preference_loss
+from ..ops.preference_loss import fused_linear_preference_loss
 from ..losses import LossParams
-from ..meta import MetaLearner
-from ..meta_net import MetaWeightNet
-from ..modeling import last_hidden_states, lm_head_of
-from ..tracker import TemporalTracker
+from ..metapo.bilevel import MetaLearner
+from ..metapo.weight_net import MetaWeightNet
+from ..models.hf import last_hidden_states, lm_head_of
+from ..metapo.tracker import TemporalTracker
 
 __all__ = ["MetaPOTRLConfig", "MetaPOTrainer", "PAIR_ID_COLUMN"]
 

@@ -23,19 +23,21 @@ from typing import Optional
 import numpy as np
 import torch
 
-from . import build as B
-from .checkpoint import CheckpointManager, atomic_write_text
-from .config import MetaPOConfig, check_resume_compatible, config_fingerprint, save_yaml
-from .data import PairSampler
-from .distributed import DistInfo, barrier
-from .engine import PlainEngine
-from .evaluation import auroc, sigmoid, spearman, write_pair_table
-from .fused_loss import fused_linear_preference_loss, fused_sequence_logps
-from .losses import get_loss
-from .meta_net import MetaWeightNet
-from .modeling import compute_device, last_hidden_states, lm_head_of, pack_plan
-from .run_logger import make_logger
-from .tracker import TemporalTracker
+from . import setup as B
+from ..files import atomic_write_text
+from .state import CheckpointManager
+from ..config import MetaPOConfig, check_resume_compatible, config_fingerprint, save_yaml
+from ..data.batches import PairSampler
+from ..comm import barrier
+from .parallel import DistInfo
+from .parallel import PlainEngine
+from .outputs import auroc, sigmoid, spearman, write_pair_table
+from ..ops.preference_loss import fused_linear_preference_loss, fused_sequence_logps
+from ..losses import get_loss
+from ..metapo.weight_net import MetaWeightNet
+from ..models.hf import compute_device, last_hidden_states, lm_head_of, pack_plan
+from .outputs import make_logger
+from ..metapo.tracker import TemporalTracker
 
 __all__ = ["Trainer", "NonFiniteError"]
 
@@ -66,7 +68,7 @@ class Trainer:
         self.tok, self.model = B.build_tokenizer_and_model(cfg, self.device)
         task = None
         if cfg.data.path is None:
-            from .synthetic import make_synthetic_task
+            from ..data.synthetic import make_synthetic_task
 
             s = cfg.data.synthetic
             task = make_synthetic_task(s.num_pairs, s.flip_fraction, s.ambiguous_fraction, s.seed, s.num_eval_pairs)
@@ -81,7 +83,7 @@ class Trainer:
         self._ref_begin_forward = lambda: None  # (ZeRO-3) resets the sharded reference's fetch trace
         self.ref_placement = "none" if self.ref is None else ("cpu" if cfg.model.ref_offload_cpu else "device")
         if self.ref is not None and cfg.model.ref_offload_cpu and self.device.type != "cpu" and not self._zero3_planned():
-            from .offload import stream_reference
+            from ..models.offload import stream_reference
 
             self._ref_streams = stream_reference(self.ref, self.device)  # host-resident, streamed per block
             self.ref_placement = "cpu, streamed per block"
@@ -106,7 +108,7 @@ class Trainer:
             self.eng = self._deepspeed_engine(lr_fn)
             self.model = self.eng.module
             if self.ref is not None and self.eng.zero3:  # the reference is sharded like the policy
-                from .engine import ShardedReference
+                from .parallel import ShardedReference
 
                 sharded = ShardedReference(self.ref, self._ds_cfg, cfg.model.ref_offload_cpu)
                 self.ref, self._ref_head, self._ref_begin_forward = sharded.module, sharded.head, sharded.begin_forward
@@ -143,9 +145,9 @@ class Trainer:
         it costs one model's memory per rank."""
         import copy
 
-        from . import configs
-        from .config import deepspeed_config
-        from .engine import DeepSpeedEngine
+        from .. import configs
+        from ..config import deepspeed_config
+        from .parallel import DeepSpeedEngine
 
         t = self.cfg.train
         if t.optimizer != "adamw":
@@ -168,13 +170,13 @@ class Trainer:
             return False
         if t.deepspeed is None:
             return True  # the bundled configs/zero3.json
-        from .config import deepspeed_config
+        from ..config import deepspeed_config
 
         ds = deepspeed_config(self.cfg, self.dist.world_size)  # validates the file (ConfigError naming it)
         return ds.get("zero_optimization", {}).get("stage", 0) == 3
 
     def _make_meta_learner(self):
-        from .meta import MetaLearner
+        from ..metapo.bilevel import MetaLearner
 
         m, t = self.cfg.meta, self.cfg.train
         return MetaLearner(self.meta_net, lr=m.lr, interval=m.interval, lambda_margin=m.lambda_margin,
@@ -182,7 +184,7 @@ class Trainer:
                            loss_type=self.cfg.loss.loss_type, loss_params=self._loss_params())
 
     def _loss_params(self):
-        from .losses import LossParams
+        from ..losses import LossParams
 
         l = self.cfg.loss
         return LossParams(l.beta, l.label_smoothing, l.focal_gamma, l.simpo_gamma, l.orpo_lambda)

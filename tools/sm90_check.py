@@ -1,7 +1,7 @@
 """Compile every Triton kernel, in every launch configuration it is used with, for sm_90 (H100 /
 H200) without a GPU, and check that registers do not spill.
 
-    python -m metapo_fast.kernels.compile_check [--json]
+    python -m tools.sm90_check [--json]
 
 Each kernel module lists its configurations in ``SM90_CONFIGS``. For each one: triton.compile
 with target GPUTarget("cuda", 90, 32); the cubin goes through the cuobjdump shipped in the triton
@@ -61,7 +61,7 @@ def check_config(cfg: dict) -> dict:
 
 def check_all() -> list[dict]:
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
-        raise RuntimeError("compile_check must run without TRITON_INTERPRET=1 (the interpreter replaces triton.jit)")
+        raise RuntimeError("tools.sm90_check must run without TRITON_INTERPRET=1 (the interpreter replaces triton.jit)")
     out = []
     for mod in KERNEL_MODULES:
         for cfg in importlib.import_module(mod).SM90_CONFIGS:

@@ -21,7 +21,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from .epilogue import epilogue_backward_, epilogue_forward
+from ..ops.lce_epilogue import lce_epilogue_backward_, lce_epilogue_forward
 
 __all__ = ["GhostCoverageError", "GhostDots", "head_ghost_dots"]
 
@@ -44,7 +44,7 @@ class GhostDots:
         model: the policy (its LM head is excluded: see :func:`head_ghost_dots`).
         direction: ``{parameter: G}`` (full tensors) for the parameters to cover.
         token_pair: pair index of every token the hooked modules see: ``(N, T)`` for a padded
-            batch, ``(1, L)`` for a packed varlen row (:class:`metapo_fast.varlen.PackPlan`).
+            batch, ``(1, L)`` for a packed varlen row (:class:`metapo_fast.models.varlen.PackPlan`).
         num_pairs: B.
         exclude: modules to skip (the LM head).
     """
@@ -132,8 +132,8 @@ def head_ghost_dots(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[t
         x = flat_h.index_select(0, rows)
         logits = x @ weight.t() if bias is None else torch.addmm(bias, x, weight.t())
         tgt = flat_l.index_select(0, rows)
-        lse = epilogue_forward(logits, tgt, backend=backend)[0]
-        epilogue_backward_(logits, lse, tgt, coef_seq[s].to(lse.dtype), backend=backend)  # logits <- dl/dlogits
+        lse = lce_epilogue_forward(logits, tgt, backend=backend)[0]
+        lce_epilogue_backward_(logits, lse, tgt, coef_seq[s].to(lse.dtype), backend=backend)  # logits <- dl/dlogits
         u = x @ G_w.to(x.dtype).t()
         if G_b is not None:
             u = u + G_b.to(u.dtype)

@@ -13,10 +13,10 @@ import logging
 import os
 import sys
 
-from .config import ConfigError, load_config
+from ..config import ConfigError, load_config
 
 def _default_config() -> str:
-    from . import configs  # the repository's configs/, installed as metapo_fast.configs
+    from .. import configs  # the repository's configs/, installed as metapo_fast.configs
 
     return os.path.join(os.path.dirname(os.path.abspath(configs.__file__)), "default.yaml")
 
@@ -39,8 +39,8 @@ def main(argv=None) -> int:
     except (ConfigError, ValueError, FileNotFoundError) as exc:
         print(f"metapo_fast.train: invalid configuration: {exc}", file=sys.stderr)
         return 2
-    from .distributed import destroy, init_distributed
-    from .trainer import NonFiniteError, Trainer
+    from .parallel import destroy, init_distributed
+    from .loop import NonFiniteError, Trainer
 
     dist = init_distributed(cfg.train.dist_timeout_s, cfg.train.device)
     try:

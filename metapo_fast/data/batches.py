@@ -1,20 +1,19 @@
 """Batches of preference pairs: the validation split, the dataset, the collator and the sampler.
 
-Re-exported by :mod:`metapo_fast.data` (import them from there). Identity rules (docs/math.md
+Identity rules (docs/math.md
 section 7): an item's ``pair_id`` is its index in its :class:`PreferenceDataset`, i.e. after
 invalid rows are removed and the validation split is taken; ``source_row`` is the record's index
 in the input file.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Mapping, Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 import numpy as np
 import torch
 
-if TYPE_CHECKING:
-    from .config import DataConfig
-    from .data import TokenizedPairs
+from ..config import DataConfig
+from .pairs import TokenizedPairs
 
 __all__ = ["IGNORE_INDEX", "split_validation", "PreferenceDataset", "build_datasets", "PreferenceCollator", "PairSampler"]
 

@@ -29,7 +29,7 @@ import torch.distributed as dist
 from torch import nn
 import torch.nn.functional as F
 
-from .reference import FEATURE_NAMES
+from ..ops.tracker_update import FEATURE_NAMES
 
 __all__ = ["MetaWeightNet", "SOFTPLUS_INV_ONE", "feature_subset"]
 

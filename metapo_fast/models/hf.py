@@ -32,13 +32,13 @@ def lm_head_of(model: nn.Module) -> nn.Linear:
 
 def compute_device(model: nn.Module) -> torch.device:
     """Where ``model`` computes: its parameters' device, or the device a host-resident model is
-    streamed to (:func:`metapo_fast.offload.stream_reference`)."""
+    streamed to (:func:`metapo_fast.models.offload.stream_reference`)."""
     dev = getattr(model, "_metapo_compute_device", None)
     return dev if dev is not None else next(model.parameters()).device
 
 
 def pack_plan(model: nn.Module, attention_mask: Optional[torch.Tensor], device=None):
-    """The :class:`~metapo_fast.varlen.PackPlan` of a batch when ``model`` runs packed varlen
+    """The :class:`~metapo_fast.models.varlen.PackPlan` of a batch when ``model`` runs packed varlen
     attention (``model.attn_implementation=varlen``), else ``None``. Pass the collator's CPU
     mask: the plan is built on the host and copied to ``device`` without a sync."""
     from .varlen import PackPlan, is_varlen
@@ -64,3 +64,30 @@ def last_hidden_states(
         return plan.unpack(h)
     out = dec(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
     return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+
+@torch.no_grad()
+def reference_hidden_states(ref: nn.Module, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor],
+                            device: torch.device, plan=None, host_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The frozen reference's last hidden states, on ``device``. The reference computes where it
+    lives (:func:`compute_device`: its device, or the one a host-resident reference streams to).
+    ``plan`` is the policy's pack plan (the reference runs the same attention); without it one is
+    built from ``host_mask`` (the collator's CPU mask: no sync) when the reference runs varlen."""
+    rdev = compute_device(ref)
+    if plan is None:
+        plan = pack_plan(ref, host_mask if host_mask is not None else attention_mask, rdev)
+    elif plan.cu_seqlens.device != rdev:
+        plan = plan.to(rdev)
+    return last_hidden_states(ref, input_ids.to(rdev), None if attention_mask is None else attention_mask.to(rdev),
+                              plan=plan).to(device)
+
+
+def reference_head_inputs(ref: Optional[nn.Module], ref_hidden: Optional[torch.Tensor], device: torch.device) -> dict:
+    """The fused loss's reference arguments (``ref_hidden``, ``ref_weight``, ``ref_bias``) on
+    ``device``; ``{}`` without a reference. The head is read directly (under ZeRO-3, call inside
+    the context that gathers it)."""
+    if ref is None or ref_hidden is None:
+        return {}
+    head = lm_head_of(ref)
+    return dict(ref_hidden=ref_hidden, ref_weight=head.weight.to(device, non_blocking=True),
+                ref_bias=None if head.bias is None else head.bias.to(device, non_blocking=True))

@@ -6,8 +6,8 @@ first observed value).
 State columns ``[ema_margin, ema_std, ema_kl, mean, m2, count]``; features returned by
 :meth:`TemporalTracker.update` ``[f1, ema1, f2, ema2, f3, ema3]`` after this visit's update.
 Implementations: Triton (``kernels/tracker.py``, one launch, no host sync), C++
-(``csrc/tracker.cpp``) and the vectorised PyTorch path below, all checked against
-:func:`metapo_fast.reference.tracker_update_reference`. Repeated ids within one update are applied
+(``csrc/tracker.cpp``) and a vectorised PyTorch path (``ops/tracker_update.py``), all checked against
+:func:`metapo_fast.ops.tracker_update.tracker_update_ref`. Repeated ids within one update are applied
 sequentially in the order given.
 """
 from __future__ import annotations
@@ -15,61 +15,12 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from .backend import resolve_backend
-from .reference import TRACKER_COLUMNS
+from ..comm import rank, world_size
+from ..ops.tracker_update import FEATURE_NAMES, TRACKER_COLUMNS, tracker_update
 
-__all__ = ["TemporalTracker", "tracker_update_torch_"]
+__all__ = ["TemporalTracker", "TRACKER_COLUMNS", "FEATURE_NAMES"]
 
 BYTES_PER_PAIR = 4 * len(TRACKER_COLUMNS)
-
-
-def _update_unique(state: torch.Tensor, ids: torch.Tensor, f1: torch.Tensor, f3: torch.Tensor, alpha: float) -> torch.Tensor:
-    e1, e2, e3, mean, m2, c = state[ids].unbind(1)
-    first = c == 0
-    n = c + 1
-    d = f1 - mean
-    mean_n = torch.where(first, f1, mean + d / n)
-    m2_n = torch.where(first, torch.zeros_like(m2), m2 + d * (f1 - mean_n))
-    f2 = torch.where(first, torch.zeros_like(m2), torch.sqrt(m2_n / n))
-    e1_n = torch.where(first, f1, alpha * e1 + (1 - alpha) * f1)
-    e2_n = torch.where(first, f2, alpha * e2 + (1 - alpha) * f2)
-    e3_n = torch.where(first, f3, alpha * e3 + (1 - alpha) * f3)
-    state[ids] = torch.stack([e1_n, e2_n, e3_n, mean_n, m2_n, n], 1)
-    return torch.stack([f1, e1_n, f2, e2_n, f3, e3_n], 1)
-
-
-def tracker_update_torch_(state, ids, margins, kl, alpha: float) -> torch.Tensor:
-    """Vectorised PyTorch update. Repeated ids are applied in rounds (k-th occurrences in round k),
-    which equals sequential application; the number of rounds is read on the host (a sync on CUDA,
-    where the Triton kernel is the default)."""
-    ids = ids.long()
-    f1, f3 = margins.to(state.dtype), kl.to(state.dtype)
-    eq = ids.unsqueeze(0) == ids.unsqueeze(1)
-    occurrence = torch.tril(eq, diagonal=-1).sum(1)  # earlier positions holding the same id
-    out = state.new_empty(ids.shape[0], 6)
-    rounds = int(occurrence.max()) + 1 if ids.numel() else 0
-    for k in range(rounds):
-        sel = (occurrence == k).nonzero().squeeze(1) if rounds > 1 else slice(None)
-        out[sel] = _update_unique(state, ids[sel], f1[sel], f3[sel], alpha)
-    return out
-
-
-@torch.library.custom_op("metapo_fast::tracker_update", mutates_args=("state",))
-def _tracker_op(state: torch.Tensor, ids: torch.Tensor, margins: torch.Tensor, kl: torch.Tensor, alpha: float,
-                backend: str) -> torch.Tensor:
-    impl = resolve_backend(backend, state.device, "tracker_update")
-    if impl == "triton":
-        from .kernels.tracker import tracker_update_triton_
-
-        return tracker_update_triton_(state, ids, margins, kl, alpha)
-    if impl == "cpp":
-        return torch.ops.metapo_fast_cpp.tracker_update_(state, ids, margins, kl, alpha)
-    return tracker_update_torch_(state, ids, margins, kl, alpha)
-
-
-@_tracker_op.register_fake
-def _tracker_fake(state, ids, margins, kl, alpha, backend):
-    return state.new_empty(ids.shape[0], 6)
 
 
 class TemporalTracker:
@@ -124,16 +75,16 @@ class TemporalTracker:
         """Update the pairs in place; return their features ``(B, 6)`` (this rank's pairs)."""
         margins, kl = margins.detach().float(), kl.detach().float()
         self._check(pair_ids, margins, kl)
-        world = dist.get_world_size() if self.sync and dist.is_available() and dist.is_initialized() else 1
+        world = world_size() if self.sync else 1
         if world == 1:
-            return _tracker_op(self.state, pair_ids.long(), margins, kl, self.alpha, self.backend)
+            return tracker_update(self.state, pair_ids.long(), margins, kl, self.alpha, self.backend)
         packed = torch.stack([pair_ids.to(torch.float64), margins.double(), kl.double()])  # ids exact in float64
         gathered = [torch.empty_like(packed) for _ in range(world)]
         dist.all_gather(gathered, packed)
         allp = torch.cat(gathered, 1)
-        feats = _tracker_op(self.state, allp[0].long(), allp[1].float(), allp[2].float(), self.alpha, self.backend)
+        feats = tracker_update(self.state, allp[0].long(), allp[1].float(), allp[2].float(), self.alpha, self.backend)
         b = pair_ids.shape[0]
-        r = dist.get_rank()
+        r = rank()
         return feats[r * b:(r + 1) * b]
 
     def visits(self, pair_ids: torch.Tensor) -> torch.Tensor:

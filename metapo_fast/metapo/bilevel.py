@@ -10,7 +10,7 @@ To first order in eta:
     dL_meta/dw_i = -(eta / B) <g_meta, g_i>,    dL_meta/dphi = sum_i dL_meta/dw_i * dw_phi(s_i)/dphi
 
 with ``g_meta = grad_theta L_meta(theta)`` (one ordinary backward on the validation batch) and the B
-scalars ``c_i = <g_meta, g_i>`` from ghost dot products (:mod:`metapo_fast.ghost`): no per-sample
+scalars ``c_i = <g_meta, g_i>`` from ghost dot products (:mod:`metapo_fast.metapo.ghost`): no per-sample
 gradients and no double backward, so it runs with SDPA/FlashAttention. The inner preconditioner is
 the identity (plain gradients, SGD lookahead); with Adam as inner optimiser this is paired with the
 meta-network's batch-mean weight normalisation (math.md section 4), which removes the lookahead's
@@ -32,11 +32,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from .fused_loss import fused_linear_preference_loss
+from ..ops.preference_loss import fused_linear_preference_loss
 from .ghost import GhostCoverageError, GhostDots, head_ghost_dots
-from .losses import LOSSES, LossParams, PairBatch, get_loss, register_loss
-from .meta_net import MetaWeightNet
-from .modeling import compute_device, last_hidden_states, lm_head_of, pack_plan
+from ..losses import LOSSES, LossParams, PairBatch, get_loss, register_loss
+from .weight_net import MetaWeightNet
+from ..models.hf import compute_device, last_hidden_states, lm_head_of, pack_plan
 
 __all__ = ["MetaLearner", "meta_objective_losses", "pair_gradient_dots"]
 

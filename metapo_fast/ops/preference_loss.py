@@ -24,10 +24,9 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import nn
 
-from . import epilogue as _epi
-from .backend import BACKENDS
-from .losses import LossParams, PairBatch, get_loss
-from .reference import compute_dtype
+from .dispatch import BACKENDS
+from ..losses import LossParams, PairBatch, get_loss
+from .lce_epilogue import compute_dtype, lce_epilogue_backward_, lce_epilogue_forward
 
 __all__ = ["PreferenceLossOutput", "fused_linear_preference_loss", "fused_sequence_logps", "FusedLinearPreferenceLoss",
            "DEFAULT_CHUNK_BYTES"]
@@ -200,7 +199,7 @@ class _Chunker:
         if self.has_ref_logits:
             ref_logits = self._logits(self.ref_hidden.index_select(0, rows), self.ref_weight, self.ref_bias)
         tgt = self.targets.index_select(0, rows)
-        lse, logp, ref_logp, kl = _epi.epilogue_forward(logits, tgt, ref_logits if (self.compute_kl or self.has_ref_logits) else None,
+        lse, logp, ref_logp, kl = lce_epilogue_forward(logits, tgt, ref_logits if (self.compute_kl or self.has_ref_logits) else None,
                                                         backend=self.backend)
         del ref_logits
         m = self.mask.index_select(0, rows).to(self.cd)
@@ -243,7 +242,7 @@ class _Chunker:
         return coef
 
     def _backward_rows(self, logits, lse, h, tgt, m, coef_rows, rows):
-        _epi.epilogue_backward_(logits, lse, tgt, coef_rows * m, backend=self.backend)
+        lce_epilogue_backward_(logits, lse, tgt, coef_rows * m, backend=self.backend)
         self.grad_hidden.index_copy_(0, rows, (logits @ self.weight).to(self.grad_hidden.dtype))
         self.grad_weight.add_(logits.t() @ h)
         if self.grad_bias is not None:

@@ -1,7 +1,7 @@
 """Padding-free packed sequences with a variable-length attention kernel.
 
 ``model.attn_implementation=varlen`` registers :data:`ATTN_NAME` with transformers'
-``AttentionInterface`` and sets it on the model. :func:`metapo_fast.modeling.last_hidden_states`
+``AttentionInterface`` and sets it on the model. :func:`metapo_fast.models.hf.last_hidden_states`
 then packs the ``2B`` right-padded sequences of a batch into one row of ``sum(lengths)`` tokens
 (:class:`PackPlan`), runs the decoder on that row with per-sequence ``position_ids`` and
 ``cu_seq_lens``, and scatters the hidden states back to the ``(2B, T, H)`` layout the fused loss

@@ -1,4 +1,6 @@
-"""Crash-safe checkpoints: a checkpoint is either complete and verified, or it does not exist.
+"""Crash-safe checkpoints and exact resume.
+
+A checkpoint is either complete and verified, or it does not exist.
 
 Layout: ``RUN_DIR/checkpoints/step_00000123/`` with whatever the trainer writes (model in Hugging
 Face layout, optimizer / ZeRO state, tracker, meta-network, RNG, data position) and a
@@ -12,18 +14,30 @@ A kill -9 at any point leaves either the previous checkpoints untouched plus a `
 (removed by the next save), or a complete new checkpoint. On load, checkpoints are verified newest
 first; one whose manifest is missing or whose files do not match it is reported by path and
 reason, and the previous good one is used.
+
+What a checkpoint holds (:func:`save_checkpoint`): the model in Hugging Face layout and the
+tokenizer (``model/``), the engine's state (optimizer and scheduler, or DeepSpeed's partitions),
+``trainer_state.pt`` (tracker, last-visit margins, meta-network and its optimiser, sampler
+position, counters, validation cursor, RNG of python / numpy / torch / CUDA, config fingerprint),
+``config.yaml`` and ``pair_weights.csv``. :func:`restore` puts every one of them back, so a
+resumed run continues exactly where the saved one was.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
+import random
 import re
 import shutil
 from typing import Callable, Optional
 
-__all__ = ["CheckpointManager", "CheckpointError", "fsync_dir", "atomic_write_bytes", "atomic_write_text", "sha256_file"]
+import numpy as np
+import torch
+
+from ..files import atomic_write_text, fsync_dir, sha256_file
+
+__all__ = ["CheckpointManager", "CheckpointError", "find_resume", "load_hf_weights", "save_checkpoint", "restore"]
 
 log = logging.getLogger(__name__)
 _STEP_RE = re.compile(r"^step_(\d{8})$")
@@ -32,38 +46,6 @@ MANIFEST = "manifest.json"
 
 class CheckpointError(RuntimeError):
     pass
-
-
-def fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: str, data: bytes) -> None:
-    """Write ``path`` so that it holds either its old content or all of ``data``."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(os.path.dirname(os.path.abspath(path)))
-
-
-def atomic_write_text(path: str, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def sha256_file(path: str) -> str:
-    """Hex SHA-256 of a file, read in 4 MiB blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _files(root: str) -> list[str]:
@@ -182,3 +164,100 @@ class CheckpointManager:
     def read_meta(path: str) -> dict:
         with open(os.path.join(path, MANIFEST)) as f:
             return json.load(f).get("meta", {})
+
+
+# ---------------------------------------------------------------------------------------------
+# The trainer's state: what a checkpoint holds besides the model and the engine
+# ---------------------------------------------------------------------------------------------
+def find_resume(cfg) -> Optional[str]:
+    """The checkpoint to resume from: ``train.resume`` (a checkpoint directory, verified), the newest
+    valid one under ``train.output_dir`` for ``auto``, or None."""
+    r = cfg.train.resume
+    if r is None:
+        return None
+    if r == "auto":
+        found = CheckpointManager(cfg.train.output_dir).latest_valid()
+        return None if found is None else found[1]
+    ok, reason = CheckpointManager.verify(r)
+    if not ok:
+        raise ValueError(f"train.resume={r!r} is not a usable checkpoint: {reason}")
+    return r
+
+
+def load_hf_weights(model, path: str) -> None:
+    """Load the Hugging Face checkpoint at ``path`` into ``model`` (same architecture and dtype)."""
+    from transformers import AutoModelForCausalLM
+
+    src = AutoModelForCausalLM.from_pretrained(path, dtype=next(model.parameters()).dtype)
+    model.load_state_dict(src.state_dict())
+
+
+def _trainer_state(tr) -> dict:
+    from ..config import config_fingerprint
+
+    return {
+        "step": tr.step,
+        "tracker": tr.tracker.state_dict(), "last_seen": tr.last_seen.cpu(), "meta": None if tr.meta is None else tr.meta.state_dict(),
+        "sampler": tr.sampler.state_dict(), "counters": dict(tr.counters), "val_cursor": tr.val_cursor,
+        "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+        "fingerprint": config_fingerprint(tr.cfg),
+    }
+
+
+def save_checkpoint(tr, final: bool = False) -> str:
+    """Checkpoint the trainer ``tr`` at its step (every rank calls this); with ``final`` also write
+    ``final_model/`` in Hugging Face layout. Returns the checkpoint's path."""
+    from ..config import config_fingerprint, save_yaml
+    from .outputs import pair_weights, sigmoid, write_pair_table
+
+    def writer(d: str) -> None:  # runs on every rank (DeepSpeed saves its partitions collectively)
+        eng_state = tr.eng.save(d, tr.dist.is_main)
+        if tr.dist.is_main:
+            tr.tok.save_pretrained(os.path.join(d, "model"))
+            torch.save({**_trainer_state(tr), **eng_state}, os.path.join(d, "trainer_state.pt"))
+            save_yaml(tr.cfg, os.path.join(d, "config.yaml"))
+            z, feats, w = pair_weights(tr)
+            ds = tr.data.train
+            write_pair_table(os.path.join(d, "pair_weights.csv"), np.arange(len(ds)), ds.source_rows, w, sigmoid(z), feats)
+
+    path = tr.ckpt.save(tr.step, writer, meta={"fingerprint": config_fingerprint(tr.cfg), "step": tr.step})
+    if final:
+        final_dir = os.path.join(tr.run_dir, "final_model")
+        tr.eng.save_pretrained(final_dir, tr.dist.is_main)
+        if tr.dist.is_main:
+            tr.tok.save_pretrained(final_dir)
+    return path
+
+
+def restore(tr, path: str) -> None:
+    """Put the state saved at ``path`` back into the trainer ``tr`` (model, engine, tracker,
+    meta-learner, sampler, counters, RNG) and drop metric lines logged after that step."""
+    from ..config import check_resume_compatible
+
+    check_resume_compatible(path, tr.cfg)  # names every differing field
+    st = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=False, map_location="cpu")
+    tr.eng.load(path, st, load_hf_weights)
+    tr.tracker.load_state_dict(st["tracker"])
+    tr.last_seen.copy_(st["last_seen"])
+    if tr.meta is not None:
+        tr.meta.load_state_dict(st["meta"])
+    tr.sampler.load_state_dict(st["sampler"])
+    tr.counters.update(st["counters"])
+    tr.val_cursor = st["val_cursor"]
+    tr.step = st["step"]
+    random.setstate(st["rng"]["python"])
+    np.random.set_state(st["rng"]["numpy"])
+    torch.set_rng_state(st["rng"]["torch"])
+    if st["rng"]["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["rng"]["cuda"])
+    _truncate_metrics(os.path.join(tr.run_dir, "metrics.jsonl"), tr.step)
+
+
+def _truncate_metrics(path: str, step: int) -> None:
+    """Drop lines logged after ``step`` by the run that crashed, so the resumed log has no duplicates."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        keep = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+    atomic_write_text(path, "".join(keep))

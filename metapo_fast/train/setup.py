@@ -1,23 +1,97 @@
 """Building a run: tokenizer, policy and reference models, the SFT warm-up of the embedded default,
-and the train / validation / evaluation data (validation split by the reference margin)."""
+the train / validation / evaluation data (validation split by the reference margin), the engine
+(plain PyTorch or DeepSpeed) and the meta-learner."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
-from dataclasses import dataclass
-from typing import Optional
+import math
+import os
+import random
+from dataclasses import dataclass, field
+from typing import Callable, Optional
 
 import numpy as np
 import torch
 from torch import nn
 
-from .config import MetaPOConfig
-from .data import PreferenceCollator, PreferenceDataset, TokenizedPairs, build_datasets, load_preference_data
-from .modeling import compute_device, last_hidden_states, lm_head_of
+from ..config import MetaPOConfig
+from ..data import PreferenceCollator, PreferenceDataset, TokenizedPairs, build_datasets, load_preference_data
+from ..models.hf import compute_device, last_hidden_states, lm_head_of
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RunData", "build_tokenizer_and_model", "sft_warmup", "make_reference", "build_data", "sequence_logps_batched"]
+__all__ = ["RunData", "Models", "Parallel", "seed_everything", "lr_schedule", "build_models", "build_tokenizer_and_model",
+           "sft_warmup", "make_reference", "build_data", "sequence_logps_batched", "build_engine", "make_meta_learner"]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def lr_schedule(cfg: MetaPOConfig, total_steps: int) -> Callable[[int], float]:
+    """The LambdaLR factor of step ``s``: linear warm-up over ``train.warmup_ratio`` of the steps,
+    then constant, cosine or linear decay (``train.lr_scheduler``)."""
+    t = cfg.train
+    warmup, kind = int(t.warmup_ratio * total_steps), t.lr_scheduler
+
+    def f(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if kind == "constant":
+            return 1.0
+        prog = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        return 0.5 * (1 + math.cos(math.pi * prog)) if kind == "cosine" else 1.0 - prog
+    return f
+
+
+@dataclass
+class Models:
+    """The run's tokenizer, policy and reference (before any DeepSpeed wrapping), and the synthetic
+    task when the run uses the embedded one."""
+
+    tok: object
+    model: nn.Module
+    ref: Optional[nn.Module]
+    ref_placement: str
+    task: object = None
+    ref_streams: list = field(default_factory=list)
+
+
+def build_models(cfg: MetaPOConfig, dist, run_dir: str, resumed: bool) -> Models:
+    """Tokenizer and policy; on the embedded task the SFT warm-up that makes the reference (saved in
+    ``run_dir/reference`` so a resumed run starts from the same one); the frozen reference, kept in
+    host memory and streamed per block with ``model.ref_offload_cpu`` on one GPU process."""
+    from ..models.offload import stream_reference
+    from .parallel import zero3_planned
+    from .state import load_hf_weights
+
+    t, device = cfg.train, dist.device
+    tok, model = build_tokenizer_and_model(cfg, device)
+    task = None
+    if cfg.data.path is None:
+        from ..data.synthetic import make_synthetic_task
+
+        s = cfg.data.synthetic
+        task = make_synthetic_task(s.num_pairs, s.flip_fraction, s.ambiguous_fraction, s.seed, s.num_eval_pairs)
+    ref_dir = os.path.join(run_dir, "reference")
+    warm = task is not None and t.sft_warmup_steps
+    if warm and not resumed:
+        sft_warmup(model, tok, task.sft_rows, t.sft_warmup_steps, t.sft_lr, t.seed, device)
+    elif warm:  # resumed: the warmed-up start was saved
+        load_hf_weights(model, ref_dir)
+    ref = make_reference(model, cfg, device)
+    placement = "none" if ref is None else ("cpu" if cfg.model.ref_offload_cpu else "device")
+    streams = []
+    if ref is not None and cfg.model.ref_offload_cpu and device.type != "cpu" and not zero3_planned(cfg, dist.world_size):
+        streams = stream_reference(ref, device)  # host-resident, streamed per block
+        placement = "cpu, streamed per block"
+    if dist.is_main and warm and not resumed:
+        model.save_pretrained(ref_dir)  # the run's reference, needed to resume exactly
+    return Models(tok, model, ref, placement, task, streams)
 
 
 def build_tokenizer_and_model(cfg: MetaPOConfig, device: torch.device):
@@ -27,7 +101,7 @@ def build_tokenizer_and_model(cfg: MetaPOConfig, device: torch.device):
     m = cfg.model
     dtype = getattr(torch, m.dtype)
     if m.name_or_path is None:
-        from .synthetic import build_char_tokenizer
+        from ..data.synthetic import build_char_tokenizer
 
         tok = build_char_tokenizer()
         t = m.tiny
@@ -48,7 +122,7 @@ def build_tokenizer_and_model(cfg: MetaPOConfig, device: torch.device):
         if device.type != "cuda":
             raise ValueError("model.use_liger_kernels=true needs a CUDA device (Liger's RMSNorm/SwiGLU are Triton kernels); "
                              f"this run is on {device}")
-        from .liger import apply_liger_kernels
+        from ..models.liger import apply_liger_kernels
 
         log.info("Liger-Kernel modules swapped in: %s", apply_liger_kernels(model))
     if m.gradient_checkpointing:
@@ -59,9 +133,9 @@ def build_tokenizer_and_model(cfg: MetaPOConfig, device: torch.device):
 
 def _attn(name: str) -> str:
     """transformers' name of an attention choice; "varlen" (padding-free packed pairs) is our own
-    kernel, registered with transformers' AttentionInterface (metapo_fast.varlen)."""
+    kernel, registered with transformers' AttentionInterface (metapo_fast.models.varlen)."""
     if name == "varlen":
-        from .varlen import register
+        from ..models.varlen import register
 
         return register()
     return name
@@ -69,7 +143,7 @@ def _attn(name: str) -> str:
 
 def make_reference(model: nn.Module, cfg: MetaPOConfig, device: torch.device) -> Optional[nn.Module]:
     """A frozen reference model: the policy's starting point (or model.ref_name_or_path)."""
-    from .losses import get_loss
+    from ..losses import get_loss
 
     if not get_loss(cfg.loss.loss_type).needs_reference:  # config validation rejects KL features without one
         return None
@@ -128,7 +202,7 @@ def sft_warmup(model: nn.Module, tok, rows: list[dict], steps: int, lr: float, s
 def sequence_logps_batched(model: nn.Module, ds: PreferenceDataset, collator: PreferenceCollator, device,
                            batch_size: int = 64) -> np.ndarray:
     """``(N, 2)`` float64 sums of response log-probs (chosen, rejected) of every pair of ``ds``."""
-    from .fused_loss import fused_sequence_logps
+    from ..ops.preference_loss import fused_sequence_logps
 
     head = lm_head_of(model)
     out = np.zeros((len(ds), 2))
@@ -173,8 +247,64 @@ def build_data(cfg: MetaPOConfig, tok, ref_model: Optional[nn.Module], device: t
         margins = lp[:, 0] - lp[:, 1]
     train, val = build_datasets(pairs, margins, d)
     if task is not None and d.synthetic.clean_validation:
-        from .batching import TrueLabels
+        from ..data.batches import TrueLabels
 
         val = TrueLabels(val)
     ev = load_preference_data(d, tok, "eval", rows=rows_eval, source_name="synthetic-eval")
     return RunData(train, val, PreferenceDataset(ev) if ev is not None and len(ev) else None, collator, pairs)
+
+
+@dataclass
+class Parallel:
+    """Where the policy and reference live once the engine is built (DeepSpeed wraps both)."""
+
+    eng: object
+    model: nn.Module
+    ref: Optional[nn.Module]
+    ref_placement: str
+    ref_head: Callable = contextlib.nullcontext  # gathers the reference head where it is sharded (ZeRO-3)
+    ref_begin_forward: Callable = lambda: None  # (ZeRO-3) resets the sharded reference's fetch trace
+    meta_replica: Optional[nn.Module] = None
+
+
+def build_engine(cfg: MetaPOConfig, dist, model: nn.Module, ref: Optional[nn.Module], ref_placement: str,
+                 lr_fn: Callable[[int], float], with_replica: bool) -> Parallel:
+    """Plain PyTorch (AdamW or SGD, LambdaLR) on one process without ``train.deepspeed``; otherwise
+    DeepSpeed (the bundled configs/zero3.json by default). Under ZeRO-3 the reference is sharded
+    like the policy (``parallel.ShardedReference``). The meta-update's replica (``with_replica``)
+    stays a full copy per rank, refreshed from the gathered parameters every K steps: it costs one
+    model's memory per rank."""
+    from .parallel import DeepSpeedEngine, PlainEngine, ShardedReference, uses_deepspeed
+
+    t = cfg.train
+    if not uses_deepspeed(cfg, dist.world_size):
+        opt_cls = torch.optim.AdamW if t.optimizer == "adamw" else torch.optim.SGD
+        kw = {"weight_decay": t.weight_decay} if t.optimizer == "adamw" else {}
+        opt = opt_cls(model.parameters(), lr=t.lr, **kw)
+        eng = PlainEngine(model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_fn), t.max_grad_norm)
+        return Parallel(eng, model, ref, ref_placement)
+    from .. import configs
+    from ..config import deepspeed_config
+
+    if t.optimizer != "adamw":
+        raise ValueError(f"train.optimizer={t.optimizer!r}: the DeepSpeed path supports adamw only")
+    if t.deepspeed is None:
+        t.deepspeed = os.path.join(os.path.dirname(os.path.abspath(configs.__file__)), "zero3.json")
+    ds_cfg = deepspeed_config(cfg, dist.world_size, hidden_size=model.config.hidden_size)
+    replica = copy.deepcopy(model) if with_replica else None
+    eng = DeepSpeedEngine(model, ds_cfg, t.lr, t.weight_decay, lr_fn)
+    par = Parallel(eng, eng.module, ref, ref_placement, meta_replica=replica)
+    if ref is not None and eng.zero3:
+        sharded = ShardedReference(ref, ds_cfg, cfg.model.ref_offload_cpu)
+        par.ref, par.ref_head, par.ref_begin_forward = sharded.module, sharded.head, sharded.begin_forward
+        par.ref_placement = "zero3" + ("+offload_param" if cfg.model.ref_offload_cpu else "")
+    return par
+
+
+def make_meta_learner(cfg: MetaPOConfig, net):
+    from ..metapo.bilevel import MetaLearner
+
+    m = cfg.meta
+    return MetaLearner(net, lr=m.lr, interval=m.interval, lambda_margin=m.lambda_margin, entropy_coef=m.entropy_coef,
+                       inner_lr=cfg.lookahead_lr, loss_type=cfg.loss.loss_type, loss_params=cfg.loss.to_loss_params(),
+                       backend=cfg.loss.backend)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .modeling import decoder_of, lm_head_of
+from .hf import decoder_of, lm_head_of
 
 __all__ = ["StreamedModule", "stream_reference"]
 

@@ -1,5 +1,7 @@
-"""Where the policy's parameters live: plain PyTorch on one process, or DeepSpeed (ZeRO-3) when
-``train.deepspeed`` is set or several ranks run (the bundled configs/zero3.json by default).
+"""Process groups and where the policy's parameters live: plain PyTorch on one process, or
+DeepSpeed (ZeRO-3) when ``train.deepspeed`` is set or several ranks run (the bundled
+configs/zero3.json by default). ``init_distributed`` reads torchrun's environment (NCCL on GPUs,
+gloo on CPU).
 
 The trainer talks to both through the same small interface: ``module`` (for the forward),
 ``head_gathered()`` (the LM head's full weight for the fused loss, which reads it directly
@@ -10,16 +12,72 @@ full parameters, for the meta-update's replica).
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from .modeling import lm_head_of
+from ..models.hf import lm_head_of
 
-__all__ = ["PlainEngine", "DeepSpeedEngine", "ShardedReference"]
+__all__ = ["DistInfo", "init_distributed", "destroy", "uses_deepspeed", "zero3_planned", "PlainEngine", "DeepSpeedEngine",
+           "ShardedReference"]
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(timeout_s: float = 600.0, device: str = "auto") -> DistInfo:
+    """Initialise from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK); single process otherwise.
+
+    ``timeout_s`` bounds every collective: a rank that dies makes the others fail with an error
+    after at most this long instead of hanging forever.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
+    dev = torch.device("cuda", local) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(dev)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s),
+                                rank=rank, world_size=world)
+    return DistInfo(rank, world, local, dev)
+
+
+def destroy() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def uses_deepspeed(cfg, world_size: int) -> bool:
+    """Whether this run goes through DeepSpeed: a ``train.deepspeed`` file, or several ranks."""
+    return cfg.train.deepspeed is not None or world_size > 1
+
+
+def zero3_planned(cfg, world_size: int) -> bool:
+    """Whether this run will shard the policy (and so the reference) with ZeRO-3."""
+    if not uses_deepspeed(cfg, world_size):
+        return False
+    if cfg.train.deepspeed is None:
+        return True  # the bundled configs/zero3.json
+    from ..config import deepspeed_config
+
+    ds = deepspeed_config(cfg, world_size)  # validates the file (ConfigError naming it)
+    return ds.get("zero_optimization", {}).get("stage", 0) == 3
 
 
 def _reset_zero3_trace(engine) -> None:

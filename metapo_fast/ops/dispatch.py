@@ -1,0 +1,122 @@
+"""Choosing where an op runs, and building the C++ CPU ops.
+
+``backend`` is ``"torch"`` (the PyTorch reference), ``"triton"`` (GPU kernels in ``kernels/``; on CPU
+tensors only under ``TRITON_INTERPRET=1``), ``"cpp"`` (the C++ CPU ops in ``csrc/``), or ``"auto"``:
+Triton for CUDA tensors, C++ for CPU tensors when it builds, else the reference with one warning.
+Kernels are chosen explicitly by this argument; nothing is patched globally.
+
+Every ``csrc/*.cpp`` registers its ops with ``TORCH_LIBRARY_FRAGMENT(metapo_fast_cpp, m)``; after
+:func:`load_cpp` they are reachable as ``torch.ops.metapo_fast_cpp.<name>``. All sources go into one
+shared library, compiled on first use (about a minute on 2 cores) and cached by torch.
+"""
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import threading
+import warnings
+from typing import Optional
+
+import torch
+
+__all__ = ["BACKENDS", "resolve_backend", "triton_interpreting", "load_cpp", "cpp_available", "cpp_unavailable_reason"]
+
+BACKENDS = ("auto", "torch", "triton", "cpp")
+_warned: set[str] = set()
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def resolve_backend(backend: str, device: torch.device, op: str) -> str:
+    """Return the concrete backend for ``op`` on ``device``; raise ValueError for impossible requests."""
+    if backend not in BACKENDS:
+        raise ValueError(f"{op}: backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        if device.type == "cuda":
+            return "triton"
+        if device.type == "cpu":
+            if cpp_available():
+                return "cpp"
+            if op not in _warned:
+                _warned.add(op)
+                warnings.warn(f"{op}: C++ CPU ops unavailable, using the PyTorch reference ({cpp_unavailable_reason()})",
+                              stacklevel=3)
+        return "torch"
+    if backend == "triton" and device.type != "cuda" and not triton_interpreting():
+        raise ValueError(
+            f"{op}: backend='triton' needs CUDA tensors (got device {device}); "
+            "for CPU tensors set TRITON_INTERPRET=1 before importing triton"
+        )
+    if backend == "cpp":
+        if device.type != "cpu":
+            raise ValueError(f"{op}: backend='cpp' needs CPU tensors, got device {device}")
+        load_cpp()  # raises RuntimeError with the reason
+    return backend
+
+
+# ---------------------------------------------------------------------------------------------
+# The C++ CPU ops
+# ---------------------------------------------------------------------------------------------
+_lock = threading.Lock()
+_loaded = False
+_error: Optional[str] = None
+
+
+def _sources() -> list[str]:
+    from .. import csrc  # installed from the repository's top-level csrc/
+
+    here = os.path.dirname(os.path.abspath(csrc.__file__))
+    return sorted(glob.glob(os.path.join(here, "*.cpp")))
+
+
+def load_cpp(verbose: bool = False) -> None:
+    """Compile (if needed) and load the C++ ops. Raises RuntimeError with the reason on failure."""
+    global _loaded, _error
+    with _lock:
+        if _loaded:
+            return
+        if _error is not None:
+            raise RuntimeError(_error)
+        compiler = os.environ.get("CXX", "c++")
+        if shutil.which(compiler) is None:
+            _error = (
+                f"metapo_fast: the C++ CPU ops need a C++ compiler, and '{compiler}' was not found on PATH. "
+                "Install g++ (e.g. `apt-get install g++`) or set CXX; until then use backend='torch'."
+            )
+            raise RuntimeError(_error)
+        sources = _sources()
+        if not sources:
+            _error = "metapo_fast: no C++ sources found in metapo_fast/csrc (broken install?)"
+            raise RuntimeError(_error)
+        from torch.utils.cpp_extension import load as _load
+
+        try:
+            _load(
+                name="metapo_fast_cpp",
+                sources=sources,
+                extra_cflags=["-O3", "-fopenmp", "-march=native", "-ffp-contract=fast"],
+                extra_ldflags=["-fopenmp"],
+                is_python_module=False,
+                verbose=verbose,
+            )
+        except Exception as exc:  # compile or link error: keep the compiler's message
+            _error = f"metapo_fast: building the C++ CPU ops from {os.path.dirname(sources[0])} failed: {exc}"
+            raise RuntimeError(_error) from exc
+        _loaded = True
+
+
+def cpp_available() -> bool:
+    """True when the C++ ops are (or can be) loaded; never raises."""
+    try:
+        load_cpp()
+    except RuntimeError:
+        return False
+    return True
+
+
+def cpp_unavailable_reason() -> Optional[str]:
+    return None if cpp_available() else _error
+

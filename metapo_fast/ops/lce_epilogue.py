@@ -1,0 +1,130 @@
+"""The fused-loss epilogue: per-row log-sum-exp, target log-prob and full-vocabulary KL of a logits
+chunk (forward), and the in-place softmax gradient scaled by each row's coefficient (backward).
+
+The GEMMs stay in torch.matmul; the epilogue is everything done per row of a logits chunk. Three
+implementations must agree: the PyTorch references below (``lce_epilogue_forward_ref``,
+``lce_epilogue_backward_ref_``: the definitions), the Triton kernels (``kernels/lce_epilogue.py``,
+GPU) and the C++ ops (``csrc/lce_epilogue.cpp``, CPU). Inputs are validated here, once, for all of
+them; :func:`lce_epilogue_forward` / :func:`lce_epilogue_backward_` dispatch (``ops.dispatch``).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .dispatch import resolve_backend
+
+__all__ = ["compute_dtype", "lce_epilogue_forward", "lce_epilogue_backward_", "lce_epilogue_forward_ref",
+           "lce_epilogue_backward_ref_"]
+
+_OP = "lce_epilogue"
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype: float64 stays float64, everything else reduces in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# The definitions (PyTorch references); rows are whatever the caller passes (on CPU the fused loss
+# drops ignore_index rows before the GEMM, on CUDA it keeps them with a zero coefficient).
+def lce_epilogue_forward_ref(
+    logits: torch.Tensor, targets: torch.Tensor, ref_logits: Optional[torch.Tensor] = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-row statistics of a logits chunk.
+
+    Args:
+        logits: ``(n, V)`` policy logits, any float dtype.
+        targets: ``(n,)`` int64 target ids in ``[0, V)``.
+        ref_logits: optional ``(n, V)`` reference logits.
+
+    Returns ``(lse, logp, ref_logp, kl)``, each ``(n,)`` in float32 (float64 for float64 input):
+        ``lse = logsumexp_v x_v``; ``logp = x_t - lse``;
+        ``ref_logp = y_t - logsumexp_v y_v``;
+        ``kl = sum_v softmax(x)_v (log_softmax(x)_v - log_softmax(y)_v)``.
+    Without ``ref_logits`` the last two are empty tensors of shape ``(0,)``.
+    """
+    cd = compute_dtype(logits.dtype)
+    x = logits.to(cd)
+    lse = torch.logsumexp(x, dim=-1)
+    logp = x.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1) - lse
+    if ref_logits is None:
+        empty = x.new_empty(0)
+        return lse, logp, empty, empty
+    y = ref_logits.to(cd)
+    ref_log_softmax = torch.log_softmax(y, dim=-1)
+    ref_logp = ref_log_softmax.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1)
+    log_softmax = x - lse.unsqueeze(-1)
+    kl = (log_softmax.exp() * (log_softmax - ref_log_softmax)).sum(-1)
+    return lse, logp, ref_logp, kl
+
+
+def lce_epilogue_backward_ref_(
+    logits: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor, coef: torch.Tensor
+) -> torch.Tensor:
+    """Gradient of ``sum_r coef_r * logp_r`` with respect to the logits, written IN PLACE.
+
+    ``logits[r, v] <- coef[r] * (1[v == targets[r]] - exp(logits[r, v] - lse[r]))``, stored in the
+    logits dtype (computed in float32, or float64 for float64 input). Returns ``logits``.
+    """
+    cd = compute_dtype(logits.dtype)
+    grad = -torch.exp(logits.to(cd) - lse.to(cd).unsqueeze(-1))
+    grad.scatter_add_(-1, targets.long().unsqueeze(-1), torch.ones_like(lse, dtype=cd).unsqueeze(-1))
+    grad.mul_(coef.to(cd).unsqueeze(-1))
+    logits.copy_(grad)
+    return logits
+
+
+def _check(logits: torch.Tensor, targets: torch.Tensor, ref_logits: Optional[torch.Tensor] = None) -> None:
+    if logits.dim() != 2:
+        raise ValueError(f"{_OP}: logits must be 2-D (n, V), got shape {tuple(logits.shape)}")
+    if not logits.is_floating_point():
+        raise ValueError(f"{_OP}: logits must be floating point, got {logits.dtype}")
+    n, v = logits.shape
+    if targets.shape != (n,) or targets.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"{_OP}: targets must be an int64/int32 tensor of shape ({n},), got {tuple(targets.shape)} {targets.dtype}")
+    if targets.device != logits.device:
+        raise ValueError(f"{_OP}: targets is on {targets.device} but logits is on {logits.device}")
+    if ref_logits is not None and (ref_logits.shape != logits.shape or ref_logits.device != logits.device):
+        raise ValueError(f"{_OP}: ref_logits must match logits {tuple(logits.shape)} on {logits.device}, "
+                         f"got {tuple(ref_logits.shape)} on {ref_logits.device}")
+    if logits.device.type == "cpu" and n and not torch.compiler.is_compiling():  # CUDA: would cost a host sync
+        bad = ((targets < 0) | (targets >= v)).nonzero()
+        if bad.numel():
+            r = int(bad[0, 0])
+            raise ValueError(f"{_OP}: targets[{r}] = {int(targets[r])} is outside [0, V={v})")
+
+
+def lce_epilogue_forward(logits: torch.Tensor, targets: torch.Tensor, ref_logits: Optional[torch.Tensor] = None, *,
+                     backend: str = "auto"):
+    """``(lse, logp, ref_logp, kl)`` per row (float32; float64 for float64 input); without
+    ``ref_logits`` the last two are empty. See :func:`lce_epilogue_forward_ref`."""
+    _check(logits, targets, ref_logits)
+    impl = resolve_backend(backend, logits.device, _OP)
+    if impl == "triton":
+        from ..kernels.lce_epilogue import lce_epilogue_forward_triton
+
+        return lce_epilogue_forward_triton(logits, targets, ref_logits)
+    if impl == "cpp":
+        return torch.ops.metapo_fast_cpp.lce_epilogue_fwd(logits, targets, ref_logits)
+    return lce_epilogue_forward_ref(logits, targets, ref_logits)
+
+
+def lce_epilogue_backward_(logits: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor, coef: torch.Tensor, *,
+                       backend: str = "auto") -> torch.Tensor:
+    """In place: ``logits[r] <- coef[r] * (onehot(targets[r]) - softmax(logits[r]))``. Returns ``logits``."""
+    _check(logits, targets)
+    n = logits.shape[0]
+    for name, x in (("lse", lse), ("coef", coef)):
+        if x.shape != (n,) or x.device != logits.device:
+            raise ValueError(f"{_OP}: {name} must have shape ({n},) on {logits.device}, got {tuple(x.shape)} on {x.device}")
+    impl = resolve_backend(backend, logits.device, _OP)
+    if impl == "triton":
+        from ..kernels.lce_epilogue import lce_epilogue_backward_triton_
+
+        lce_epilogue_backward_triton_(logits, lse, targets, coef)
+        return logits
+    if impl == "cpp":
+        torch.ops.metapo_fast_cpp.lce_epilogue_bwd_(logits, lse, targets, coef)
+        return logits
+    return lce_epilogue_backward_ref_(logits, lse, targets, coef)

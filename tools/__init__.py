@@ -1,0 +1,1 @@
+"""Developer tools (not installed): the sm_90 compile check of the Triton kernels."""
