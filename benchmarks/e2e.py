@@ -140,7 +140,7 @@ def main(argv=None) -> None:
     ap.add_argument("--attn", default="sdpa", choices=["sdpa", "varlen"])
     a = ap.parse_args(argv)
     os.environ.setdefault("CUDA_VISIBLE_DEVICES", "" if a.device == "cpu" else os.environ.get("CUDA_VISIBLE_DEVICES", "0"))
-    from metapo_fast.train.loop import _PEAK_BF16
+    from metapo_fast.train.outputs import PEAK_BF16
 
     with tempfile.TemporaryDirectory() as tmp:
         model_dir, data, tokens_per_step, n_params = _setup(tmp, a)
@@ -150,7 +150,7 @@ def main(argv=None) -> None:
     peak = None
     if a.device == "cuda":
         name = torch.cuda.get_device_name()
-        peak = next((v for k, v in _PEAK_BF16.items() if k in name), None)
+        peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
     base = _median_step(runs["TRL DPOTrainer (dpo)"][0], a.warmup)
     rows = []
     for name, (times, meta) in runs.items():

@@ -43,19 +43,19 @@ def measure(steps: int, n_pairs: int, out_dir: str) -> list[dict]:
     idx = np.random.default_rng(0).choice(len(ds), n_pairs, replace=False)
     f = flipped[idx]
     learner = MetaLearner(MetaWeightNet("linear", cfg.meta.features, cfg.meta_normalize), loss_type="sigmoid",
-                          loss_params=tr._loss_params())
+                          loss_params=tr.cfg.loss.to_loss_params())
     batches = []
     for s in range(0, n_pairs, 32):
         b = tr.data.collator([ds[int(i)] for i in idx[s:s + 32]])
-        b["ref_logps"] = tr._ref_logps(b)
+        b["ref_logps"] = tr.fwd.ref_logps(b)
         batches.append(b)
-    z, _ = tr._margins(ds)
+    z, _ = tr.fwd.margins(ds, tr.data.collator)
     rows = []
     for name, val in (("validation split as is", tr.data.val), ("validation with true labels", TrueLabels(tr.data.val))):
         vb = tr.data.collator([val[i] for i in range(len(val))])
-        vb["ref_logps"] = tr._ref_logps(vb)
+        vb["ref_logps"] = tr.fwd.ref_logps(vb)
         G, _ = learner.meta_gradient(tr.model, vb, tr.ref)
-        c = torch.cat([pair_gradient_dots(tr.model, b, G, "sigmoid", tr._loss_params(), tr.ref) for b in batches]).numpy()
+        c = torch.cat([pair_gradient_dots(tr.model, b, G, "sigmoid", tr.cfg.loss.to_loss_params(), tr.ref) for b in batches]).numpy()
         rows.append({"dpo_steps": steps, "validation": name, "val_pairs": len(val), "pairs": n_pairs,
                      "mean_c_clean": f"{c[~f].mean():.3e}", "mean_c_flipped": f"{c[f].mean():.3e}",
                      "share_c_pos_clean": round(float((c[~f] > 0).mean()), 3),

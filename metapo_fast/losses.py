@@ -23,7 +23,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-__all__ = ["LossParams", "PairBatch", "LossSpec", "LOSSES", "register_loss", "get_loss", "pair_loss"]
+__all__ = ["LossParams", "PairBatch", "LossSpec", "LOSSES", "register_loss", "get_loss", "pair_loss", "sequence_coefficients"]
 
 
 @dataclass(frozen=True)
@@ -213,3 +213,34 @@ def pair_loss(
     if w.shape != per_pair.shape:
         raise ValueError(f"sample_weights must have shape {tuple(per_pair.shape)} (one per pair), got {tuple(w.shape)}")
     return (w * per_pair).sum() / per_pair.shape[0], per_pair, logit
+
+
+def sequence_coefficients(spec: LossSpec, params: LossParams, logps: torch.Tensor, counts: torch.Tensor,
+                          ref_logps: Optional[torch.Tensor] = None, weights: Optional[torch.Tensor] = None,
+                          denom: float = 1.0, need_grad: bool = True):
+    """The loss of n pairs from their 2n per-sequence sums, and its gradient per sequence.
+
+    ``logps``, ``counts``, ``ref_logps``: ``(2n,)``, the n chosen sequences then the n rejected.
+    Returns ``(loss, per_pair, logit, coef)`` with ``loss = sum_i w_i l_i / denom`` (w = 1 without
+    ``weights``) and ``coef = dloss/dlogps`` (None unless ``need_grad``), all detached. Any
+    registered loss works: the gradient comes from autograd on these small tensors, not from
+    hand-written derivatives; this is what turns the fused loss's backward into one coefficient per
+    sequence. Callers inside a custom op must restore the autograd dispatch keys first.
+    """
+    n = logps.shape[0] // 2
+
+    def loss_of(lp):
+        batch = PairBatch(lp[:n], lp[n:], counts[:n], counts[n:],
+                          None if ref_logps is None else ref_logps[:n], None if ref_logps is None else ref_logps[n:])
+        per_pair, logit = spec.fn(batch, params)
+        loss = (per_pair if weights is None else weights * per_pair).sum() / denom
+        return loss, per_pair, logit
+
+    if not need_grad:
+        loss, per_pair, logit = loss_of(logps.detach())
+        return loss, per_pair, logit, None
+    with torch.enable_grad():
+        lp = logps.detach().requires_grad_()
+        loss, per_pair, logit = loss_of(lp)
+        (coef,) = torch.autograd.grad(loss, lp)
+    return loss.detach(), per_pair.detach(), logit.detach(), coef

@@ -102,9 +102,10 @@ def test_resume_with_a_different_config_is_refused(tmp_path):
 def test_nonfinite_steps_are_skipped_then_the_run_stops(tmp_path, monkeypatch, capsys):
     """NaN (then inf) injected into the loss of steps 3-5: each step is skipped (no optimiser or
     tracker update), counted, logged with its pair ids; the third consecutive one stops the run."""
+    import metapo_fast.train.forward as F
     import metapo_fast.train.loop as T
 
-    real = T.fused_linear_preference_loss
+    real = F.fused_linear_preference_loss
     calls = {"n": 0}
 
     def poisoned(*a, **k):
@@ -115,7 +116,7 @@ def test_nonfinite_steps_are_skipped_then_the_run_stops(tmp_path, monkeypatch, c
                 out.loss = out.loss * (float("nan") if calls["n"] % 2 else float("inf"))
         return out
 
-    monkeypatch.setattr(T, "fused_linear_preference_loss", poisoned)
+    monkeypatch.setattr(F, "fused_linear_preference_loss", poisoned)
     cfg = load_config(_default_config(), [*SMALL, f"train.output_dir={tmp_path / 'nan'}", "train.max_steps=8",
                                           "meta.enabled=false", "train.max_consecutive_nonfinite=3"])
     trainer = T.Trainer(cfg, DistInfo(0, 1, 0, torch.device("cpu")))
@@ -224,15 +225,15 @@ def test_gpu_run_with_streamed_reference_and_varlen_matches_resident_padded(tmp_
 
 def test_mfu_is_six_n_tokens_over_the_gpu_peak(monkeypatch):
     """MFU = 6 * parameters * tokens/s / (peak bf16 FLOP/s * GPUs); None on GPUs without a known peak."""
-    from metapo_fast.train import loop as T
+    from metapo_fast.train import outputs as T
 
     model = torch.nn.Sequential(torch.nn.Linear(10, 20), torch.nn.Linear(20, 3, bias=False))  # 220 + 60 parameters
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H100 80GB HBM3")
-    assert T._mfu(model, 1e9) == pytest.approx(6 * 280 * 1e9 / 989e12)
+    assert T.mfu(model, 1e9) == pytest.approx(6 * 280 * 1e9 / 989e12)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA A100-SXM4-40GB")
-    assert T._mfu(model, 2e9) == pytest.approx(6 * 280 * 2e9 / 312e12)
+    assert T.mfu(model, 2e9) == pytest.approx(6 * 280 * 2e9 / 312e12)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Some Future GPU")
-    assert T._mfu(model, 1e9) is None
+    assert T.mfu(model, 1e9) is None
 
 
 @pytest.mark.gpu

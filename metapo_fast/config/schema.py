@@ -21,6 +21,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Optional
 
+from ..ops.chunking import DEFAULT_CHUNK_BYTES as _DEFAULT_CHUNK_BYTES
 from .tree import ConfigError
 from .tree import bad_value as _bad
 
@@ -172,9 +173,6 @@ class DataConfig:
             raise _bad(f"{p}.chosen_column", self.chosen_column, "prompt/chosen/rejected columns must be three different names")
 
 
-# Kept equal to metapo_fast.ops.preference_loss.DEFAULT_CHUNK_BYTES (tested); not imported so that the
-# configuration loads without the compiled kernels.
-_DEFAULT_CHUNK_BYTES = 256 * 1024 * 1024
 
 
 @dataclass

@@ -29,11 +29,12 @@ try:
 except ImportError as exc:  # TRL is an optional extra
     raise ImportError("metapo_fast.integrations.trl needs TRL: pip install 'metapo-fast[trl]'") from exc
 
+from ..ops.chunking import DEFAULT_CHUNK_BYTES
 from ..ops.preference_loss import fused_linear_preference_loss
 from ..losses import LossParams
 from ..metapo.bilevel import MetaLearner
 from ..metapo.weight_net import MetaWeightNet
-from ..models.hf import last_hidden_states, lm_head_of
+from ..models.hf import last_hidden_states, lm_head_of, reference_head_inputs, reference_hidden_states
 from ..metapo.tracker import TemporalTracker
 
 __all__ = ["MetaPOTRLConfig", "MetaPOTrainer", "PAIR_ID_COLUMN"]
@@ -56,7 +57,7 @@ class MetaPOTRLConfig(DPOConfig):
     metapo_val_fraction: float = field(default=0.03, metadata={"help": "Share of the train set held out for L_meta when no meta_val_dataset is given."})
     metapo_val_batch_size: int = field(default=16, metadata={"help": "Validation pairs per meta-update."})
     metapo_backend: str = field(default="auto", metadata={"help": "Fused-loss / tracker implementation: auto, torch, triton, cpp."})
-    metapo_chunk_bytes: int = field(default=256 * 1024 * 1024, metadata={"help": "Logits memory budget per chunk of the fused loss."})
+    metapo_chunk_bytes: int = field(default=DEFAULT_CHUNK_BYTES, metadata={"help": "Logits memory budget per chunk of the fused loss."})
 
 
 class _PairIdCollator:
@@ -111,7 +112,7 @@ class MetaPOTrainer(DPOTrainer):
                                               backend=args.metapo_backend)
             self._meta_val = self._prepare_dataset(meta_val_dataset, self.processing_class, args, "meta_val")
         self._meta_cursor = 0
-        self._metapo_last = None
+        self._metapo_last_batch = None
 
     def _metapo_loss(self) -> str:
         lt = self.args.loss_type
@@ -128,7 +129,7 @@ class MetaPOTrainer(DPOTrainer):
     def _fused(self, hidden, head, labels, **kw):
         a = self.args
         return fused_linear_preference_loss(hidden, head.weight, labels, bias=head.bias, loss_type=self._metapo_loss(),
-                                            beta=self.beta, label_smoothing=a.label_smoothing, backend=a.metapo_backend,
+                                            **self._metapo_params().kwargs(), backend=a.metapo_backend,
                                             chunk_bytes=a.metapo_chunk_bytes, **kw)
 
     def _ref_kwargs(self, inputs, ids, mask) -> dict:
@@ -137,10 +138,8 @@ class MetaPOTrainer(DPOTrainer):
         ref = self.ref_model if self.ref_model is not None else None
         if ref is None:
             raise ValueError("MetaPOTrainer needs ref_model (or precompute_ref_log_probs=True)")
-        with torch.no_grad():
-            rh = last_hidden_states(ref, ids, mask)
-        rhead = lm_head_of(ref)
-        return {"ref_hidden": rh, "ref_weight": rhead.weight, "ref_bias": rhead.bias}
+        rh = reference_hidden_states(ref, ids, mask, ids.device)
+        return reference_head_inputs(ref, rh, ids.device)
 
     def _compute_loss(self, model, inputs, return_outputs):
         mode = "train" if self.model.training else "eval"
@@ -159,7 +158,7 @@ class MetaPOTrainer(DPOTrainer):
             w = self.metapo_net(feats, update_stats=True).detach()
             out = self._fused(hidden, head, labels, ref_logps=(stats.ref_chosen_logps, stats.ref_rejected_logps),
                               sample_weights=w, compute_kl=False)
-            self._metapo_last = ({k: v for k, v in inputs.items()}, labels, feats)
+            self._metapo_last_batch = ({k: v for k, v in inputs.items()}, labels, feats)
         else:
             out = stats = self._fused(hidden, head, labels, **ref_kw)
             w = torch.ones_like(out.margins)
@@ -183,14 +182,14 @@ class MetaPOTrainer(DPOTrainer):
     def training_step(self, model, inputs, *args, **kwargs):
         loss = super().training_step(model, inputs, *args, **kwargs)
         step = self.state.global_step + 1  # the step this micro-batch belongs to
-        if (self.metapo_learner is not None and self._metapo_last is not None and step % self.args.metapo_interval == 0
+        if (self.metapo_learner is not None and self._metapo_last_batch is not None and step % self.args.metapo_interval == 0
                 and self.accelerator.gradient_state.sync_gradients):
             self._meta_update(model)
         return loss
 
     def _meta_update(self, model) -> None:
         unwrapped = self.accelerator.unwrap_model(model)
-        inputs, labels, feats = self._metapo_last
+        inputs, labels, feats = self._metapo_last_batch
         n = len(self._meta_val)
         k = min(self.args.metapo_val_batch_size, n)
         val_items = [self._meta_val[(self._meta_cursor + i) % n] for i in range(k)]

@@ -19,8 +19,8 @@ preference for shrinking every weight.
 Multi-process (replicated parameters): ``g_meta`` is the gradient of the global validation
 objective (per-rank gradients all-reduced, ``|P|`` of L_margin counted over all ranks), each rank
 computes ``c_i`` of its own training pairs, and the phi gradient is all-reduced, so every rank
-applies the same update. Under DeepSpeed ZeRO-3 (partitioned parameters) the meta-update is not
-implemented yet.
+applies the same update. Under DeepSpeed ZeRO-3 the trainer runs the meta-update on a full
+replica of the policy, refreshed from the gathered parameters (``train.setup.build_engine``).
 """
 from __future__ import annotations
 
@@ -28,21 +28,17 @@ import time
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from ..comm import all_reduce_sum, world_size
+from ..losses import LOSSES, LossParams, PairBatch, get_loss, register_loss, sequence_coefficients
+from ..models.hf import last_hidden_states, lm_head_of, pack_plan, reference_head_inputs, reference_hidden_states
 from ..ops.preference_loss import fused_linear_preference_loss
 from .ghost import GhostCoverageError, GhostDots, head_ghost_dots
-from ..losses import LOSSES, LossParams, PairBatch, get_loss, register_loss
 from .weight_net import MetaWeightNet
-from ..models.hf import compute_device, last_hidden_states, lm_head_of, pack_plan
 
 __all__ = ["MetaLearner", "meta_objective_losses", "pair_gradient_dots"]
-
-
-def _world() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def meta_objective_losses(base: str) -> tuple[str, str]:
@@ -65,10 +61,10 @@ def meta_objective_losses(base: str) -> tuple[str, str]:
     return names
 
 
-class _Ctx:
-    """Forward pieces shared by the validation and training passes. A batch may carry the
-    reference log-probs it already has (``ref_logps``, ``(2B,)``): then the reference model is
-    not run again."""
+class _BatchInputs:
+    """A batch on the model's device: ids, mask, labels, the pack plan (varlen), the LM head and the
+    fused loss's reference arguments. A batch may carry the reference log-probs it already has
+    (``ref_logps``, ``(2B,)``): then the reference model is not run again."""
 
     def __init__(self, model, ref_model, batch, device):
         self.ids, self.mask, self.labels = (batch[k].to(device) for k in ("input_ids", "attention_mask", "labels"))
@@ -78,13 +74,8 @@ class _Ctx:
         if batch.get("ref_logps") is not None:
             self.ref_kw = {"ref_logps": batch["ref_logps"].to(device)}
         elif ref_model is not None:
-            with torch.no_grad():
-                rdev = compute_device(ref_model)
-                rplan = pack_plan(ref_model, batch["attention_mask"], rdev)
-                rh = last_hidden_states(ref_model, self.ids.to(rdev), self.mask.to(rdev), plan=rplan).to(device)
-            rhead = lm_head_of(ref_model)
-            self.ref_kw = dict(ref_hidden=rh, ref_weight=rhead.weight.to(device),
-                               ref_bias=None if rhead.bias is None else rhead.bias.to(device))
+            rh = reference_hidden_states(ref_model, self.ids, self.mask, device, host_mask=batch["attention_mask"])
+            self.ref_kw = reference_head_inputs(ref_model, rh, device)
 
 
 def pair_gradient_dots(model: nn.Module, batch: dict, direction: dict, loss_type: str, params: LossParams,
@@ -93,7 +84,7 @@ def pair_gradient_dots(model: nn.Module, batch: dict, direction: dict, loss_type
     products over every parameter in ``direction``; raises :class:`GhostCoverageError` naming any
     parameter of ``direction`` that no formula covers."""
     device = next(model.parameters()).device
-    ctx = _Ctx(model, ref_model, batch, device)
+    ctx = _BatchInputs(model, ref_model, batch, device)
     n2, t = ctx.ids.shape
     bsz = n2 // 2
     plan = ctx.plan
@@ -107,9 +98,7 @@ def pair_gradient_dots(model: nn.Module, batch: dict, direction: dict, loss_type
         hidden = last_hidden_states(model, ctx.ids, ctx.mask, plan=plan)
         h_leaf = hidden.detach().requires_grad_()
         out = fused_linear_preference_loss(h_leaf, head.weight.detach(), ctx.labels, bias=None if head.bias is None else head.bias.detach(),
-                                           **ctx.ref_kw, loss_type=loss_type, beta=params.beta,
-                                           label_smoothing=params.label_smoothing, focal_gamma=params.focal_gamma,
-                                           simpo_gamma=params.simpo_gamma, orpo_lambda=params.orpo_lambda,
+                                           **ctx.ref_kw, loss_type=loss_type, **params.kwargs(),
                                            sample_weights=torch.full((bsz,), float(bsz), device=device),  # L = sum_i l_i
                                            compute_kl=False, backend=backend)
         (g_h,) = torch.autograd.grad(out.loss, h_leaf)
@@ -119,26 +108,16 @@ def pair_gradient_dots(model: nn.Module, batch: dict, direction: dict, loss_type
         raise GhostCoverageError(f"no ghost formula covers these parameters: {missing}")
     c = gd.c
     if head.weight in direction:
-        coef = _sequence_coefficients(out, loss_type, params)
+        lp, cnt = (torch.cat([a, b]).double() for a, b in ((out.chosen_logps, out.rejected_logps),
+                                                             (out.chosen_counts, out.rejected_counts)))
+        ref = None if out.ref_chosen_logps is None else torch.cat([out.ref_chosen_logps, out.ref_rejected_logps]).double()
+        coef = sequence_coefficients(get_loss(loss_type), params, lp, cnt, ref)[3]  # dl_i / dlogp_s
         c = c + head_ghost_dots(hidden.detach(), head.weight.detach(), None if head.bias is None else head.bias.detach(),
                                 ctx.labels, coef, direction[head.weight], direction.get(head.bias) if head.bias is not None else None,
                                 bsz, backend=backend)
     for p in model.parameters():  # the hooks' backward must not leak into the training step
         p.grad = None
     return c
-
-
-def _sequence_coefficients(out, loss_type: str, params: LossParams) -> torch.Tensor:
-    """``dl_i / dlogp_s`` for the 2B sequences (chosen then rejected)."""
-    lp = torch.cat([out.chosen_logps, out.rejected_logps]).detach().double().requires_grad_()
-    b = out.chosen_logps.shape[0]
-    ref = None if out.ref_chosen_logps is None else torch.cat([out.ref_chosen_logps, out.ref_rejected_logps]).double()
-    cnt = torch.cat([out.chosen_counts, out.rejected_counts]).double()
-    batch = PairBatch(lp[:b], lp[b:], cnt[:b], cnt[b:], None if ref is None else ref[:b], None if ref is None else ref[b:])
-    with torch.enable_grad():
-        per_pair, _ = get_loss(loss_type).fn(batch, params)
-        (coef,) = torch.autograd.grad(per_pair.sum(), lp)
-    return coef
 
 
 class MetaLearner:
@@ -172,24 +151,21 @@ class MetaLearner:
     def meta_gradient(self, model: nn.Module, val_batch: dict, ref_model=None) -> tuple[dict, dict]:
         """``{param: grad L_meta}`` on the (global) validation batch, and diagnostics."""
         device = next(model.parameters()).device
-        ctx = _Ctx(model, ref_model, val_batch, device)
+        ctx = _BatchInputs(model, ref_model, val_batch, device)
         val_name, margin_name = meta_objective_losses(self.loss_type)
-        kw = dict(beta=self.params.beta, label_smoothing=self.params.label_smoothing, focal_gamma=self.params.focal_gamma,
-                  simpo_gamma=self.params.simpo_gamma, orpo_lambda=self.params.orpo_lambda, compute_kl=False,
-                  backend=self.backend)
+        kw = dict(**self.params.kwargs(), compute_kl=False, backend=self.backend)
         for p in model.parameters():
             p.grad = None
         hidden = last_hidden_states(model, ctx.ids, ctx.mask, plan=ctx.plan)
         b_local = hidden.shape[0] // 2
-        world = _world()
+        world = world_size()
         # L_val = mean over the global batch of -log sigma(z): each rank's mean, averaged over ranks
         val = fused_linear_preference_loss(hidden, ctx.head.weight, ctx.labels, bias=ctx.head.bias, **ctx.ref_kw,
                                            loss_type=val_name, **kw)
         z = val.margins
         pos = (z > 0).to(hidden.dtype)
         n_pos = pos.sum()
-        if world > 1:
-            dist.all_reduce(n_pos)
+        all_reduce_sum(n_pos)
         # lambda * L_margin = -(lambda/|P|) sum_{z>0} z over all ranks: per rank a weighted fused loss
         # (1/b_local) sum_i w_i (-z_i) with w_i = lambda * b_local / |P| on positive pairs (rank grads are summed)
         w_margin = pos * (b_local / n_pos.clamp(min=1)) * self.lambda_margin
@@ -201,12 +177,9 @@ class MetaLearner:
         G = {p: p.grad.detach().clone() for p in model.parameters() if p.grad is not None}
         for p in model.parameters():
             p.grad = None
-        if world > 1:
-            for g in G.values():
-                dist.all_reduce(g)
-        l_margin = -(z * pos).sum()
-        if world > 1:
-            dist.all_reduce(l_margin)
+        for g in G.values():
+            all_reduce_sum(g)
+        l_margin = all_reduce_sum(-(z * pos).sum())
         return G, {"L_val": val.loss.detach(), "L_margin": l_margin / n_pos.clamp(min=1), "val_accuracy": (z > 0).float().mean()}
 
     # -- one meta-update ------------------------------------------------------------------------
@@ -228,7 +201,7 @@ class MetaLearner:
         G, diag = self.meta_gradient(model, val_batch, ref_model)
         c = pair_gradient_dots(model, train_batch, G, self.loss_type, self.params, ref_model, self.backend)
         model.train(was_training)
-        b_global = c.shape[0] * _world()
+        b_global = c.shape[0] * world_size()
         dl_dw = (-self.inner_lr / b_global) * c  # dL_meta/dw_i, first order in eta
         self.opt.zero_grad(set_to_none=True)
         w = self.net(features)
@@ -237,10 +210,9 @@ class MetaLearner:
             q = w / w.sum()
             obj = obj + self.entropy_coef * (q * q.clamp(min=1e-12).log()).sum()  # -H(q)
         obj.backward()
-        if _world() > 1:
-            for p in self.net.parameters():
-                if p.grad is not None:
-                    dist.all_reduce(p.grad)
+        for p in self.net.parameters():
+            if p.grad is not None:
+                all_reduce_sum(p.grad)
         out = {k: float(v) for k, v in diag.items()}
         out.update(c_abs_mean=float(c.abs().mean()),
                    weight_mean=float(w.detach().mean()), weight_std=float(w.detach().std(unbiased=False)))

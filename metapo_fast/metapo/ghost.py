@@ -21,6 +21,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from ..ops.chunking import ChunkSchedule
 from ..ops.lce_epilogue import lce_epilogue_backward_, lce_epilogue_forward
 
 __all__ = ["GhostCoverageError", "GhostDots", "head_ghost_dots"]
@@ -117,25 +118,31 @@ class GhostDots:
 @torch.no_grad()
 def head_ghost_dots(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], labels: torch.Tensor,
                     coef_seq: torch.Tensor, G_w: torch.Tensor, G_b: Optional[torch.Tensor], num_pairs: int,
-                    ignore_index: int = -100, rows_per_chunk: int = 4096, backend: str = "auto") -> torch.Tensor:
+                    ignore_index: int = -100, rows_per_chunk: int = 4096, backend: str = "auto",
+                    compact: Optional[bool] = None) -> torch.Tensor:
     """LM-head part of ``c_i``: ``sum_{t in i} <coef_s(t) (onehot_t - softmax_t), G_W h_t + G_b>``.
 
     ``hidden (2B, T, H)``, ``labels (2B, T)``, ``coef_seq (2B,)`` = ``dl_i / dlogp_s`` of each
-    sequence. Two GEMMs of the size of the logits per chunk (``h W^T`` and ``h G_W^T``).
+    sequence. Two GEMMs of the size of the logits per chunk (``h W^T`` and ``h G_W^T``), over the
+    fused loss's chunk schedule (:mod:`metapo_fast.ops.chunking`: unlabelled rows dropped on CPU,
+    kept with a zero coefficient on CUDA, so no host sync; ``compact`` forces either rule).
     """
     n2, t, h = hidden.shape
     flat_h, flat_l = hidden.reshape(-1, h), labels.reshape(-1)
-    valid = (flat_l != ignore_index).nonzero().squeeze(1)
-    seq = torch.div(valid, t, rounding_mode="floor")
+    mask = flat_l != ignore_index
+    targets = torch.where(mask, flat_l, torch.zeros_like(flat_l))
+    compact = hidden.device.type == "cpu" if compact is None else compact
+    schedule = ChunkSchedule(mask, n2, t, rows_per_chunk, compact=compact)
     c = torch.zeros(num_pairs, dtype=torch.float64, device=hidden.device)
-    for rows, s in zip(valid.split(rows_per_chunk), seq.split(rows_per_chunk)):
-        x = flat_h.index_select(0, rows)
+    for ch in schedule.token_chunks():
+        x = flat_h.index_select(0, ch.rows)
         logits = x @ weight.t() if bias is None else torch.addmm(bias, x, weight.t())
-        tgt = flat_l.index_select(0, rows)
+        tgt = targets.index_select(0, ch.rows)
         lse = lce_epilogue_forward(logits, tgt, backend=backend)[0]
-        lce_epilogue_backward_(logits, lse, tgt, coef_seq[s].to(lse.dtype), backend=backend)  # logits <- dl/dlogits
+        coef = coef_seq[ch.seq].to(lse.dtype) * mask.index_select(0, ch.rows).to(lse.dtype)
+        lce_epilogue_backward_(logits, lse, tgt, coef, backend=backend)  # logits <- dl/dlogits
         u = x @ G_w.to(x.dtype).t()
         if G_b is not None:
             u = u + G_b.to(u.dtype)
-        c.index_add_(0, s % num_pairs, (logits.to(torch.float64) * u.to(torch.float64)).sum(-1))
+        c.index_add_(0, ch.seq % num_pairs, (logits.to(torch.float64) * u.to(torch.float64)).sum(-1))
     return c

@@ -25,10 +25,10 @@ import math
 from typing import Iterable, Sequence
 
 import torch
-import torch.distributed as dist
 from torch import nn
 import torch.nn.functional as F
 
+from ..comm import all_reduce_sum, world_size
 from ..ops.tracker_update import FEATURE_NAMES
 
 __all__ = ["MetaWeightNet", "SOFTPLUS_INV_ONE", "feature_subset"]
@@ -106,10 +106,8 @@ class MetaWeightNet(nn.Module):
         """Fold a training batch's mean squared features into the scale EMA (no gradient)."""
         m = self.stats_momentum
         ms = s.detach().to(torch.float64).pow(2).mean(0)
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            # every rank keeps an identical replica: use the global batch (equal per-rank batch sizes)
-            dist.all_reduce(ms)
-            ms /= dist.get_world_size()
+        if world_size() > 1:  # every rank keeps an identical replica: the global batch (equal per-rank sizes)
+            all_reduce_sum(ms).div_(world_size())
         self.sq_ema.mul_(m).add_((1 - m) * ms)
         self.stats_steps.add_(1)
 

@@ -7,14 +7,16 @@ full-vocabulary KL; the per-pair loss of the chunk's pairs gives one coefficient
 ``c_s = dL/dlogp_s``; the backward epilogue overwrites the policy logits with
 ``c_s (onehot - softmax)``; two more GEMMs give ``grad_h`` and ``grad_W``. Gradients are computed
 in the forward (as Liger-Kernel does) and scaled by the incoming gradient in backward, so the
-policy logits are computed once: the 8NHV FLOP floor of docs/performance.md.
+policy logits are computed once: the 8NHV FLOP floor (README, "How the fused loss works").
 
 Chunks hold whole pairs while a pair's rows fit the memory budget (single pass). When one pair
 does not fit (e.g. T=8192 at V=128k), a two-phase token-chunked path gathers the sequence sums
-first and recomputes the policy logits for the gradient (10NHV).
+first and recomputes the policy logits for the gradient (10NHV). The schedule (which rows, how
+many per chunk, prompt and padding rows dropped on CPU and kept with a zero coefficient on CUDA)
+is :mod:`.chunking`'s.
 
-On CPU, prompt and padding rows (``ignore_index``) are dropped before the GEMMs; on CUDA they are
-kept (dropping them needs a data-dependent size, i.e. a host sync) and get a zero coefficient.
+Reading order: the output type, input checks, the chunked computation, the custom op (fake and
+autograd), then the public function, ``fused_sequence_logps`` and the ``nn.Module``.
 """
 from __future__ import annotations
 
@@ -24,18 +26,15 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import nn
 
+from .chunking import DEFAULT_CHUNK_BYTES, ChunkSchedule
+from .chunking import DEFAULT_CHUNK_BYTES, ChunkSchedule
 from .dispatch import BACKENDS
-from ..losses import LossParams, PairBatch, get_loss
+from ..losses import LossParams, get_loss, sequence_coefficients
 from .lce_epilogue import compute_dtype, lce_epilogue_backward_, lce_epilogue_forward
 
 __all__ = ["PreferenceLossOutput", "fused_linear_preference_loss", "fused_sequence_logps", "FusedLinearPreferenceLoss",
            "DEFAULT_CHUNK_BYTES"]
 
-# Logits budget per chunk (policy + reference logits together). 256 MiB holds 1024 rows of fp32
-# V=32000 logits with a reference: 2 pairs of T=256 per chunk, GEMMs of 1024 rows that run at full
-# MKL speed on CPU; on an H100 it is 512 rows of bf16 V=128256 with a reference. Users with more
-# memory raise it (fewer, larger GEMMs).
-DEFAULT_CHUNK_BYTES = 256 * 1024 * 1024
 # Dispatch-key TLS of ordinary eager code, captured at import (see _Chunker._coefficients).
 _DEFAULT_DISPATCH_TLS = (torch._C._dispatch_tls_local_include_set(), torch._C._dispatch_tls_local_exclude_set())
 
@@ -165,7 +164,6 @@ class _Chunker:
         self.compute_kl = compute_kl and self.has_ref_logits
         self.weights = sample_weights
         self.compute_grad = compute_grad
-        self.compact = hidden.device.type == "cpu"
         self.cd = compute_dtype(hidden.dtype)
         dev = hidden.device
         self.seq_logps = torch.zeros(self.b2, dtype=self.cd, device=dev)
@@ -180,13 +178,8 @@ class _Chunker:
             self.grad_hidden = torch.zeros_like(self.hidden)
             self.grad_weight = torch.zeros(weight.shape, dtype=torch.float32 if self.cd == torch.float32 else self.cd, device=dev)
             self.grad_bias = None if bias is None else torch.zeros(self.v, dtype=self.grad_weight.dtype, device=dev)
-        bytes_per_row = self.v * hidden.element_size() * (2 if self.has_ref_logits else 1)
-        self.rows_per_chunk = max(1, int(chunk_bytes) // bytes_per_row)
-
-    # rows (flat indices into the (2B*T) rows) of the sequences `seqs`, valid rows only on CPU
-    def _rows(self, seqs: torch.Tensor) -> torch.Tensor:
-        rows = (seqs.unsqueeze(1) * self.t + torch.arange(self.t, device=seqs.device)).reshape(-1)
-        return rows[self.mask[rows]] if self.compact else rows
+        rows = ChunkSchedule.rows_for(chunk_bytes, self.v, hidden.element_size(), self.has_ref_logits)
+        self.schedule = ChunkSchedule(self.mask, self.b2, self.t, rows, compact=hidden.device.type == "cpu")
 
     def _logits(self, h, w, b):
         return torch.addmm(b, h, w.t()) if b is not None else h @ w.t()
@@ -212,30 +205,13 @@ class _Chunker:
         record their loss, per-pair loss and logit. Any registered loss works: its gradient comes
         from autograd on these (2n,)-sized tensors, not from hand-written derivatives."""
         seqs = torch.cat([pairs, pairs + self.bsz])
-        n = pairs.numel()
-        counts = self.counts[seqs]
         ref = None if self.ref_seq is None else self.ref_seq[seqs]
         w = None if self.weights is None else self.weights[pairs].to(self.cd)
-
-        def chunk_loss(lp):
-            batch = PairBatch(lp[:n], lp[n:], counts[:n], counts[n:],
-                              None if ref is None else ref[:n], None if ref is None else ref[n:])
-            per_pair, logit = self.spec.fn(batch, self.params)
-            loss = (per_pair if w is None else w * per_pair).sum() / self.bsz
-            return loss, (per_pair, logit)
-
-        lp = self.seq_logps[seqs]
-        if not self.compute_grad:
-            loss, (per_pair, logit) = chunk_loss(lp)
-            coef = None
-        else:
-            # A custom op's body runs with autograd (and torch.func, under torch.compile) excluded
-            # from dispatch; this (2n,)-sized loss is differentiated with the default dispatch TLS.
-            with torch._C._ForceDispatchKeyGuard(*_DEFAULT_DISPATCH_TLS), torch.enable_grad():
-                lp = lp.detach().requires_grad_()
-                loss, (per_pair, logit) = chunk_loss(lp)
-                (coef,) = torch.autograd.grad(loss, lp)
-            loss, per_pair, logit = loss.detach(), per_pair.detach(), logit.detach()
+        # A custom op's body runs with autograd (and torch.func, under torch.compile) excluded from
+        # dispatch; this (2n,)-sized loss is differentiated with the default dispatch TLS.
+        with torch._C._ForceDispatchKeyGuard(*_DEFAULT_DISPATCH_TLS):
+            loss, per_pair, logit, coef = sequence_coefficients(self.spec, self.params, self.seq_logps[seqs], self.counts[seqs],
+                                                                ref, w, denom=self.bsz, need_grad=self.compute_grad)
         self.per_pair[pairs] = per_pair
         self.logit[pairs] = logit
         self.loss += loss
@@ -249,27 +225,17 @@ class _Chunker:
             self.grad_bias.add_(logits.sum(0, dtype=self.grad_bias.dtype))
 
     def run(self):
-        pair_rows = 2 * self.t
-        if pair_rows <= self.rows_per_chunk:
-            step = max(1, self.rows_per_chunk // pair_rows)
-            for i0 in range(0, self.bsz, step):
-                self._single_pass(i0, min(i0 + step, self.bsz))
+        if self.schedule.pairs_fit:
+            for ch in self.schedule.pair_chunks():  # single pass: whole pairs per chunk
+                logits, lse, h, tgt, m, sums = self._forward_rows(ch.rows, ch.seq_local, ch.seqs.numel(),
+                                                                  keep_logits=self.compute_grad)
+                self._store_sums(ch.seqs, sums)
+                coef = self._coefficients(ch.pairs)
+                if self.compute_grad:
+                    self._backward_rows(logits, lse, h, tgt, m, coef[ch.seq_local], ch.rows)
         else:
             self._two_phase()
         return self
-
-    def _single_pass(self, i0: int, i1: int):
-        n = i1 - i0
-        pairs = torch.arange(i0, i1, device=self.hidden.device)
-        seqs = torch.cat([pairs, pairs + self.bsz])
-        rows = self._rows(seqs)
-        seq_local = torch.div(rows, self.t, rounding_mode="floor")
-        seq_local = torch.where(seq_local >= self.bsz, seq_local - self.bsz + n, seq_local) - i0
-        logits, lse, h, tgt, m, sums = self._forward_rows(rows, seq_local, 2 * n, keep_logits=self.compute_grad)
-        self._store_sums(seqs, sums)
-        coef = self._coefficients(pairs)
-        if self.compute_grad:
-            self._backward_rows(logits, lse, h, tgt, m, coef[seq_local], rows)
 
     def _store_sums(self, seqs, sums):
         self.seq_logps[seqs] += sums[0]
@@ -281,23 +247,21 @@ class _Chunker:
             self.kl_sum[seqs] += sums[k]
 
     def _two_phase(self):
-        all_rows = self._rows(torch.arange(self.b2, device=self.hidden.device))
-        chunks = all_rows.split(self.rows_per_chunk)
+        chunks = self.schedule.token_chunks()
         lses = []
-        for rows in chunks:  # phase 1: sums over token chunks, keep only lse per row
-            seq = torch.div(rows, self.t, rounding_mode="floor")
-            _, lse, *_rest, sums = self._forward_rows(rows, seq, self.b2, keep_logits=False)
+        for ch in chunks:  # phase 1: sums over token chunks, keep only lse per row
+            _, lse, *_rest, sums = self._forward_rows(ch.rows, ch.seq, self.b2, keep_logits=False)
             lses.append(lse)
-            self._store_sums(torch.arange(self.b2, device=rows.device), sums)
+            self._store_sums(torch.arange(self.b2, device=ch.rows.device), sums)
         coef = self._coefficients(torch.arange(self.bsz, device=self.hidden.device))
         if not self.compute_grad:
             return
-        for rows, lse in zip(chunks, lses):  # phase 2: recompute policy logits for the gradient
-            h = self.hidden.index_select(0, rows)
+        for ch, lse in zip(chunks, lses):  # phase 2: recompute policy logits for the gradient
+            h = self.hidden.index_select(0, ch.rows)
             logits = self._logits(h, self.weight, self.bias)
-            tgt = self.targets.index_select(0, rows)
-            m = self.mask.index_select(0, rows).to(self.cd)
-            self._backward_rows(logits, lse, h, tgt, m, coef[torch.div(rows, self.t, rounding_mode="floor")], rows)
+            tgt = self.targets.index_select(0, ch.rows)
+            m = self.mask.index_select(0, ch.rows).to(self.cd)
+            self._backward_rows(logits, lse, h, tgt, m, coef[ch.seq], ch.rows)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -493,10 +457,9 @@ class FusedLinearPreferenceLoss(nn.Module):
                  backend: str = "auto"):
         super().__init__()
         get_loss(loss_type)
-        LossParams(beta, label_smoothing, focal_gamma, simpo_gamma, orpo_lambda)
-        self.kwargs = dict(loss_type=loss_type, beta=beta, label_smoothing=label_smoothing, focal_gamma=focal_gamma,
-                           simpo_gamma=simpo_gamma, orpo_lambda=orpo_lambda, ignore_index=ignore_index,
-                           compute_kl=compute_kl, chunk_bytes=chunk_bytes, backend=backend)
+        params = LossParams(beta, label_smoothing, focal_gamma, simpo_gamma, orpo_lambda)  # validates
+        self.kwargs = dict(loss_type=loss_type, **params.kwargs(), ignore_index=ignore_index, compute_kl=compute_kl,
+                           chunk_bytes=chunk_bytes, backend=backend)
 
     def forward(self, hidden, weight, labels, **tensors) -> PreferenceLossOutput:
         return fused_linear_preference_loss(hidden, weight, labels, **tensors, **self.kwargs)

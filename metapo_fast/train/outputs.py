@@ -16,6 +16,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from ..comm import world_size
 from ..files import atomic_write_text
 from ..ops.tracker_update import FEATURE_NAMES
 
@@ -273,5 +274,4 @@ def mfu(model, tokens_per_s_all_ranks: float) -> Optional[float]:
     if peak is None:
         return None
     n = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters())
-    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-    return 6 * n * tokens_per_s_all_ranks / (peak * world)
+    return 6 * n * tokens_per_s_all_ranks / (peak * world_size())

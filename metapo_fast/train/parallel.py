@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..comm import world_size
 from ..models.hf import lm_head_of
 
 __all__ = ["DistInfo", "init_distributed", "destroy", "uses_deepspeed", "zero3_planned", "PlainEngine", "DeepSpeedEngine",
@@ -162,7 +163,7 @@ class DeepSpeedEngine:
             model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=cfg,
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda))
         self.module = self.engine.module
-        self.world_size = dist.get_world_size() if dist.is_initialized() else 1
+        self.world_size = world_size()
         self.zero3 = cfg.get("zero_optimization", {}).get("stage", 0) == 3
 
     def begin_forward(self) -> None:
