@@ -42,7 +42,7 @@ def measure(steps: int, n_pairs: int, out_dir: str) -> list[dict]:
     flipped = ds.column("is_flipped") == 1
     idx = np.random.default_rng(0).choice(len(ds), n_pairs, replace=False)
     f = flipped[idx]
-    learner = MetaLearner(MetaWeightNet("linear", cfg.meta.features, cfg.meta_normalize), loss_type="sigmoid",
+    learner = MetaLearner(MetaWeightNet("linear", cfg.meta.features, cfg.meta_normalize, feature_norm=cfg.meta.feature_norm), loss_type="sigmoid",
                           loss_params=tr.cfg.loss.to_loss_params())
     batches = []
     for s in range(0, n_pairs, 32):

@@ -150,6 +150,16 @@ def sigmoid_loss(batch: PairBatch, params: LossParams):
     return loss, z
 
 
+@register_loss("robust", needs_reference=True)
+def robust_loss(batch: PairBatch, params: LossParams):
+    """rDPO (Chowdhury et al. 2024; TRL's ``robust``): ``((1-eps) l(z) - eps l(-z)) / (1 - 2 eps)``
+    with ``l(z) = -log sigma(z)`` and eps = ``label_smoothing``, the assumed flip rate: an unbiased
+    estimate of the clean-label DPO loss when each label is flipped with probability eps."""
+    z = dpo_margin(batch, params, "robust")
+    eps = params.label_smoothing
+    return (-(1 - eps) * F.logsigmoid(z) + eps * F.logsigmoid(-z)) / (1 - 2 * eps), z
+
+
 @register_loss("ipo", needs_reference=True)
 def ipo_loss(batch: PairBatch, params: LossParams):
     """IPO: ``((lr_avg(y_w) - lr_avg(y_l)) - 1/(2 beta))^2`` with average log-probs (Azar et al. 2024).

@@ -82,7 +82,8 @@ def load_meta_net(run_dir: str, meta_cfg: Optional[dict] = None):
     m = meta_cfg or {}
     # the feature scale's bias correction depends on the run's momentum: rebuild with the run's settings
     net = MetaWeightNet(arch=arch, features=m.get("features", "all"), stats_momentum=m.get("stats_momentum", 0.99),
-                        hidden=sd["hidden_layer.weight"].shape[0] if arch == "mlp" else 32)
+                        hidden=sd["hidden_layer.weight"].shape[0] if arch == "mlp" else 32,
+                        feature_norm=m.get("feature_norm", "rms"))
     net.load_state_dict(sd)
     return net
 

@@ -44,6 +44,23 @@ def test_sigmoid_label_smoothing():
     assert loss == pytest.approx(0.5240769841801066, abs=1e-12)
 
 
+def test_robust_rdpo_is_unbiased_for_a_known_flip_rate():
+    """eps = 0.2: (0.8 * 0.4740770 - 0.2 * 0.9740770) / 0.6 = (0.3792616 - 0.1948154) / 0.6 = 0.3074103.
+    Unbiased: its expectation over a label flipped with probability eps is the clean DPO loss."""
+    loss, z = _loss("robust", beta=0.5, label_smoothing=0.2)
+    assert z == pytest.approx(0.5, abs=1e-12)
+    assert loss == pytest.approx((0.8 * 0.47407698418010663 - 0.2 * 0.9740769841801066) / 0.6, abs=1e-12)
+    assert loss == pytest.approx(0.3074103, abs=1e-7)
+    # E over the flip: 0.8 * L(z) + 0.2 * L(-z) == -log sigma(z)
+    lp, b = _batch()
+    swapped = PairBatch(b.rejected_logps, b.chosen_logps, b.rejected_counts, b.chosen_counts, b.ref_rejected_logps,
+                        b.ref_chosen_logps)
+    p = LossParams(beta=0.5, label_smoothing=0.2)
+    expect = 0.8 * get_loss("robust").fn(b, p)[0] + 0.2 * get_loss("robust").fn(swapped, p)[0]
+    assert float(expect[0]) == pytest.approx(0.47407698418010663, abs=1e-12)
+    assert _loss("robust", beta=0.5)[0] == pytest.approx(_loss("sigmoid", beta=0.5)[0], abs=1e-15)  # eps = 0: DPO
+
+
 def test_ipo_uses_average_logratios_and_its_target():
     """avg lr_w = -2/2 - (-2.5/2) = 0.25; avg lr_l = -3/4 - (-2.5/4) = -0.125; difference 0.375;
     target 1/(2 beta) = 1; (0.375 - 1)^2 = 0.390625. (Sums would give (1 - 1)^2 = 0.)"""

@@ -9,7 +9,7 @@ from torch import nn
 from metapo_fast.metapo.ghost import GhostCoverageError
 from metapo_fast.losses import LossParams, PairBatch, get_loss
 from metapo_fast.metapo.bilevel import MetaLearner, pair_gradient_dots
-from metapo_fast.metapo.weight_net import MetaWeightNet
+from metapo_fast.metapo.weight_net import SOFTPLUS_INV_ONE, MetaWeightNet
 from tests.naive import sequence_logps
 
 B, T, V = 3, 9, 37
@@ -196,3 +196,68 @@ def test_precomputed_reference_logps_give_the_same_dots():
     a = pair_gradient_dots(model, batch, G, "sigmoid", PARAMS, ref_model=ref, backend="torch")
     b = pair_gradient_dots(model, {**batch, "ref_logps": ref_logps}, G, "sigmoid", PARAMS, ref_model=None, backend="torch")
     torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def _split_pairs(batch, groups):
+    """Micro-batches holding the given pair indices (chosen rows then rejected rows each)."""
+    b = batch["input_ids"].shape[0] // 2
+    out = []
+    for g in groups:
+        rows = torch.tensor(list(g) + [i + b for i in g])
+        out.append({k: v[rows] for k, v in batch.items()})
+    return out
+
+
+@pytest.mark.parametrize("normalize", ["none", "batch_mean"])
+def test_phi_gradient_over_micro_batches_equals_the_lookahead_over_the_whole_step(normalize):
+    """The meta-update sees every micro-batch of the step: its phi gradient over two micro-batches
+    equals the double-backward lookahead of one step on their union (float64, eta = 1e-6)."""
+    model = tiny_llama(False)
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    full, val = make_batch(3, b=4), make_batch(4, b=4)
+    micro = _split_pairs(full, [(0, 1), (2, 3)])
+    torch.manual_seed(0)
+    net = MetaWeightNet(normalize=normalize).double()
+    with torch.no_grad():
+        net.v.copy_(torch.randn(6) * 0.5)
+    feats = torch.randn(4, 6, dtype=torch.float64)
+    eta = 1e-6
+    learner = MetaLearner(net, inner_lr=eta, lambda_margin=0.1, loss_params=PARAMS, backend="torch")
+    learner.phi_gradient(model, micro, val, feats.float(), ref_model=ref)
+    ours = [p.grad.clone().double() for p in net.parameters()]
+    net.zero_grad()
+    exact = exact_lookahead_phi_grad(model, ref, net, feats.float().double(), full, val, eta, 0.1)
+    num = sum(((a - b) ** 2).sum() for a, b in zip(ours, exact)).sqrt()
+    den = sum((b ** 2).sum() for b in exact).sqrt()
+    assert den > 0 and num / den < 2e-4, f"relative error {float(num / den):.2e}"
+    # only the first micro-batch: a different (wrong) gradient
+    net.zero_grad()
+    learner.phi_gradient(model, micro[:1], val, feats[:2].float(), ref_model=ref)
+    part = [p.grad.clone().double() for p in net.parameters()]
+    assert sum(((a - b) ** 2).sum() for a, b in zip(part, exact)).sqrt() / den > 1e-2
+    with pytest.raises(ValueError, match="feature rows"):
+        learner.phi_gradient(model, micro, val, feats[:3].float(), ref_model=ref)
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+def test_phi_step_is_independent_of_the_inner_learning_rate(optimizer):
+    """The phi step uses dL_meta/dphi per unit of eta: the same step at eta = 5e-7 (the paper's,
+    where the raw gradient sits under Adam's eps) as at eta = 1e-2. SGD steps have length lr."""
+    model, ref = policy_and_reference(False)
+    train, val = make_batch(6), make_batch(7)
+    feats = torch.randn(B, 6)
+    moved = []
+    for eta in (5e-7, 1e-2):
+        learner = MetaLearner(MetaWeightNet().double(), lr=0.05, inner_lr=eta, loss_params=PARAMS, backend="torch",
+                              optimizer=optimizer)
+        learner.step(model, train, val, feats, ref_model=ref)
+        moved.append(torch.cat([learner.net.v.detach(), learner.net.b.detach().reshape(1) - SOFTPLUS_INV_ONE]))
+    torch.testing.assert_close(moved[0], moved[1], rtol=1e-4, atol=1e-9)
+    assert moved[0].abs().max() > 1e-3
+    if optimizer == "sgd":
+        assert float(moved[0].norm()) == pytest.approx(0.05, rel=1e-6)
+    with pytest.raises(ValueError, match="optimizer"):
+        MetaLearner(MetaWeightNet(), optimizer="rmsprop")

@@ -42,6 +42,30 @@ def test_feature_normalisation_is_rms_and_saved():
     torch.testing.assert_close(other.scale(), net.scale())
 
 
+def test_standardize_centres_and_scales_with_the_running_moments():
+    """momentum 0.5, batches with means 1 and 3 and variances 1 and 4 (per feature): bias-corrected
+    EMAs mean = (0.25*1 + 0.5*3)/0.75, E[s^2] = (0.25*2 + 0.5*13)/0.75; sd = sqrt(E[s^2] - mean^2)."""
+    net = MetaWeightNet(stats_momentum=0.5, feature_norm="standardize")
+    s1 = torch.tensor([[0.0] * 6, [2.0] * 6])          # mean 1, mean square 2
+    s2 = torch.tensor([[1.0] * 6, [5.0] * 6])          # mean 3, mean square 13
+    net.update_stats(s1)
+    net.update_stats(s2)
+    mean = (0.25 * 1 + 0.5 * 3) / 0.75
+    sd = math.sqrt((0.25 * 2 + 0.5 * 13) / 0.75 - mean ** 2)
+    torch.testing.assert_close(net.center(), torch.full((6,), mean, dtype=torch.float64))
+    torch.testing.assert_close(net.scale(), torch.full((6,), sd, dtype=torch.float64))
+    x = torch.tensor([[4.0, 0.0, 1.0, 2.0, 3.0, 5.0]])
+    torch.testing.assert_close(net.normalize_features(x), (x - mean) / (sd + 1e-8))
+    rms = MetaWeightNet(stats_momentum=0.5)
+    rms.update_stats(s1), rms.update_stats(s2)
+    torch.testing.assert_close(rms.normalize_features(x), x / (math.sqrt((0.25 * 2 + 0.5 * 13) / 0.75) + 1e-8))
+    other = MetaWeightNet(stats_momentum=0.5, feature_norm="standardize")
+    other.load_state_dict(net.state_dict())
+    torch.testing.assert_close(other.normalize_features(x), net.normalize_features(x))
+    with pytest.raises(ValueError, match="feature_norm"):
+        MetaWeightNet(feature_norm="whiten")
+
+
 def test_batch_mean_normalisation_and_gradient():
     torch.manual_seed(0)
     net = MetaWeightNet(normalize="batch_mean")

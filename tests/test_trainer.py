@@ -258,3 +258,55 @@ def test_gpu_training_step_syncs_with_the_host_once(tmp_path):
         torch.cuda.set_sync_debug_mode("default")
     syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
     assert len(syncs) == 1, syncs
+
+
+def _trainer(tmp_path, name, extra):
+    from metapo_fast.train.loop import Trainer
+
+    cfg = load_config(_default_config(), [*SMALL, f"train.output_dir={tmp_path / name}", *extra])
+    return Trainer(cfg, DistInfo(0, 1, 0, torch.device("cpu")))
+
+
+def test_weights_are_normalised_over_the_whole_optimiser_step(tmp_path):
+    """batch_mean normalises over every micro-batch of a step: 2 micro-batches of 8 pairs take the
+    same step as 1 micro-batch of the same 16 pairs (per-micro-batch means would differ)."""
+    runs = []
+    for name, extra in (("accum", ["train.per_device_batch_size=8", "train.global_batch_size=16"]),
+                        ("whole", ["train.per_device_batch_size=16"])):
+        tr = _trainer(tmp_path, name, [*extra, "meta.interval=1000"])
+        assert tr.grad_accum == (2 if name == "accum" else 1)
+        tr._train_step()  # all weights 1 (v = 0); moves the policy so that margins are non-zero next
+        with torch.no_grad():
+            tr.meta_net.v.copy_(torch.tensor([1.5, -0.7, 0.3, 0.2, -0.4, 0.1]))  # weights far from 1
+            tr.meta_net.mean_ema.zero_(), tr.meta_net.sq_ema.fill_(1e-6), tr.meta_net.stats_steps.fill_(1)  # scale 0.01
+        m = tr._train_step()
+        runs.append((tr, m))
+    (a, ma), (b, mb) = runs
+    for pa, pb in zip(a.model.parameters(), b.model.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=2e-5, atol=2e-6)
+    assert float(mb["metapo/weight_std"]) > 0.1  # the weights really differ from 1
+    torch.testing.assert_close(ma["loss"], mb["loss"], rtol=1e-5, atol=1e-6)
+
+
+def test_meta_update_runs_at_theta_t_on_every_micro_batch(tmp_path, monkeypatch):
+    """The meta-update of a step sees the parameters before that step's optimiser step and the
+    features of all its micro-batches; the step's own gradient is untouched by it."""
+    tr = _trainer(tmp_path, "theta", ["train.per_device_batch_size=4", "train.global_batch_size=8", "meta.interval=1"])
+    before = [p.detach().clone() for p in tr.model.parameters()]
+    seen = {}
+    real = tr.meta.step
+
+    def spy(model, batches, val, feats, ref_model=None):
+        seen["same_params"] = all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+        seen["pairs"], seen["rows"] = sum(b["input_ids"].shape[0] // 2 for b in batches), feats.shape[0]
+        return real(model, batches, val, feats, ref_model=ref_model)
+
+    monkeypatch.setattr(tr.meta, "step", spy)
+    tr._train_step(meta=True)
+    assert seen == {"same_params": True, "pairs": 8, "rows": 8}
+    assert tr.counters["meta_updates"] == 1 and "metapo/L_val" in tr.meta_log
+    # the same step without the meta-update moves the policy identically (its gradients were set aside)
+    twin = _trainer(tmp_path, "twin", ["train.per_device_batch_size=4", "train.global_batch_size=8", "meta.interval=1"])
+    twin._train_step(meta=False)
+    for pa, pb in zip(tr.model.parameters(), twin.model.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=0, atol=0)

@@ -123,10 +123,20 @@ def pair_gradient_dots(model: nn.Module, batch: dict, direction: dict, loss_type
 class MetaLearner:
     """Owns the meta-network's optimiser and performs the meta-update.
 
+    The optimiser steps on ``dL_meta/dphi / eta``, the meta-gradient per unit of the lookahead's
+    step size: eta is a positive constant factor of the first-order gradient, and dividing it out
+    makes ``lr`` independent of the policy's learning rate (at the paper's eta = 5e-7 the raw
+    gradient is ~1e-10, under Adam's eps of 1e-8, so phi would not move). ``phi_gradient`` itself
+    stays the exact first-order derivative (tested against double backward).
+
     Args:
         net: the :class:`MetaWeightNet`.
-        lr: Adam learning rate on phi. Default 0.03: docs/math.md section 4 measured that the
+        lr: learning rate on phi. Default 0.03: docs/math.md section 4 measured that the
             paper's 1e-4 leaves phi unchanged (the weights stay at 1), while ~0.03 learns.
+        optimizer: ``"adam"`` (per coordinate, the paper's) or ``"sgd"``: SGD with momentum 0.9 on
+            the L2-normalised gradient, so each step moves phi by ``lr`` along the meta-gradient
+            and a feature whose coordinate carries little of it moves little (Adam gives every
+            coordinate a full-size step, noise included).
         interval: K, steps between meta-updates (the trainer calls :meth:`step` every K steps).
         lambda_margin: lambda of L_meta (paper: 0.1).
         entropy_coef: weight of ``-H(w / sum w)`` added to the phi objective (paper Table 15; 0 = off).
@@ -136,7 +146,7 @@ class MetaLearner:
 
     def __init__(self, net: MetaWeightNet, lr: float = 0.03, interval: int = 100, lambda_margin: float = 0.1,
                  entropy_coef: float = 0.0, inner_lr: float = 1e-6, loss_type: str = "sigmoid",
-                 loss_params: Optional[LossParams] = None, backend: str = "auto"):
+                 loss_params: Optional[LossParams] = None, backend: str = "auto", optimizer: str = "adam"):
         if interval < 1:
             raise ValueError(f"MetaLearner: interval (K) must be >= 1, got {interval}")
         if lr <= 0 or inner_lr <= 0:
@@ -144,7 +154,13 @@ class MetaLearner:
         self.net, self.interval, self.lambda_margin = net, interval, lambda_margin
         self.entropy_coef, self.inner_lr, self.backend = entropy_coef, inner_lr, backend
         self.loss_type, self.params = loss_type, loss_params or LossParams()
-        self.opt = torch.optim.Adam(net.parameters(), lr=lr)
+        if optimizer == "adam":
+            self.opt = torch.optim.Adam(net.parameters(), lr=lr)
+        elif optimizer == "sgd":
+            self.opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9)
+        else:
+            raise ValueError(f"MetaLearner: optimizer must be 'adam' or 'sgd', got {optimizer!r}")
+        self.optimizer = optimizer
         self.updates = 0
 
     # -- the meta-gradient direction ------------------------------------------------------------
@@ -183,24 +199,36 @@ class MetaLearner:
         return G, {"L_val": val.loss.detach(), "L_margin": l_margin / n_pos.clamp(min=1), "val_accuracy": (z > 0).float().mean()}
 
     # -- one meta-update ------------------------------------------------------------------------
-    def step(self, model: nn.Module, train_batch: dict, val_batch: dict, features: torch.Tensor,
+    def step(self, model: nn.Module, train_batches, val_batch: dict, features: torch.Tensor,
              ref_model: Optional[nn.Module] = None) -> dict:
-        """Update phi from the training batch whose tracker features are ``features (B, 6)``."""
+        """Update phi from the training batches (a batch dict or a list of them: the micro-batches of
+        one optimiser step) whose tracker features are ``features (B, 6)`` (concatenated in order)."""
         t0 = time.perf_counter()
-        out = self.phi_gradient(model, train_batch, val_batch, features, ref_model)
+        out = self.phi_gradient(model, train_batches, val_batch, features, ref_model)
+        params = [p for p in self.net.parameters() if p.grad is not None]
+        for p in params:  # per unit of eta (see the class docstring)
+            p.grad.div_(self.inner_lr)
+        if self.optimizer == "sgd":
+            norm = torch.sqrt(sum(p.grad.double().pow(2).sum() for p in params))
+            for p in params:
+                p.grad.div_(norm.clamp(min=1e-30).to(p.grad.dtype))
         self.opt.step()
         self.updates += 1
         out["meta_time_s"] = time.perf_counter() - t0
         return out
 
-    def phi_gradient(self, model: nn.Module, train_batch: dict, val_batch: dict, features: torch.Tensor,
+    def phi_gradient(self, model: nn.Module, train_batches, val_batch: dict, features: torch.Tensor,
                      ref_model: Optional[nn.Module] = None) -> dict:
-        """Set ``p.grad`` of the meta-network's parameters to ``dL_meta/dphi`` (first order in eta)."""
+        """Set ``p.grad`` of the meta-network's parameters to ``dL_meta/dphi`` (first order in eta),
+        the lookahead being one step on all of ``train_batches`` (a batch or a list of micro-batches)."""
+        batches = [train_batches] if isinstance(train_batches, dict) else list(train_batches)
         was_training = model.training
         model.eval()  # no dropout: the lookahead is about the deterministic gradient
         G, diag = self.meta_gradient(model, val_batch, ref_model)
-        c = pair_gradient_dots(model, train_batch, G, self.loss_type, self.params, ref_model, self.backend)
+        c = torch.cat([pair_gradient_dots(model, b, G, self.loss_type, self.params, ref_model, self.backend) for b in batches])
         model.train(was_training)
+        if features.shape[0] != c.shape[0]:
+            raise ValueError(f"MetaLearner: {features.shape[0]} feature rows for {c.shape[0]} training pairs")
         b_global = c.shape[0] * world_size()
         dl_dw = (-self.inner_lr / b_global) * c  # dL_meta/dw_i, first order in eta
         self.opt.zero_grad(set_to_none=True)

@@ -1,23 +1,30 @@
 """The meta-weight network ``w_phi(s)`` (paper Sec. 3.3, docs/math.md section 4).
 
 ``w_phi(s) = softplus(v^T s_hat + b)`` (7 parameters) or an MLP 6-32-1, where ``s_hat`` is the
-feature vector ``s = [f1, ema1, f2, ema2, f3, ema3]`` after a per-feature scale normalisation:
+feature vector ``s = [f1, ema1, f2, ema2, f3, ema3]`` after a per-feature normalisation
+(``feature_norm``):
 
-    s_hat_j = s_j / (rms_j + 1e-8),   rms_j = sqrt(bias-corrected EMA over training batches of mean_i s_ij^2)
+    rms:          s_hat_j = s_j / (rms_j + 1e-8),           rms_j = sqrt(EMA of mean_i s_ij^2)
+    standardize:  s_hat_j = (s_j - mu_j) / (sd_j + 1e-8),   mu_j = EMA of mean_i s_ij,  sd_j^2 = EMA of s^2 - mu_j^2
 
-The EMA (momentum 0.99, Adam-style bias correction so the first batch gets its own RMS) is updated
-only when ``update_stats=True`` (once per training step), from the global batch when several ranks
-run (all-reduced, so every rank's replica stays identical); it is deterministic, carries no
-gradient, and is part of ``state_dict()``. Scaling without centring keeps each feature's sign
-(a negative margin stays negative), so the learned coefficients read like the paper's Fig. 3c.
+The EMAs (momentum 0.99, Adam-style bias correction so the first batch gets its own statistics)
+are updated by :meth:`update_stats` (the trainer calls it once per optimiser step, with every
+micro-batch's features, after the step used them), from the global batch when several ranks run (all-reduced, so every rank's replica stays identical); they are
+deterministic, carry no gradient, and are part of ``state_dict()``. ``rms`` keeps each feature's
+sign (a negative margin stays negative), so the learned coefficients read like the paper's
+Fig. 3c; ``standardize`` also centres, so a coefficient moves weights around the batch mean and
+the bias alone sets the mean weight.
 
 Initialisation: ``v = 0`` and ``b = softplus^-1(1) = log(e - 1)`` (MLP: last layer zero, bias the
 same), so every weight is exactly 1 and MetaPO starts as its base loss.
 
 Batch-mean normalisation (``normalize="batch_mean"``): ``w_i <- w_i / mean_j w_j``, differentiated
-through. Without it the SGD lookahead of the meta-gradient believes a global shrink of all weights
-helps (it scales the step), which an adaptive inner optimiser (Adam) ignores; the trainer enables
-it by default for adaptive inner optimisers (math.md section 4).
+through, the mean taken over the pairs of every rank (an autograd-aware all-reduce). Without it
+the SGD lookahead of the meta-gradient believes a global shrink of all weights helps (it scales the
+step), which an adaptive inner optimiser (Adam) ignores; the trainer enables it by default for
+adaptive inner optimisers (math.md section 4). The trainer normalises over the whole optimiser
+step (every micro-batch): it takes raw weights (``normalize=False``) and divides the step's
+gradient by their mean (``train/loop.py``).
 """
 from __future__ import annotations
 
@@ -65,9 +72,10 @@ class MetaWeightNet(nn.Module):
     Args:
         arch: ``"linear"`` (paper default, 7 parameters) or ``"mlp"`` (6-32-1, ReLU).
         features: ablation name or list of feature names kept; the others are zeroed.
-        normalize: ``"none"`` or ``"batch_mean"`` (weights divided by their batch mean).
+        normalize: ``"none"`` or ``"batch_mean"`` (weights divided by their mean over all ranks).
         hidden: MLP width.
-        stats_momentum: momentum of the feature-scale EMA.
+        stats_momentum: momentum of the feature-statistics EMAs.
+        feature_norm: ``"rms"`` (scale only) or ``"standardize"`` (centre and scale).
     """
 
     def __init__(
@@ -77,19 +85,23 @@ class MetaWeightNet(nn.Module):
         normalize: str = "none",
         hidden: int = 32,
         stats_momentum: float = 0.99,
+        feature_norm: str = "rms",
     ):
         super().__init__()
         if arch not in ("linear", "mlp"):
             raise ValueError(f"MetaWeightNet.arch must be 'linear' or 'mlp', got {arch!r}")
         if normalize not in ("none", "batch_mean"):
             raise ValueError(f"MetaWeightNet.normalize must be 'none' or 'batch_mean', got {normalize!r}")
+        if feature_norm not in ("rms", "standardize"):
+            raise ValueError(f"MetaWeightNet.feature_norm must be 'rms' or 'standardize', got {feature_norm!r}")
         if not 0.0 <= stats_momentum < 1.0:
             raise ValueError(f"MetaWeightNet.stats_momentum must be in [0, 1), got {stats_momentum}")
-        self.arch, self.normalize, self.stats_momentum = arch, normalize, stats_momentum
+        self.arch, self.normalize, self.stats_momentum, self.feature_norm = arch, normalize, stats_momentum, feature_norm
         self.feature_names = feature_subset(features)
         mask = torch.tensor([1.0 if n in self.feature_names else 0.0 for n in FEATURE_NAMES])
         self.register_buffer("feature_mask", mask)
         self.register_buffer("sq_ema", torch.zeros(len(FEATURE_NAMES), dtype=torch.float64))
+        self.register_buffer("mean_ema", torch.zeros(len(FEATURE_NAMES), dtype=torch.float64))
         self.register_buffer("stats_steps", torch.zeros((), dtype=torch.float64))
         if arch == "linear":
             self.v = nn.Parameter(torch.zeros(len(FEATURE_NAMES)))
@@ -103,24 +115,38 @@ class MetaWeightNet(nn.Module):
     # -- normalisation -------------------------------------------------------------------------
     @torch.no_grad()
     def update_stats(self, s: torch.Tensor) -> None:
-        """Fold a training batch's mean squared features into the scale EMA (no gradient)."""
+        """Fold a training batch's feature means and mean squares into the EMAs (no gradient)."""
         m = self.stats_momentum
-        ms = s.detach().to(torch.float64).pow(2).mean(0)
+        x = s.detach().to(torch.float64)
+        moments = torch.stack([x.mean(0), x.pow(2).mean(0)])
         if world_size() > 1:  # every rank keeps an identical replica: the global batch (equal per-rank sizes)
-            all_reduce_sum(ms).div_(world_size())
-        self.sq_ema.mul_(m).add_((1 - m) * ms)
+            all_reduce_sum(moments).div_(world_size())
+        self.mean_ema.mul_(m).add_((1 - m) * moments[0])
+        self.sq_ema.mul_(m).add_((1 - m) * moments[1])
         self.stats_steps.add_(1)
 
-    def scale(self) -> torch.Tensor:
-        """Per-feature RMS used to normalise (ones before any statistics were gathered)."""
-        # torch.where instead of a Python branch: no host sync when the net lives on a GPU.
+    def _corrected(self, ema: torch.Tensor) -> torch.Tensor:
         corr = (1 - self.stats_momentum ** self.stats_steps).clamp(min=1e-300)
-        rms = (self.sq_ema / corr).sqrt()
-        return torch.where(self.stats_steps > 0, rms, torch.ones_like(rms))
+        return ema / corr
+
+    def center(self) -> torch.Tensor:
+        """Per-feature centre subtracted before scaling (zeros for ``rms`` or before any statistics)."""
+        if self.feature_norm == "rms":
+            return torch.zeros_like(self.mean_ema)
+        return torch.where(self.stats_steps > 0, self._corrected(self.mean_ema), torch.zeros_like(self.mean_ema))
+
+    def scale(self) -> torch.Tensor:
+        """Per-feature scale used to normalise: the RMS (``rms``) or the standard deviation
+        (``standardize``); ones before any statistics were gathered."""
+        # torch.where instead of a Python branch: no host sync when the net lives on a GPU.
+        sq = self._corrected(self.sq_ema)
+        if self.feature_norm == "standardize":
+            sq = (sq - self._corrected(self.mean_ema).pow(2)).clamp(min=0)
+        return torch.where(self.stats_steps > 0, sq.sqrt(), torch.ones_like(sq))
 
     def normalize_features(self, s: torch.Tensor) -> torch.Tensor:
         scale = (self.scale() + 1e-8).to(s.dtype)
-        return s / scale * self.feature_mask.to(s.dtype)
+        return (s - self.center().to(s.dtype)) / scale * self.feature_mask.to(s.dtype)
 
     # -- weights -------------------------------------------------------------------------------
     def preactivation(self, s_hat: torch.Tensor) -> torch.Tensor:
@@ -130,16 +156,18 @@ class MetaWeightNet(nn.Module):
         h = F.relu(F.linear(s_hat, self.hidden_layer.weight.to(s_hat.dtype), self.hidden_layer.bias.to(s_hat.dtype)))
         return F.linear(h, self.out_layer.weight.to(s_hat.dtype), self.out_layer.bias.to(s_hat.dtype)).squeeze(-1)
 
-    def forward(self, s: torch.Tensor, update_stats: bool = False) -> torch.Tensor:
-        """Weights ``(B,)`` for features ``s (B, 6)``; differentiable in phi (not in s)."""
+    def forward(self, s: torch.Tensor, update_stats: bool = False, normalize: bool = True) -> torch.Tensor:
+        """Weights ``(B,)`` for features ``s (B, 6)``; differentiable in phi (not in s).
+        ``normalize=False`` returns the raw weights even with ``batch_mean`` (the caller then
+        normalises over a larger batch, e.g. a whole optimiser step)."""
         if s.dim() != 2 or s.shape[1] != len(FEATURE_NAMES):
             raise ValueError(f"MetaWeightNet: features must have shape (B, {len(FEATURE_NAMES)}), got {tuple(s.shape)}")
         s = s.detach().float()
         if update_stats:
             self.update_stats(s)
         w = F.softplus(self.preactivation(self.normalize_features(s)))
-        if self.normalize == "batch_mean":
-            w = w / w.mean().clamp(min=1e-12)
+        if normalize and self.normalize == "batch_mean":
+            w = w / global_mean(w).clamp(min=1e-12)
         return w
 
     # -- interpretability (paper Sec. 4.9, App. C; math.md section 8) ----------------------------
@@ -165,4 +193,16 @@ class MetaWeightNet(nn.Module):
         return self.parameters()
 
     def extra_repr(self) -> str:
-        return f"arch={self.arch}, features={list(self.feature_names)}, normalize={self.normalize}"
+        return (f"arch={self.arch}, features={list(self.feature_names)}, normalize={self.normalize}, "
+                f"feature_norm={self.feature_norm}")
+
+
+def global_mean(w: torch.Tensor) -> torch.Tensor:
+    """Mean of ``w`` over the entries of every rank, differentiable (an autograd-aware all-reduce
+    sums the gradients of every rank's uses); the plain mean on one process."""
+    if world_size() == 1:
+        return w.mean()
+    from torch.distributed.nn.functional import all_reduce
+
+    total = all_reduce(torch.stack([w.sum(), torch.tensor(float(w.numel()), dtype=w.dtype, device=w.device)]))
+    return total[0] / total[1]

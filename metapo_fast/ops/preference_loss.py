@@ -27,7 +27,6 @@ import torch
 from torch import nn
 
 from .chunking import DEFAULT_CHUNK_BYTES, ChunkSchedule
-from .chunking import DEFAULT_CHUNK_BYTES, ChunkSchedule
 from .dispatch import BACKENDS
 from ..losses import LossParams, get_loss, sequence_coefficients
 from .lce_epilogue import compute_dtype, lce_epilogue_backward_, lce_epilogue_forward

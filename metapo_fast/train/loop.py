@@ -4,8 +4,12 @@ One optimiser step (:meth:`Trainer._train_step`):
   for each micro-batch:  policy and reference hidden states -> (MetaPO) a no-grad pass of the fused
   loss gives this step's margins z and KL -> the tracker updates each pair's history in place and
   returns its features s -> w = w_phi(s) -> the fused loss with weights w -> backward.
-  Then clip, skip the step if anything is non-finite, optimiser and scheduler step.
-Every K steps a meta-update (:meth:`Trainer._meta_update`) moves phi; every E steps an evaluation;
+  Then the weights' normalisation over the whole step (``batch_mean``: the plain engine divides
+  the step's gradient by the mean raw weight of all its micro-batches; under DeepSpeed each
+  micro-batch is normalised over the ranks), clip, skip the step if anything is non-finite,
+  every K steps the meta-update (:meth:`Trainer._meta_update`: at theta_t, before the optimiser
+  step, on every micro-batch of the step), optimiser and scheduler step.
+Every E steps an evaluation;
 crash-safe checkpoints every S steps (``state.py``). Building the run is ``setup.py``'s job, the
 forward ``forward.py``'s, what the run writes ``outputs.py``'s.
 """
@@ -21,12 +25,11 @@ from ..comm import barrier
 from ..config import MetaPOConfig, save_yaml
 from ..data.batches import PairSampler
 from ..metapo.tracker import TemporalTracker
-from ..metapo.weight_net import MetaWeightNet
 from . import outputs, state
 from .forward import PairForward, kl_or_zeros
 from .outputs import make_logger
 from .parallel import DistInfo, PlainEngine
-from .setup import build_data, build_engine, build_models, lr_schedule, make_meta_learner, seed_everything
+from .setup import build_data, build_engine, build_models, lr_schedule, make_meta_learner, make_meta_net, seed_everything
 from .state import CheckpointManager
 
 __all__ = ["Trainer", "NonFiniteError"]
@@ -52,7 +55,7 @@ class Trainer:
         # (margin, KL) of each pair's last visit: with the tracker's history these give the exact
         # features the meta-network saw, for the pair-weights table (8 more bytes per pair).
         self.last_seen = torch.zeros(n, 2, dtype=torch.float32, device=self.device)
-        self.meta_net = MetaWeightNet(m.arch, m.features, cfg.meta_normalize, m.mlp_hidden, m.stats_momentum).to(self.device) if m.enabled else None
+        self.meta_net = make_meta_net(cfg, self.device) if m.enabled else None
         self.meta = make_meta_learner(cfg, self.meta_net) if m.enabled else None
         self.sampler = PairSampler(n, t.per_device_batch_size, dist.world_size, dist.rank, seed=t.seed)
         self.grad_accum = t.resolved_grad_accum(dist.world_size)
@@ -67,7 +70,7 @@ class Trainer:
         self.step, self.val_cursor = 0, 0
         self.counters = {"nonfinite_skips": 0, "consecutive_nonfinite": 0, "tokens": 0, "train_time_s": 0.0, "meta_time_s": 0.0,
                          "meta_updates": 0}
-        self.last_batch = None  # (batch with its reference log-probs, features): what the meta-update differentiates
+        self.meta_log: dict = {}  # the last meta-update's diagnostics, logged with its step
         if self.resume_path:
             state.restore(self, self.resume_path)
         self.logger = make_logger(dist.is_main, self.run_dir, self.total_steps, resume=self.resume_path is not None)
@@ -79,9 +82,9 @@ class Trainer:
     def train(self) -> dict:
         t, m = self.cfg.train, self.cfg.meta
         while self.step < self.total_steps:
-            metrics = self._train_step()
+            metrics = self._train_step(meta=self.meta is not None and (self.step + 1) % m.interval == 0)
             self.step += 1
-            extra = self._meta_update() if self.meta is not None and self.step % m.interval == 0 else {}
+            extra, self.meta_log = self.meta_log, {}
             if self.step % t.log_every == 0 or self.step == self.total_steps or extra:
                 self.logger.log(self.step, outputs.step_record(self, metrics, extra))
             if t.eval_every and self.step % t.eval_every == 0 and self.step < self.total_steps:
@@ -94,14 +97,19 @@ class Trainer:
         return summary
 
     # ------------------------------------------------------------------------------- one step
-    def _train_step(self) -> dict:
-        """One optimiser step over ``grad_accum`` micro-batches; returns its metrics (tensors)."""
+    def _train_step(self, meta: bool = False) -> dict:
+        """One optimiser step over ``grad_accum`` micro-batches; returns its metrics (tensors). With
+        ``meta``, the meta-update runs inside the step (its diagnostics land in ``self.meta_log``)."""
         t0 = time.perf_counter()
         agg: dict[str, list] = {}
-        snapshots = []
+        snapshots, micro = [], []  # tracker rows to restore on a skip; (batch, features) for the meta-update
         skipped_micro = False
+        # batch_mean on the plain engine: raw weights here, the step's gradient divided by their mean below
+        step_norm = self.meta_net is not None and self.meta_net.normalize == "batch_mean" and isinstance(self.eng, PlainEngine)
+        w_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        w_count = 0
         it = iter(self.sampler)
-        for _ in range(self.grad_accum):
+        for j in range(self.grad_accum):
             idx = next(it, None)
             if idx is None:  # epoch boundary inside an accumulation window
                 idx = next(iter(self.sampler))
@@ -112,7 +120,7 @@ class Trainer:
 
             def weights_fn(stats, pair_ids=pair_ids, seen=seen):  # MetaPO: features from this step's margins
                 seen["features"] = self._track(pair_ids, stats)
-                return self.meta_net(seen["features"], update_stats=True).detach()
+                return self.meta_net(seen["features"], normalize=not step_norm).detach()
 
             with contextlib.ExitStack() as stack:  # (ZeRO-3) holds the head's full weight through the backward
                 out, stats, w = self.fwd(batch, weights_fn if self.meta_net is not None else None, stack=stack)
@@ -122,6 +130,8 @@ class Trainer:
                 ok = True if isinstance(self.eng, PlainEngine) else self.eng.loss_finite(out.loss)
                 if ok:
                     self.eng.backward(out.loss, self.grad_accum)
+            if meta and j == self.grad_accum - 1 and self.meta_replica is not None:
+                self.eng.full_copy_into(self.meta_replica)  # theta_t: DeepSpeed steps inside the last micro-step
             if ok:
                 self.eng.micro_step()
             else:
@@ -129,20 +139,32 @@ class Trainer:
             last = dict(batch)
             if stats.ref_chosen_logps is not None:  # the meta-update's ghost pass reuses them
                 last["ref_logps"] = torch.cat([stats.ref_chosen_logps, stats.ref_rejected_logps])
-            self.last_batch = (last, seen["features"])
+            micro.append((last, seen["features"]))
+            w_sum += w.sum()
+            w_count += w.numel()
             self.counters["tokens"] += int(batch["attention_mask"].sum())
             for k, v in outputs.batch_metrics(out, stats, w).items():
                 agg.setdefault(k, []).append(v)
         metrics = {k: torch.stack(v).mean() for k, v in agg.items()}
-        gnorm, finite = self.eng.clip_and_check(metrics["loss"])
+        grad_scale = None
+        if step_norm:  # w_i / mean(w over the whole step): a device scalar, no host read
+            grad_scale = (w_count / w_sum.clamp(min=1e-12)).float()
+            for k in ("loss", "metapo/weight_mean", "metapo/weight_std"):
+                metrics[k] = metrics[k] * grad_scale
+        gnorm, finite = self.eng.clip_and_check(metrics["loss"], grad_scale)
+        meta_s = 0.0
         if finite and not skipped_micro:
+            if meta:
+                meta_s = self._meta_update(micro)
+            if self.meta_net is not None:  # the step's features join the statistics after the step used them
+                self.meta_net.update_stats(torch.cat([f for _, f in micro]))
             self.eng.step()
             self.counters["consecutive_nonfinite"] = 0
         else:
             self._skip_step(snapshots)
         self.eng.end_step()
         metrics["grad_norm"] = gnorm
-        self.counters["train_time_s"] += time.perf_counter() - t0
+        self.counters["train_time_s"] += time.perf_counter() - t0 - meta_s
         return metrics
 
     def _pinned(self, batch: dict) -> dict:
@@ -193,11 +215,21 @@ class Trainer:
             batch["ref_logps"] = self.fwd.ref_logps(batch)
         return batch
 
-    def _meta_update(self) -> dict:
+    def _meta_update(self, micro: list) -> float:
+        """Move phi by one meta-update at theta_t (before this step's optimiser step), with the
+        lookahead over every micro-batch of the step. Under DeepSpeed it runs on the full replica
+        copied before the last micro-step; on the plain engine on the model itself, with the step's
+        accumulated gradients set aside. Returns its wall time; diagnostics go to ``self.meta_log``."""
         t0 = time.perf_counter()
-        batch, feats = self.last_batch
-        model = self.eng.full_copy_into(self.meta_replica) if self.meta_replica is not None else self.model
-        diag = self.meta.step(model, batch, self._val_batch(), feats, ref_model=self.ref)
+        batches, feats = [b for b, _ in micro], torch.cat([f for _, f in micro])
+        model = self.meta_replica if self.meta_replica is not None else self.model
+        params = list(model.parameters())
+        grads = [p.grad for p in params]  # the step's gradients: the meta-update's backward must not touch them
+        for p in params:
+            p.grad = None
+        diag = self.meta.step(model, batches, self._val_batch(), feats, ref_model=self.ref)
+        for p, g in zip(params, grads):
+            p.grad = g
         dt = time.perf_counter() - t0
         self.counters["meta_time_s"] += dt
         self.counters["meta_updates"] += 1
@@ -205,7 +237,8 @@ class Trainer:
         if self.meta_net.arch == "linear":
             out.update({f"metapo/coef/{k}": v for k, v in self.meta_net.coefficients().items()})
         out["metapo/meta_update_s"] = dt
-        return out
+        self.meta_log = out
+        return dt
 
     # ------------------------------------------------------------------- evaluation, saving
     def evaluate(self) -> dict:

@@ -108,7 +108,12 @@ class PlainEngine:
     def micro_step(self) -> None:  # DeepSpeed steps per micro-batch; plain PyTorch once per step
         pass
 
-    def clip_and_check(self, loss: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    def clip_and_check(self, loss: torch.Tensor, grad_scale: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, bool]:
+        """Scale the accumulated gradients by ``grad_scale`` (a device scalar: the step-wide weight
+        normalisation), clip them, and read whether loss and gradient norm are finite."""
+        if grad_scale is not None:
+            grads = [p.grad for p in self.module.parameters() if p.grad is not None]
+            torch._foreach_mul_(grads, grad_scale.to(grads[0].dtype))
         gnorm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.max_grad_norm or float("inf"))
         return gnorm, bool(torch.isfinite(gnorm) & torch.isfinite(loss))  # the one host sync of a step
 
@@ -188,7 +193,9 @@ class DeepSpeedEngine:
             dist.all_reduce(flag, op=dist.ReduceOp.MIN)
         return bool(flag.item())
 
-    def clip_and_check(self, loss: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    def clip_and_check(self, loss: torch.Tensor, grad_scale: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, bool]:
+        if grad_scale is not None:
+            raise ValueError("DeepSpeedEngine: the step-wide weight normalisation is applied per micro-batch over the ranks")
         gn = self.engine.get_global_grad_norm()
         return torch.tensor(float(gn) if gn is not None else float("nan")), True
 

@@ -23,7 +23,8 @@ from ..models.hf import compute_device, last_hidden_states, lm_head_of
 log = logging.getLogger(__name__)
 
 __all__ = ["RunData", "Models", "Parallel", "seed_everything", "lr_schedule", "build_models", "build_tokenizer_and_model",
-           "sft_warmup", "make_reference", "build_data", "sequence_logps_batched", "build_engine", "make_meta_learner"]
+           "sft_warmup", "make_reference", "build_data", "sequence_logps_batched", "build_engine", "make_meta_net",
+           "make_meta_learner"]
 
 
 def seed_everything(seed: int) -> None:
@@ -301,10 +302,17 @@ def build_engine(cfg: MetaPOConfig, dist, model: nn.Module, ref: Optional[nn.Mod
     return par
 
 
+def make_meta_net(cfg: MetaPOConfig, device: torch.device):
+    from ..metapo.weight_net import MetaWeightNet
+
+    m = cfg.meta
+    return MetaWeightNet(m.arch, m.features, cfg.meta_normalize, m.mlp_hidden, m.stats_momentum, m.feature_norm).to(device)
+
+
 def make_meta_learner(cfg: MetaPOConfig, net):
     from ..metapo.bilevel import MetaLearner
 
     m = cfg.meta
     return MetaLearner(net, lr=m.lr, interval=m.interval, lambda_margin=m.lambda_margin, entropy_coef=m.entropy_coef,
                        inner_lr=cfg.lookahead_lr, loss_type=cfg.loss.loss_type, loss_params=cfg.loss.to_loss_params(),
-                       backend=cfg.loss.backend)
+                       backend=cfg.loss.backend, optimizer=m.optimizer)
