@@ -2,7 +2,8 @@
 and help held-out accuracy? Every variant runs on the same seeds and is compared pairwise with DPO
 (and, where given, with the code before a change).
 
-    python -m benchmarks.meta_ablation                         # 5 seeds x the variants below (~15 min on 2 cores)
+    python -m benchmarks.meta_ablation                         # 5 seeds x DEFAULT_VARIANTS (~15 min on 2 cores)
+    python -m benchmarks.meta_ablation --variants dpo cdpo rdpo margin_weights   # the baselines
     python -m benchmarks.meta_ablation --seeds 0 1 --variants dpo metapo_sgd
     python -m benchmarks.meta_ablation --before /path/to/worktree   # adds "before": MetaPO at another checkout
     python -m benchmarks.meta_ablation --quick                 # 1 seed, 40 steps (CI smoke)
@@ -36,7 +37,14 @@ VARIANTS = {
     "metapo_sgd": ["meta.optimizer=sgd"],
     "metapo_std": ["meta.feature_norm=standardize"],
     "metapo_sgd_std": ["meta.optimizer=sgd", "meta.feature_norm=standardize"],
+    "metapo_sigval": ["meta.val_objective=sigmoid"],
+    "metapo_sgd_sigval": ["meta.optimizer=sgd", "meta.val_objective=sigmoid"],
+    # baselines a user would otherwise pick (label noise 30%: eps is the true flip rate)
+    "cdpo": ["meta.enabled=false", "loss.label_smoothing=0.3"],
+    "rdpo": ["meta.enabled=false", "loss.loss_type=robust", "loss.label_smoothing=0.3"],
+    "margin_weights": ["meta.weighting=ema_margin"],
 }
+DEFAULT_VARIANTS = ["dpo", "metapo", "metapo_sgd", "metapo_std", "metapo_sgd_std"]
 FEATURES = ("margin", "ema_margin", "std", "ema_std", "kl", "ema_kl", "bias")
 
 
@@ -101,7 +109,7 @@ def table(rows: list[dict], variants: list[str], seeds: list[int]) -> list[str]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    ap.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, choices=list(VARIANTS))
     ap.add_argument("--before", default=None, help="a checkout of the code before a change: its MetaPO joins as 'before'")
     ap.add_argument("--extra", nargs="*", default=[], help="overrides added to every run")
     ap.add_argument("--quick", action="store_true", help="1 seed, 40 steps, 400 pairs (a smoke test)")

@@ -1,6 +1,6 @@
 """How much the meta-gradient's per-pair signal separates flipped from clean pairs on the default task.
 
-    python -m benchmarks.meta_signal [--steps 20 150] [--pairs 256]
+    python -m benchmarks.meta_signal [--steps 20 150] [--pairs 256] [--val-objectives log sigmoid] [--record]
 
 For each checkpoint step: train the default task with plain DPO for that many steps, then compute
 c_i = <grad L_val, grad l_i> (the quantity the meta-update sums, docs/math.md section 5) for
@@ -8,12 +8,14 @@ c_i = <grad L_val, grad l_i> (the quantity the meta-update sums, docs/math.md se
 noisy as the training data) and against the same pairs with their true labels
 (``data.synthetic.clean_validation``). It reports the mean c_i of clean and flipped pairs, the
 share with c_i > 0, and the AUROC of c_i for clean vs flipped. It also reports the AUROC of the
-policy's own p = sigma(z), which is a feature the meta-network sees.
-Writes benchmarks/results/meta_signal.{md,csv}.
+policy's own p = sigma(z), which is a feature the meta-network sees. ``--val-objectives`` repeats
+it for each L_val loss (``meta.val_objective``: log = -log sigma(z), sigmoid = sigma(-z)).
+Writes benchmarks/results/meta_signal-<UTC time>.{md,csv}, or meta_signal.{md,csv} with --record.
 """
 from __future__ import annotations
 
 import argparse
+import datetime as _dt
 import tempfile
 
 import numpy as np
@@ -22,7 +24,7 @@ import torch
 from benchmarks.common import provenance, write_csv, write_md
 
 
-def measure(steps: int, n_pairs: int, out_dir: str) -> list[dict]:
+def measure(steps: int, n_pairs: int, out_dir: str, val_objectives=("log",), extra=()) -> list[dict]:
     from metapo_fast.data.batches import TrueLabels
     from metapo_fast.config import load_config
     from metapo_fast.train.parallel import DistInfo
@@ -33,7 +35,7 @@ def measure(steps: int, n_pairs: int, out_dir: str) -> list[dict]:
     from metapo_fast.train.loop import Trainer
 
     cfg = load_config(_default_config(), [f"train.output_dir={out_dir}", f"train.max_steps={max(steps, 1)}", "train.save_every=0",
-                                          "train.eval_every=0", "meta.enabled=false"])
+                                          "train.eval_every=0", "meta.enabled=false", *extra])
     tr = Trainer(cfg, DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")))
     for _ in range(steps):
         tr._train_step()
@@ -42,8 +44,6 @@ def measure(steps: int, n_pairs: int, out_dir: str) -> list[dict]:
     flipped = ds.column("is_flipped") == 1
     idx = np.random.default_rng(0).choice(len(ds), n_pairs, replace=False)
     f = flipped[idx]
-    learner = MetaLearner(MetaWeightNet("linear", cfg.meta.features, cfg.meta_normalize, feature_norm=cfg.meta.feature_norm), loss_type="sigmoid",
-                          loss_params=tr.cfg.loss.to_loss_params())
     batches = []
     for s in range(0, n_pairs, 32):
         b = tr.data.collator([ds[int(i)] for i in idx[s:s + 32]])
@@ -51,12 +51,16 @@ def measure(steps: int, n_pairs: int, out_dir: str) -> list[dict]:
         batches.append(b)
     z, _ = tr.fwd.margins(ds, tr.data.collator)
     rows = []
-    for name, val in (("validation split as is", tr.data.val), ("validation with true labels", TrueLabels(tr.data.val))):
+    for (name, val), objective in ((v, o) for v in (("validation split as is", tr.data.val),
+                                                     ("validation with true labels", TrueLabels(tr.data.val)))
+                                   for o in val_objectives):
+        learner = MetaLearner(MetaWeightNet("linear", cfg.meta.features, cfg.meta_normalize, feature_norm=cfg.meta.feature_norm),
+                              loss_type="sigmoid", loss_params=tr.cfg.loss.to_loss_params(), val_objective=objective)
         vb = tr.data.collator([val[i] for i in range(len(val))])
         vb["ref_logps"] = tr.fwd.ref_logps(vb)
         G, _ = learner.meta_gradient(tr.model, vb, tr.ref)
         c = torch.cat([pair_gradient_dots(tr.model, b, G, "sigmoid", tr.cfg.loss.to_loss_params(), tr.ref) for b in batches]).numpy()
-        rows.append({"dpo_steps": steps, "validation": name, "val_pairs": len(val), "pairs": n_pairs,
+        rows.append({"dpo_steps": steps, "validation": name, "val_objective": objective, "val_pairs": len(val), "pairs": n_pairs,
                      "mean_c_clean": f"{c[~f].mean():.3e}", "mean_c_flipped": f"{c[f].mean():.3e}",
                      "share_c_pos_clean": round(float((c[~f] > 0).mean()), 3),
                      "share_c_pos_flipped": round(float((c[f] > 0).mean()), 3),
@@ -69,18 +73,23 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, nargs="+", default=[20, 150])
     ap.add_argument("--pairs", type=int, default=256)
+    ap.add_argument("--val-objectives", nargs="+", default=["log"], choices=["log", "sigmoid"])
+    ap.add_argument("--record", action="store_true", help="write meta_signal.md/.csv (else a new timestamped file)")
+    ap.add_argument("--extra", nargs="*", default=[], help="config overrides, e.g. data.val_fraction=0.2")
     a = ap.parse_args(argv)
     rows = []
     for s in a.steps:
         with tempfile.TemporaryDirectory() as d:
-            rows += measure(s, a.pairs, d)
-        for r in rows[-2:]:
-            print(r)
+            new = measure(s, a.pairs, d, a.val_objectives, a.extra)
+        rows += new
+        for r in new:
+            print(r, flush=True)
     prov = provenance("cpu", "benchmarks.meta_signal")
     setup = (f"default task (2000 pairs, 30% flipped, tiny Llama, SFT warm-up 30 steps), DPO for the listed steps, "
-             f"{a.pairs} random training pairs, one seed")
-    write_csv("meta_signal.csv", rows)
-    write_md("meta_signal.md", "Per-pair meta-gradient signal: c_i = <grad L_val, grad l_i>, clean vs flipped pairs", prov,
+             f"{a.pairs} random training pairs, one seed" + (f", overrides {' '.join(a.extra)}" if a.extra else ""))
+    stem = "meta_signal" if a.record else "meta_signal-" + _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
+    write_csv(stem + ".csv", rows)
+    write_md(stem + ".md", "Per-pair meta-gradient signal: c_i = <grad L_val, grad l_i>, clean vs flipped pairs", prov,
              setup, rows)
 
 

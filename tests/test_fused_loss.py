@@ -9,13 +9,13 @@ backend (torch reference, Triton under the interpreter, C++), through both chunk
 import pytest
 import torch
 
-from metapo_fast.ops.dispatch import cpp_available
+from metapo_fast.ops.dispatch import cpp_compiler_present
 from metapo_fast.ops.preference_loss import FusedLinearPreferenceLoss, fused_linear_preference_loss
 from metapo_fast.losses import LOSSES, LossParams, PairBatch, pair_loss
 from tests.naive import sequence_logps
 
 B, T, H, V = 3, 47, 31, 123
-BACKENDS = ["torch", "triton", pytest.param("cpp", marks=pytest.mark.skipif(not cpp_available(), reason="no C++ compiler"))]
+BACKENDS = ["torch", "triton", pytest.param("cpp", marks=pytest.mark.skipif(not cpp_compiler_present(), reason="no C++ compiler on PATH"))]
 # chunk budgets: the default (whole pairs, single pass) and 40 rows of logits (two-phase path)
 PATHS = {"single": 256 * 1024 * 1024, "two_phase": 40 * V * 4 * 2}
 

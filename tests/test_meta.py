@@ -93,7 +93,7 @@ def test_uncovered_parameter_is_named():
         pair_gradient_dots(model, make_batch(2), G, "sigmoid", PARAMS, ref_model=copy.deepcopy(model), backend="torch")
 
 
-def exact_lookahead_phi_grad(model, ref, net, feats, train, val, eta, lam):
+def exact_lookahead_phi_grad(model, ref, net, feats, train, val, eta, lam, val_objective="log"):
     """dL_meta(theta')/dphi with theta' = theta - eta grad (1/B) sum_i w_phi(s_i) l_i, by double backward."""
     names = [n for n, _ in model.named_parameters()]
     params = [p for _, p in model.named_parameters()]
@@ -116,12 +116,13 @@ def exact_lookahead_phi_grad(model, ref, net, feats, train, val, eta, lam):
     b = h.shape[0] // 2
     z = PARAMS.beta * ((s.logps[:b] - r[:b]) - (s.logps[b:] - r[b:]))
     pos = (z > 0).double()
-    l_meta = -torch.nn.functional.logsigmoid(z).mean() + lam * (-(z * pos).sum() / pos.sum().clamp(min=1))
+    l_val = -torch.nn.functional.logsigmoid(z) if val_objective == "log" else torch.sigmoid(-z)
+    l_meta = l_val.mean() + lam * (-(z * pos).sum() / pos.sum().clamp(min=1))
     return torch.autograd.grad(l_meta, list(net.parameters()))
 
 
-@pytest.mark.parametrize("normalize", ["none", "batch_mean"])
-def test_phi_gradient_equals_double_backward_lookahead(normalize):
+@pytest.mark.parametrize("normalize,val_objective", [("none", "log"), ("batch_mean", "log"), ("batch_mean", "sigmoid")])
+def test_phi_gradient_equals_double_backward_lookahead(normalize, val_objective):
     """First-order meta-gradient vs the exact lookahead at small eta (float64): rel err ~ eta."""
     model = tiny_llama(False)
     ref = copy.deepcopy(model)
@@ -135,11 +136,11 @@ def test_phi_gradient_equals_double_backward_lookahead(normalize):
         net.v.copy_(torch.randn(6) * 0.5)
     feats = torch.randn(B, 6, dtype=torch.float64)
     eta = 1e-6
-    learner = MetaLearner(net, inner_lr=eta, lambda_margin=0.1, loss_params=PARAMS, backend="torch")
+    learner = MetaLearner(net, inner_lr=eta, lambda_margin=0.1, loss_params=PARAMS, backend="torch", val_objective=val_objective)
     learner.phi_gradient(model, train, val, feats.float(), ref_model=ref)
     ours = [p.grad.clone().double() for p in net.parameters()]
     net.zero_grad()
-    exact = exact_lookahead_phi_grad(model, ref, net, feats.float().double(), train, val, eta, 0.1)
+    exact = exact_lookahead_phi_grad(model, ref, net, feats.float().double(), train, val, eta, 0.1, val_objective)
     num = sum(((a - b) ** 2).sum() for a, b in zip(ours, exact)).sqrt()
     den = sum((b ** 2).sum() for b in exact).sqrt()
     assert den > 0 and num / den < 2e-4, f"relative error {float(num / den):.2e}"  # observed 1e-5 .. 5e-5 at eta=1e-6

@@ -111,3 +111,21 @@ def test_bad_arguments():
         MetaWeightNet(normalize="softmax")
     with pytest.raises(ValueError, match=r"\(B, 6\)"):
         MetaWeightNet()(torch.zeros(3, 5))
+
+
+def test_margin_baseline_is_sigmoid_of_the_normalised_ema_margin():
+    """meta.weighting=ema_margin: w = sigmoid(kappa * ema_margin / rms), mean 1, nothing to learn."""
+    from metapo_fast.metapo.weight_net import MarginWeights
+
+    net = MarginWeights(kappa=2.0)
+    s = torch.zeros(4, 6)
+    s[:, 1] = torch.tensor([-1.0, 0.0, 0.5, 2.0])
+    s[:, 0] = torch.tensor([9.0, -9.0, 9.0, -9.0])  # the current margin does not matter
+    net.update_stats(s)
+    rms = float(s[:, 1].pow(2).mean().sqrt())
+    raw = torch.sigmoid(2.0 * s[:, 1] / (rms + 1e-8))
+    torch.testing.assert_close(net(s), raw / raw.mean())
+    torch.testing.assert_close(net(s, normalize=False), raw)
+    assert not any(p.requires_grad for p in net.parameters())
+    with pytest.raises(ValueError, match="kappa"):
+        MarginWeights(kappa=0.0)

@@ -2,11 +2,11 @@
 import pytest
 import torch
 
-from metapo_fast.ops.dispatch import cpp_available
+from metapo_fast.ops.dispatch import cpp_compiler_present
 from metapo_fast.ops.tracker_update import tracker_update_ref
 from metapo_fast.metapo.tracker import TemporalTracker
 
-BACKENDS = ["torch", "triton", pytest.param("cpp", marks=pytest.mark.skipif(not cpp_available(), reason="no C++ compiler"))]
+BACKENDS = ["torch", "triton", pytest.param("cpp", marks=pytest.mark.skipif(not cpp_compiler_present(), reason="no C++ compiler on PATH"))]
 
 
 def _visits(seed, n, steps, b, dup=False):

@@ -83,7 +83,25 @@ def test_metapo_run_outputs_and_exact_resume(tmp_path):
     assert sa["coefficients"] == pytest.approx(summary["coefficients"], abs=1e-6)
 
 
-@pytest.mark.parametrize("loss", ["sigmoid", "ipo", "focal", "simpo", "orpo"])
+def test_ema_margin_baseline_weights_and_exact_resume(tmp_path):
+    """meta.weighting=ema_margin: weights spread from 1 with no meta-update, and a resume from the
+    step-3 checkpoint (its feature statistics restored) reproduces the run."""
+    import shutil
+
+    args = ["meta.weighting=ema_margin", "meta.kappa=3.0", "train.max_steps=6", "train.save_every=3"]
+    full = _run(tmp_path, "full", args)
+    s = json.load(open(os.path.join(full, "summary.json")))
+    assert s["meta_updates"] == 0 and s["weight_std"] > 0.01 and "coefficients" not in s
+    crashed = str(tmp_path / "crashed")
+    shutil.copytree(full, crashed)
+    shutil.rmtree(os.path.join(crashed, "checkpoints", "step_00000006"))
+    assert main([*SMALL, f"train.output_dir={crashed}", *args, "train.resume=auto"]) == 0
+    for (_, la), (_, lb) in zip(_train_losses(full), _train_losses(crashed)):
+        assert la == pytest.approx(lb, abs=1e-6)
+    assert json.load(open(os.path.join(crashed, "summary.json")))["weight_std"] == pytest.approx(s["weight_std"], abs=1e-6)
+
+
+@pytest.mark.parametrize("loss", ["sigmoid", "ipo", "focal", "simpo", "orpo", "robust"])
 def test_every_loss_runs_with_the_meta_learner(tmp_path, loss):
     extra = [f"loss.loss_type={loss}", "train.max_steps=4"]
     if loss in ("simpo", "orpo"):  # reference-free: no KL features, no reference margin to stratify by

@@ -240,6 +240,9 @@ class MetaConfig:
     features: Literal["all", "no_margin", "no_volatility", "no_reference", "no_temporal"] = _f("all", "Feature subset (paper Table 6 ablations); no_reference drops the KL features.")
     lr: float = _f(0.03, "Meta learning rate on phi (its step is on dL_meta/dphi per unit of the lookahead's eta). The paper uses 1e-4, which math.md section 4 measured to leave phi unchanged; 0.03 learns.")
     optimizer: Literal["adam", "sgd"] = _f("adam", "Optimiser on phi: adam (per coordinate, the paper's) or sgd (momentum 0.9 on the L2-normalised meta-gradient: each update moves phi by meta.lr along it, so a feature that carries little of the signal moves little).")
+    val_objective: Literal["log", "sigmoid"] = _f("log", "L_val's per-pair loss: log (-log sigma(z), the paper's) or sigmoid (sigma(-z), the expected ranking error: bounded, so confidently misranked, i.e. mislabelled, validation pairs do not dominate the meta-gradient).")
+    weighting: Literal["learned", "ema_margin"] = _f("learned", "learned: MetaPO's meta-network, updated every K steps; ema_margin: the learned-free baseline w = sigmoid(meta.kappa * normalised EMA of the margin), normalised to mean 1 (nothing is meta-learned).")
+    kappa: float = _f(2.0, "Sharpness of the ema_margin baseline's sigmoid, on the normalised EMA of the margin.")
     feature_norm: Literal["rms", "standardize"] = _f("rms", "Feature normalisation of the meta-network: rms (divide by the running RMS; keeps signs) or standardize (subtract the running mean, divide by the running standard deviation).")
     normalize: Literal["auto", "none", "batch_mean"] = _f("auto", "Weight normalisation: batch_mean divides by the batch mean; auto = batch_mean when train.optimizer is adaptive (adamw), none otherwise (math.md section 4).")
     inner_lr_for_lookahead: Optional[float] = _f(None, "eta of the one-step lookahead; null = train.lr.")
@@ -256,6 +259,7 @@ class MetaConfig:
         _check_range(p, self, "inner_lr_for_lookahead", lo=0.0, lo_open=True, optional=True)
         _check_range(p, self, "val_batch_size", lo=1)
         _check_range(p, self, "stats_momentum", 0.0, 1.0, hi_open=True)
+        _check_range(p, self, "kappa", lo=0.0, lo_open=True)
 
 
 @dataclass

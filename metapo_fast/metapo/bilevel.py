@@ -38,26 +38,34 @@ from ..ops.preference_loss import fused_linear_preference_loss
 from .ghost import GhostCoverageError, GhostDots, head_ghost_dots
 from .weight_net import MetaWeightNet
 
-__all__ = ["MetaLearner", "meta_objective_losses", "pair_gradient_dots"]
+__all__ = ["MetaLearner", "meta_objective_losses", "pair_gradient_dots", "VAL_OBJECTIVES"]
 
 
-def meta_objective_losses(base: str) -> tuple[str, str]:
-    """Register (once) and return the names of two losses over the base loss's logit z:
-    ``-log sigma(z)`` (L_val's terms) and ``-z`` (L_margin's terms); the fused op then gives their
-    gradients without materialising logits."""
+VAL_OBJECTIVES = ("log", "sigmoid")
+
+
+def meta_objective_losses(base: str, val_objective: str = "log") -> tuple[str, str]:
+    """Register (once) and return the names of two losses over the base loss's logit z: L_val's
+    terms, ``-log sigma(z)`` (``log``, the paper's) or ``sigma(-z)`` (``sigmoid``: the expected
+    ranking error, a bounded, symmetric loss whose gradient vanishes on confidently misranked
+    pairs, so mislabelled validation pairs do not dominate g_meta), and ``-z`` (L_margin's terms);
+    the fused op then gives their gradients without materialising logits."""
+    if val_objective not in VAL_OBJECTIVES:
+        raise ValueError(f"val_objective must be one of {VAL_OBJECTIVES}, got {val_objective!r}")
     spec = get_loss(base)
-    names = (f"_meta_val[{base}]", f"_meta_margin[{base}]")
-    if names[0] not in LOSSES:
-        def val(batch: PairBatch, p: LossParams, fn=spec.fn):
-            z = fn(batch, p)[1]
-            return -F.logsigmoid(z), z
-
+    names = (f"_meta_val_{val_objective}[{base}]", f"_meta_margin[{base}]")
+    if names[1] not in LOSSES:
         def margin(batch: PairBatch, p: LossParams, fn=spec.fn):
             z = fn(batch, p)[1]
             return -z, z
 
-        register_loss(names[0], needs_reference=spec.needs_reference)(val)
         register_loss(names[1], needs_reference=spec.needs_reference)(margin)
+    if names[0] not in LOSSES:
+        def val(batch: PairBatch, p: LossParams, fn=spec.fn, kind=val_objective):
+            z = fn(batch, p)[1]
+            return (-F.logsigmoid(z) if kind == "log" else torch.sigmoid(-z)), z
+
+        register_loss(names[0], needs_reference=spec.needs_reference)(val)
     return names
 
 
@@ -139,6 +147,8 @@ class MetaLearner:
             coordinate a full-size step, noise included).
         interval: K, steps between meta-updates (the trainer calls :meth:`step` every K steps).
         lambda_margin: lambda of L_meta (paper: 0.1).
+        val_objective: L_val's per-pair loss: ``log`` (``-log sigma(z)``, the paper's) or ``sigmoid``
+            (``sigma(-z)``, bounded; see :func:`meta_objective_losses`).
         entropy_coef: weight of ``-H(w / sum w)`` added to the phi objective (paper Table 15; 0 = off).
         inner_lr: eta of the lookahead (the policy's learning rate).
         loss_type, loss_params: the training loss (its logit is the margin of L_meta).
@@ -146,7 +156,8 @@ class MetaLearner:
 
     def __init__(self, net: MetaWeightNet, lr: float = 0.03, interval: int = 100, lambda_margin: float = 0.1,
                  entropy_coef: float = 0.0, inner_lr: float = 1e-6, loss_type: str = "sigmoid",
-                 loss_params: Optional[LossParams] = None, backend: str = "auto", optimizer: str = "adam"):
+                 loss_params: Optional[LossParams] = None, backend: str = "auto", optimizer: str = "adam",
+                 val_objective: str = "log"):
         if interval < 1:
             raise ValueError(f"MetaLearner: interval (K) must be >= 1, got {interval}")
         if lr <= 0 or inner_lr <= 0:
@@ -160,7 +171,9 @@ class MetaLearner:
             self.opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9)
         else:
             raise ValueError(f"MetaLearner: optimizer must be 'adam' or 'sgd', got {optimizer!r}")
-        self.optimizer = optimizer
+        if val_objective not in VAL_OBJECTIVES:
+            raise ValueError(f"MetaLearner: val_objective must be one of {VAL_OBJECTIVES}, got {val_objective!r}")
+        self.optimizer, self.val_objective = optimizer, val_objective
         self.updates = 0
 
     # -- the meta-gradient direction ------------------------------------------------------------
@@ -168,7 +181,7 @@ class MetaLearner:
         """``{param: grad L_meta}`` on the (global) validation batch, and diagnostics."""
         device = next(model.parameters()).device
         ctx = _BatchInputs(model, ref_model, val_batch, device)
-        val_name, margin_name = meta_objective_losses(self.loss_type)
+        val_name, margin_name = meta_objective_losses(self.loss_type, self.val_objective)
         kw = dict(**self.params.kwargs(), compute_kl=False, backend=self.backend)
         for p in model.parameters():
             p.grad = None

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from ..comm import all_reduce_sum, world_size
 from ..ops.tracker_update import FEATURE_NAMES
 
-__all__ = ["MetaWeightNet", "SOFTPLUS_INV_ONE", "feature_subset"]
+__all__ = ["MetaWeightNet", "MarginWeights", "SOFTPLUS_INV_ONE", "feature_subset", "global_mean"]
 
 SOFTPLUS_INV_ONE = math.log(math.e - 1.0)  # softplus(b) = 1
 
@@ -151,7 +151,7 @@ class MetaWeightNet(nn.Module):
     # -- weights -------------------------------------------------------------------------------
     def preactivation(self, s_hat: torch.Tensor) -> torch.Tensor:
         """``v^T s_hat + b`` (linear) or the MLP's last-layer output, shape ``(B,)``."""
-        if self.arch == "linear":
+        if self.arch != "mlp":  # linear (and the fixed ema_margin baseline)
             return s_hat @ self.v.to(s_hat.dtype) + self.b.to(s_hat.dtype)
         h = F.relu(F.linear(s_hat, self.hidden_layer.weight.to(s_hat.dtype), self.hidden_layer.bias.to(s_hat.dtype)))
         return F.linear(h, self.out_layer.weight.to(s_hat.dtype), self.out_layer.bias.to(s_hat.dtype)).squeeze(-1)
@@ -165,10 +165,12 @@ class MetaWeightNet(nn.Module):
         s = s.detach().float()
         if update_stats:
             self.update_stats(s)
-        w = F.softplus(self.preactivation(self.normalize_features(s)))
+        w = self.activation(self.preactivation(self.normalize_features(s)))
         if normalize and self.normalize == "batch_mean":
             w = w / global_mean(w).clamp(min=1e-12)
         return w
+
+    activation = staticmethod(F.softplus)
 
     # -- interpretability (paper Sec. 4.9, App. C; math.md section 8) ----------------------------
     def coefficients(self) -> dict[str, float]:
@@ -195,6 +197,24 @@ class MetaWeightNet(nn.Module):
     def extra_repr(self) -> str:
         return (f"arch={self.arch}, features={list(self.feature_names)}, normalize={self.normalize}, "
                 f"feature_norm={self.feature_norm}")
+
+
+class MarginWeights(MetaWeightNet):
+    """The learned-free baseline: ``w_i = sigmoid(kappa * ema_margin_hat_i)``, the EMA of the margin
+    after the same feature normalisation as :class:`MetaWeightNet` (so ``kappa`` is scale-free),
+    normalised to mean 1 like ``batch_mean``. Nothing is learned (``meta.weighting=ema_margin``)."""
+
+    activation = staticmethod(torch.sigmoid)
+
+    def __init__(self, kappa: float, normalize: str = "batch_mean", stats_momentum: float = 0.99, feature_norm: str = "rms"):
+        super().__init__("linear", "all", normalize, stats_momentum=stats_momentum, feature_norm=feature_norm)
+        if not kappa > 0:
+            raise ValueError(f"MarginWeights: kappa must be > 0, got {kappa}")
+        with torch.no_grad():
+            self.v.zero_()[FEATURE_NAMES.index("ema_margin")] = kappa
+            self.b.zero_()
+        self.requires_grad_(False)
+        self.arch = "fixed"
 
 
 def global_mean(w: torch.Tensor) -> torch.Tensor:

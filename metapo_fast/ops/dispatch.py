@@ -20,7 +20,8 @@ from typing import Optional
 
 import torch
 
-__all__ = ["BACKENDS", "resolve_backend", "triton_interpreting", "load_cpp", "cpp_available", "cpp_unavailable_reason"]
+__all__ = ["BACKENDS", "resolve_backend", "triton_interpreting", "load_cpp", "cpp_available", "cpp_unavailable_reason",
+           "cpp_compiler_present"]
 
 BACKENDS = ("auto", "torch", "triton", "cpp")
 _warned: set[str] = set()
@@ -106,6 +107,12 @@ def load_cpp(verbose: bool = False) -> None:
             _error = f"metapo_fast: building the C++ CPU ops from {os.path.dirname(sources[0])} failed: {exc}"
             raise RuntimeError(_error) from exc
         _loaded = True
+
+
+def cpp_compiler_present() -> bool:
+    """Whether a C++ compiler (``$CXX`` or ``c++``) is on PATH. With one, a failed build is an error to
+    report (tests fail), not a reason to skip."""
+    return shutil.which(os.environ.get("CXX", "c++")) is not None
 
 
 def cpp_available() -> bool:

@@ -56,12 +56,13 @@ class Trainer:
         # features the meta-network saw, for the pair-weights table (8 more bytes per pair).
         self.last_seen = torch.zeros(n, 2, dtype=torch.float32, device=self.device)
         self.meta_net = make_meta_net(cfg, self.device) if m.enabled else None
-        self.meta = make_meta_learner(cfg, self.meta_net) if m.enabled else None
+        learned = m.enabled and m.weighting == "learned"
+        self.meta = make_meta_learner(cfg, self.meta_net) if learned else None
         self.sampler = PairSampler(n, t.per_device_batch_size, dist.world_size, dist.rank, seed=t.seed)
         self.grad_accum = t.resolved_grad_accum(dist.world_size)
         self.total_steps = t.max_steps if t.max_steps is not None else self.sampler.batches_per_epoch // self.grad_accum * t.epochs
         par = build_engine(cfg, dist, self.model, models.ref, models.ref_placement, lr_schedule(cfg, self.total_steps),
-                           with_replica=m.enabled)
+                           with_replica=learned)
         self.eng, self.model, self.ref, self.ref_placement, self.meta_replica = par.eng, par.model, par.ref, par.ref_placement, par.meta_replica
         self.fwd = PairForward(self.model, self.ref, self.eng, self.device, cfg.loss.loss_type, cfg.loss.to_loss_params(),
                                cfg.loss.chunk_bytes, cfg.loss.backend, par.ref_head, par.ref_begin_forward)

@@ -303,9 +303,12 @@ def build_engine(cfg: MetaPOConfig, dist, model: nn.Module, ref: Optional[nn.Mod
 
 
 def make_meta_net(cfg: MetaPOConfig, device: torch.device):
-    from ..metapo.weight_net import MetaWeightNet
+    """The weights' network: MetaPO's meta-network, or the fixed ema_margin baseline."""
+    from ..metapo.weight_net import MarginWeights, MetaWeightNet
 
     m = cfg.meta
+    if m.weighting == "ema_margin":
+        return MarginWeights(m.kappa, cfg.meta_normalize, m.stats_momentum, m.feature_norm).to(device)
     return MetaWeightNet(m.arch, m.features, cfg.meta_normalize, m.mlp_hidden, m.stats_momentum, m.feature_norm).to(device)
 
 
@@ -315,4 +318,4 @@ def make_meta_learner(cfg: MetaPOConfig, net):
     m = cfg.meta
     return MetaLearner(net, lr=m.lr, interval=m.interval, lambda_margin=m.lambda_margin, entropy_coef=m.entropy_coef,
                        inner_lr=cfg.lookahead_lr, loss_type=cfg.loss.loss_type, loss_params=cfg.loss.to_loss_params(),
-                       backend=cfg.loss.backend, optimizer=m.optimizer)
+                       backend=cfg.loss.backend, optimizer=m.optimizer, val_objective=m.val_objective)

@@ -198,6 +198,7 @@ def _trainer_state(tr) -> dict:
     return {
         "step": tr.step,
         "tracker": tr.tracker.state_dict(), "last_seen": tr.last_seen.cpu(), "meta": None if tr.meta is None else tr.meta.state_dict(),
+        "weights_net": None if tr.meta_net is None else tr.meta_net.state_dict(),  # its feature statistics (baseline too)
         "sampler": tr.sampler.state_dict(), "counters": dict(tr.counters), "val_cursor": tr.val_cursor,
         "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
@@ -242,6 +243,8 @@ def restore(tr, path: str) -> None:
     tr.last_seen.copy_(st["last_seen"])
     if tr.meta is not None:
         tr.meta.load_state_dict(st["meta"])
+    elif tr.meta_net is not None:
+        tr.meta_net.load_state_dict(st["weights_net"])
     tr.sampler.load_state_dict(st["sampler"])
     tr.counters.update(st["counters"])
     tr.val_cursor = st["val_cursor"]
