@@ -66,15 +66,13 @@ def shapley_values(net, s: np.ndarray) -> np.ndarray:
 
 def load_meta_net(run_dir: str, meta_cfg: Optional[dict] = None):
     """The MetaWeightNet of the newest valid checkpoint (with its feature normalisation), or None."""
-    import torch
-
-    from .train.state import CheckpointManager
+    from .train.state import CheckpointManager, load_trainer_state
     from .metapo.weight_net import MetaWeightNet
 
     found = CheckpointManager(run_dir).latest_valid(deep=False) if os.path.isdir(os.path.join(run_dir, "checkpoints")) else None
     if found is None:
         return None
-    st = torch.load(os.path.join(found[1], "trainer_state.pt"), weights_only=False, map_location="cpu").get("meta")
+    st = load_trainer_state(found[1]).get("meta")  # no arbitrary unpickling (CheckpointError if unsafe)
     if not st:
         return None
     sd = st["net"]

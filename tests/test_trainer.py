@@ -328,3 +328,34 @@ def test_meta_update_runs_at_theta_t_on_every_micro_batch(tmp_path, monkeypatch)
     twin._train_step(meta=False)
     for pa, pb in zip(tr.model.parameters(), twin.model.parameters()):
         torch.testing.assert_close(pa, pb, rtol=0, atol=0)
+
+
+def test_a_planted_pickle_in_a_run_directory_is_refused_and_runs_nothing(tmp_path):
+    """trainer_state.pt is loaded with weights_only=True: a checkpoint whose state file holds a pickle
+    with code (its manifest made to match) makes resume and the report refuse it, naming the file,
+    and the code never runs."""
+    import hashlib
+
+    from metapo_fast.report import load_meta_net
+    from metapo_fast.train.state import CheckpointError
+
+    out = _run(tmp_path, "run", ["train.max_steps=2", "train.save_every=1"])
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    ckpt = CheckpointManager(out).latest_valid()[1]
+    state = os.path.join(ckpt, "trainer_state.pt")
+    torch.save({"step": 2, "meta": Evil()}, state)
+    manifest = json.load(open(os.path.join(ckpt, "manifest.json")))
+    manifest["files"]["trainer_state.pt"] = {"sha256": hashlib.sha256(open(state, "rb").read()).hexdigest(),
+                                             "bytes": os.path.getsize(state)}
+    json.dump(manifest, open(os.path.join(ckpt, "manifest.json"), "w"))
+    assert CheckpointManager.verify(ckpt)[0]
+    with pytest.raises(CheckpointError, match="trainer_state.pt is not a metapo_fast trainer state that loads safely"):
+        main([*SMALL, f"train.output_dir={out}", "train.max_steps=3", "train.save_every=1", "train.resume=auto"])
+    with pytest.raises(CheckpointError, match="refusing to unpickle"):
+        load_meta_net(out)
+    assert not marker.exists()

@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import random
 import re
 import shutil
@@ -37,7 +38,8 @@ import torch
 
 from ..files import atomic_write_text, fsync_dir, sha256_file
 
-__all__ = ["CheckpointManager", "CheckpointError", "find_resume", "load_hf_weights", "save_checkpoint", "restore"]
+__all__ = ["CheckpointManager", "CheckpointError", "find_resume", "load_hf_weights", "save_checkpoint", "restore",
+           "load_trainer_state"]
 
 log = logging.getLogger(__name__)
 _STEP_RE = re.compile(r"^step_(\d{8})$")
@@ -200,7 +202,7 @@ def _trainer_state(tr) -> dict:
         "tracker": tr.tracker.state_dict(), "last_seen": tr.last_seen.cpu(), "meta": None if tr.meta is None else tr.meta.state_dict(),
         "weights_net": None if tr.meta_net is None else tr.meta_net.state_dict(),  # its feature statistics (baseline too)
         "sampler": tr.sampler.state_dict(), "counters": dict(tr.counters), "val_cursor": tr.val_cursor,
-        "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+        "rng": {"python": random.getstate(), "numpy": _numpy_rng_state(), "torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
         "fingerprint": config_fingerprint(tr.cfg),
     }
@@ -237,7 +239,7 @@ def restore(tr, path: str) -> None:
     from ..config import check_resume_compatible
 
     check_resume_compatible(path, tr.cfg)  # names every differing field
-    st = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=False, map_location="cpu")
+    st = load_trainer_state(path)
     tr.eng.load(path, st, load_hf_weights)
     tr.tracker.load_state_dict(st["tracker"])
     tr.last_seen.copy_(st["last_seen"])
@@ -250,11 +252,34 @@ def restore(tr, path: str) -> None:
     tr.val_cursor = st["val_cursor"]
     tr.step = st["step"]
     random.setstate(st["rng"]["python"])
-    np.random.set_state(st["rng"]["numpy"])
+    _set_numpy_rng_state(st["rng"]["numpy"])
     torch.set_rng_state(st["rng"]["torch"])
     if st["rng"]["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(st["rng"]["cuda"])
     _truncate_metrics(os.path.join(tr.run_dir, "metrics.jsonl"), tr.step)
+
+
+def load_trainer_state(path: str) -> dict:
+    """``trainer_state.pt`` of the checkpoint ``path``, loaded without unpickling arbitrary objects
+    (``torch.load(weights_only=True)``: tensors, containers and plain values only), so opening a run
+    directory someone else made runs no code from it. Raises :class:`CheckpointError` naming the file."""
+    f = os.path.join(path, "trainer_state.pt")
+    try:
+        return torch.load(f, weights_only=True, map_location="cpu")
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as exc:
+        raise CheckpointError(f"{f} is not a metapo_fast trainer state that loads safely (tensors and plain values only); "
+                              f"refusing to unpickle it: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}") from exc
+
+
+def _numpy_rng_state() -> tuple:
+    """numpy's global RNG state with its key array as a tensor (``weights_only`` loads no numpy arrays)."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    return name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)
+
+
+def _set_numpy_rng_state(st) -> None:
+    name, keys, pos, has_gauss, gauss = st
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
 
 
 def _truncate_metrics(path: str, step: int) -> None:
