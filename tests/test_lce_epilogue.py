@@ -5,6 +5,8 @@ reference, with flash-attention's rule: a backend's fp32 error is at most twice 
 error on the same input, plus 4 fp32 ulps of the largest value (PyTorch is sometimes exact to the
 last bit by luck). Before blocked sums, the C++ lse drifted 2.8e-5 at V = 32003
 against PyTorch's 1.2e-7."""
+import os
+
 import pytest
 import torch
 
@@ -48,3 +50,19 @@ def test_forward_and_backward_across_vocabulary_blocks(backend, v):
     err, base = (g.double() - g_want).abs().max().item(), (g_pt.double() - g_want).abs().max().item()
     assert err <= 2 * base + _ulps(g_want), f"{backend} V={v} backward: error {err:.2e}, PyTorch fp32 {base:.2e}"
     assert g_want.abs().max() > 0.5  # the target entries carry coef * (1 - p)
+
+
+def test_cpp_build_name_is_keyed_by_sources_and_toolchain(tmp_path):
+    """Two checkouts with the same sources share a build; a changed source gets its own (no
+    rebuilding each other's extension in one cache directory)."""
+    import shutil
+
+    from metapo_fast.ops.dispatch import _sources, cpp_build_name
+
+    srcs = _sources()
+    a = [shutil.copy(s, tmp_path / os.path.basename(s)) for s in srcs]
+    assert cpp_build_name(srcs, "c++") == cpp_build_name([str(p) for p in a], "c++")
+    with open(a[0], "a") as f:
+        f.write("\n// changed\n")
+    assert cpp_build_name([str(p) for p in a], "c++") != cpp_build_name(srcs, "c++")
+    assert cpp_build_name(srcs, "c++").startswith("metapo_fast_cpp_")

@@ -7,14 +7,20 @@ Kernels are chosen explicitly by this argument; nothing is patched globally.
 
 Every ``csrc/*.cpp`` registers its ops with ``TORCH_LIBRARY_FRAGMENT(metapo_fast_cpp, m)``; after
 :func:`load_cpp` they are reachable as ``torch.ops.metapo_fast_cpp.<name>``. All sources go into one
-shared library, compiled on first use (about a minute on 2 cores) and cached by torch.
+shared library, compiled on first use (about a minute on 2 cores) and cached by torch under a name
+keyed by the sources, the flags, the torch version and the compiler (:func:`cpp_build_name`), so two
+environments or checkouts on one machine keep their own builds instead of rebuilding each other's.
 """
 from __future__ import annotations
 
 import glob
+import hashlib
+import logging
 import os
 import shutil
+import subprocess
 import threading
+import time
 import warnings
 from typing import Optional
 
@@ -64,6 +70,27 @@ def resolve_backend(backend: str, device: torch.device, op: str) -> str:
 _lock = threading.Lock()
 _loaded = False
 _error: Optional[str] = None
+log = logging.getLogger(__name__)
+CFLAGS = ["-O3", "-fopenmp", "-march=native", "-ffp-contract=fast"]
+LDFLAGS = ["-fopenmp"]
+
+
+def cpp_build_name(sources: list[str], compiler: str) -> str:
+    """``metapo_fast_cpp_<hash>``: the hash covers the sources' bytes, the flags, the torch version
+    and the compiler's path and version, i.e. everything that changes the binary."""
+    import torch
+
+    h = hashlib.sha256()
+    for src in sources:
+        h.update(os.path.basename(src).encode())
+        with open(src, "rb") as f:
+            h.update(f.read())
+    try:
+        version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout.splitlines()[:1]
+    except (OSError, subprocess.SubprocessError):
+        version = []
+    h.update(repr((CFLAGS, LDFLAGS, torch.__version__, shutil.which(compiler), version)).encode())
+    return f"metapo_fast_cpp_{h.hexdigest()[:12]}"
 
 
 def _sources() -> list[str]:
@@ -92,20 +119,22 @@ def load_cpp(verbose: bool = False) -> None:
         if not sources:
             _error = "metapo_fast: no C++ sources found in metapo_fast/csrc (broken install?)"
             raise RuntimeError(_error)
-        from torch.utils.cpp_extension import load as _load
+        from torch.utils import cpp_extension
 
+        name = cpp_build_name(sources, compiler)
+        build_dir = getattr(cpp_extension, "_get_build_directory", None)  # private; only for the progress line
+        built = build_dir is None or os.path.exists(os.path.join(build_dir(name, verbose=False), f"{name}.so"))
+        if not built:
+            log.info("metapo_fast: building the C++ CPU ops (first use of these sources; about a minute) ...")
+        t0 = time.perf_counter()
         try:
-            _load(
-                name="metapo_fast_cpp",
-                sources=sources,
-                extra_cflags=["-O3", "-fopenmp", "-march=native", "-ffp-contract=fast"],
-                extra_ldflags=["-fopenmp"],
-                is_python_module=False,
-                verbose=verbose,
-            )
+            cpp_extension.load(name=name, sources=sources, extra_cflags=CFLAGS, extra_ldflags=LDFLAGS, is_python_module=False,
+                  verbose=verbose)
         except Exception as exc:  # compile or link error: keep the compiler's message
             _error = f"metapo_fast: building the C++ CPU ops from {os.path.dirname(sources[0])} failed: {exc}"
             raise RuntimeError(_error) from exc
+        if not built:
+            log.info("metapo_fast: C++ CPU ops built in %.0f s (%s)", time.perf_counter() - t0, name)
         _loaded = True
 
 
