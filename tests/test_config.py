@@ -101,6 +101,8 @@ def test_valid_combinations_pass():
     load_config(None, ["loss.loss_type=simpo", "meta.features=no_reference", "data.val_split=random"])
     load_config(None, ["loss.loss_type=orpo", "meta.enabled=false", "data.val_fraction=0"])
     load_config(None, ["data.val_fraction=0", "meta.enabled=false"])
+    # label smoothing is cDPO's eps (sigmoid) or rDPO's flip rate (robust)
+    assert load_config(None, ["loss.loss_type=robust", "loss.label_smoothing=0.3"]).loss.to_loss_params().label_smoothing == 0.3
 
 
 def test_world_size_divisibility():

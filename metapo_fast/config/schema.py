@@ -181,7 +181,7 @@ class LossConfig:
 
     loss_type: str = _f("sigmoid", "Registered loss: sigmoid (DPO), ipo, focal (FocalPO), simpo, orpo (metapo_fast.losses.LOSSES).")
     beta: float = _f(0.1, "DPO temperature (sigmoid, ipo, focal) / SimPO's reward scale.")
-    label_smoothing: float = _f(0.0, "Conservative-DPO eps in [0, 0.5); sigmoid only.")
+    label_smoothing: float = _f(0.0, "eps in [0, 0.5): conservative DPO's label smoothing (loss_type=sigmoid) or rDPO's assumed flip rate (loss_type=robust); other losses refuse it.")
     focal_gamma: float = _f(1.0, "FocalPO exponent gamma >= 0.")
     simpo_gamma: float = _f(0.5, "SimPO target reward margin.")
     orpo_lambda: float = _f(0.1, "Weight of ORPO's odds-ratio term.")
@@ -200,8 +200,9 @@ class LossConfig:
         _check_range("loss", self, "simpo_gamma")
         _check_range("loss", self, "orpo_lambda", lo=0.0)
         _check_range("loss", self, "chunk_bytes", lo=1)
-        if self.label_smoothing and self.loss_type != "sigmoid":
-            raise _bad("loss.label_smoothing", self.label_smoothing, f"applies to loss_type='sigmoid' only, not {self.loss_type!r}; set it to 0")
+        if self.label_smoothing and self.loss_type not in ("sigmoid", "robust"):
+            raise _bad("loss.label_smoothing", self.label_smoothing,
+                       f"applies to loss_type='sigmoid' (cDPO) and 'robust' (rDPO's flip rate) only, not {self.loss_type!r}; set it to 0")
 
     @property
     def needs_reference(self) -> bool:
