@@ -100,7 +100,7 @@ void forward_impl(const at::Tensor& logits, const at::Tensor& targets, const c10
           const acc_t ex = fast_exp(dx);
           bx += ex;
           by += fast_exp(dy);
-          bxy += ex * (dx - dy);  // centred: mx - my is added back in double below
+          bxy += dx > -87.0f ? ex * (dx - dy) : 0.0f;  // centred (mx and my cancel); a -inf logit adds 0, not NaN
         }
         sx += bx;
         sy += by;

@@ -93,11 +93,14 @@ def test_uncovered_parameter_is_named():
         pair_gradient_dots(model, make_batch(2), G, "sigmoid", PARAMS, ref_model=copy.deepcopy(model), backend="torch")
 
 
-def exact_lookahead_phi_grad(model, ref, net, feats, train, val, eta, lam, val_objective="log"):
+def exact_lookahead_phi_grad(model, ref, net, feats, train, val, eta, lam, val_objective="log", groups=None):
     """dL_meta(theta')/dphi with theta' = theta - eta grad (1/B) sum_i w_phi(s_i) l_i, by double backward."""
     names = [n for n, _ in model.named_parameters()]
     params = [p for _, p in model.named_parameters()]
-    w = net(feats)
+    if groups is None:
+        w = net(feats)
+    else:  # each group normalised by its own mean (DeepSpeed's per-micro-batch normalisation)
+        w = torch.cat([g / g.mean() for g in net(feats, normalize=False).split(groups)])
     l_train, _ = naive_pair_losses(model, ref, train)
     grads = torch.autograd.grad((w * l_train).mean(), params, create_graph=True)
     new = {n: p - eta * g for n, p, g in zip(names, params, grads)}
@@ -209,8 +212,8 @@ def _split_pairs(batch, groups):
     return out
 
 
-@pytest.mark.parametrize("normalize", ["none", "batch_mean"])
-def test_phi_gradient_over_micro_batches_equals_the_lookahead_over_the_whole_step(normalize):
+@pytest.mark.parametrize("normalize,groups", [("none", None), ("batch_mean", None), ("batch_mean", [2, 2])])
+def test_phi_gradient_over_micro_batches_equals_the_lookahead_over_the_whole_step(normalize, groups):
     """The meta-update sees every micro-batch of the step: its phi gradient over two micro-batches
     equals the double-backward lookahead of one step on their union (float64, eta = 1e-6)."""
     model = tiny_llama(False)
@@ -227,13 +230,17 @@ def test_phi_gradient_over_micro_batches_equals_the_lookahead_over_the_whole_ste
     feats = torch.randn(4, 6, dtype=torch.float64)
     eta = 1e-6
     learner = MetaLearner(net, inner_lr=eta, lambda_margin=0.1, loss_params=PARAMS, backend="torch")
-    learner.phi_gradient(model, micro, val, feats.float(), ref_model=ref)
+    learner.phi_gradient(model, micro, val, feats.float(), ref_model=ref, groups=groups)
     ours = [p.grad.clone().double() for p in net.parameters()]
     net.zero_grad()
-    exact = exact_lookahead_phi_grad(model, ref, net, feats.float().double(), full, val, eta, 0.1)
+    exact = exact_lookahead_phi_grad(model, ref, net, feats.float().double(), full, val, eta, 0.1, groups=groups)
     num = sum(((a - b) ** 2).sum() for a, b in zip(ours, exact)).sqrt()
     den = sum((b ** 2).sum() for b in exact).sqrt()
     assert den > 0 and num / den < 2e-4, f"relative error {float(num / den):.2e}"
+    if groups is not None:  # per-group normalisation is a different lookahead than the whole-step one
+        whole = exact_lookahead_phi_grad(model, ref, net, feats.float().double(), full, val, eta, 0.1)
+        assert sum(((a - b) ** 2).sum() for a, b in zip(ours, whole)).sqrt() / den > 1e-3
+        return
     # only the first micro-batch: a different (wrong) gradient
     net.zero_grad()
     learner.phi_gradient(model, micro[:1], val, feats[:2].float(), ref_model=ref)
@@ -243,8 +250,8 @@ def test_phi_gradient_over_micro_batches_equals_the_lookahead_over_the_whole_ste
         learner.phi_gradient(model, micro, val, feats[:3].float(), ref_model=ref)
 
 
-@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
-def test_phi_step_is_independent_of_the_inner_learning_rate(optimizer):
+@pytest.mark.parametrize("optimizer,entropy", [("adam", 0.0), ("sgd", 0.0), ("adam", 0.5)])
+def test_phi_step_is_independent_of_the_inner_learning_rate(optimizer, entropy):
     """The phi step uses dL_meta/dphi per unit of eta: the same step at eta = 5e-7 (the paper's,
     where the raw gradient sits under Adam's eps) as at eta = 1e-2. SGD steps have length lr."""
     model, ref = policy_and_reference(False)
@@ -253,12 +260,43 @@ def test_phi_step_is_independent_of_the_inner_learning_rate(optimizer):
     moved = []
     for eta in (5e-7, 1e-2):
         learner = MetaLearner(MetaWeightNet().double(), lr=0.05, inner_lr=eta, loss_params=PARAMS, backend="torch",
-                              optimizer=optimizer)
+                              optimizer=optimizer, entropy_coef=entropy)  # the entropy term is not scaled by 1/eta
+        with torch.no_grad():
+            learner.net.v.copy_(torch.tensor([0.3, -0.2, 0.1, 0.0, 0.2, -0.1]))  # weights not all equal: entropy has a gradient
         learner.step(model, train, val, feats, ref_model=ref)
-        moved.append(torch.cat([learner.net.v.detach(), learner.net.b.detach().reshape(1) - SOFTPLUS_INV_ONE]))
+        moved.append(torch.cat([learner.net.v.detach() - torch.tensor([0.3, -0.2, 0.1, 0.0, 0.2, -0.1], dtype=torch.float64),
+                                learner.net.b.detach().reshape(1) - SOFTPLUS_INV_ONE]))
     torch.testing.assert_close(moved[0], moved[1], rtol=1e-4, atol=1e-9)
     assert moved[0].abs().max() > 1e-3
     if optimizer == "sgd":
         assert float(moved[0].norm()) == pytest.approx(0.05, rel=1e-6)
     with pytest.raises(ValueError, match="optimizer"):
         MetaLearner(MetaWeightNet(), optimizer="rmsprop")
+
+
+def test_step_gradient_is_the_lookahead_per_unit_eta_plus_the_entropy_term():
+    """What MetaLearner.step optimises: dL/dphi / eta for the lookahead, and the entropy bonus as is
+    (scaling it by 1/eta too would make it 2e6 times stronger at the paper's eta = 5e-7)."""
+    model, ref = policy_and_reference(False)
+    train, val = make_batch(6), make_batch(7)
+    feats = torch.randn(B, 6)
+    eta, coef = 1e-3, 0.5
+    v0 = torch.tensor([0.3, -0.2, 0.1, 0.0, 0.2, -0.1])
+
+    def grads(entropy, per_unit):
+        learner = MetaLearner(MetaWeightNet(normalize="batch_mean").double(), inner_lr=eta, loss_params=PARAMS, backend="torch",
+                              entropy_coef=entropy)
+        with torch.no_grad():
+            learner.net.v.copy_(v0)
+        learner.phi_gradient(model, train, val, feats, ref_model=ref, per_unit_eta=per_unit)
+        return torch.cat([learner.net.v.grad.double(), learner.net.b.grad.double().reshape(1)]), learner.net
+
+    lookahead, net = grads(0.0, False)
+    net.zero_grad()
+    w = net(feats)
+    q = w / w.sum()
+    (coef * (q * q.log()).sum()).backward()
+    entropy = torch.cat([net.v.grad.double(), net.b.grad.double().reshape(1)])
+    combined, _ = grads(coef, True)
+    torch.testing.assert_close(combined, lookahead / eta + entropy, rtol=1e-5, atol=1e-7)
+    assert entropy.abs().max() > 1e-4 and lookahead.abs().max() > 0

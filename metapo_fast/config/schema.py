@@ -240,7 +240,7 @@ class MetaConfig:
     mlp_hidden: int = _f(32, "Hidden width of the mlp meta-network.")
     features: Literal["all", "no_margin", "no_volatility", "no_reference", "no_temporal"] = _f("all", "Feature subset (paper Table 6 ablations); no_reference drops the KL features.")
     lr: float = _f(0.03, "Meta learning rate on phi (its step is on dL_meta/dphi per unit of the lookahead's eta). The paper uses 1e-4, which math.md section 4 measured to leave phi unchanged; 0.03 learns.")
-    optimizer: Literal["adam", "sgd"] = _f("adam", "Optimiser on phi: adam (per coordinate, the paper's) or sgd (momentum 0.9 on the L2-normalised meta-gradient: each update moves phi by meta.lr along it, so a feature that carries little of the signal moves little).")
+    optimizer: Literal["adam", "sgd"] = _f("adam", "Optimiser on phi: adam (per coordinate, the paper's) or sgd (momentum 0.9 on the L2-normalised meta-gradient: each update adds meta.lr along it to the momentum, so a feature that carries little of the signal moves little).")
     val_objective: Literal["log", "sigmoid"] = _f("log", "L_val's per-pair loss: log (-log sigma(z), the paper's) or sigmoid (sigma(-z), the expected ranking error: bounded, so confidently misranked, i.e. mislabelled, validation pairs do not dominate the meta-gradient).")
     weighting: Literal["learned", "ema_margin"] = _f("learned", "learned: MetaPO's meta-network, updated every K steps; ema_margin: the learned-free baseline w = sigmoid(meta.kappa * normalised EMA of the margin), normalised to mean 1 (nothing is meta-learned).")
     kappa: float = _f(2.0, "Sharpness of the ema_margin baseline's sigmoid, on the normalised EMA of the margin.")

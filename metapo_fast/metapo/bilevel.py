@@ -36,7 +36,7 @@ from ..losses import LOSSES, LossParams, PairBatch, get_loss, register_loss, seq
 from ..models.hf import last_hidden_states, lm_head_of, pack_plan, reference_head_inputs, reference_hidden_states
 from ..ops.preference_loss import fused_linear_preference_loss
 from .ghost import GhostCoverageError, GhostDots, head_ghost_dots
-from .weight_net import MetaWeightNet
+from .weight_net import MetaWeightNet, global_mean
 
 __all__ = ["MetaLearner", "meta_objective_losses", "pair_gradient_dots", "VAL_OBJECTIVES"]
 
@@ -142,8 +142,9 @@ class MetaLearner:
         lr: learning rate on phi. Default 0.03: docs/math.md section 4 measured that the
             paper's 1e-4 leaves phi unchanged (the weights stay at 1), while ~0.03 learns.
         optimizer: ``"adam"`` (per coordinate, the paper's) or ``"sgd"``: SGD with momentum 0.9 on
-            the L2-normalised gradient, so each step moves phi by ``lr`` along the meta-gradient
-            and a feature whose coordinate carries little of it moves little (Adam gives every
+            the L2-normalised gradient, so each update adds ``lr`` times a unit vector along the
+            meta-gradient to the momentum (steady-state steps of up to 10 lr) and a feature whose
+            coordinate carries little of it moves little (Adam gives every
             coordinate a full-size step, noise included).
         interval: K, steps between meta-updates (the trainer calls :meth:`step` every K steps).
         lambda_margin: lambda of L_meta (paper: 0.1).
@@ -213,14 +214,13 @@ class MetaLearner:
 
     # -- one meta-update ------------------------------------------------------------------------
     def step(self, model: nn.Module, train_batches, val_batch: dict, features: torch.Tensor,
-             ref_model: Optional[nn.Module] = None) -> dict:
+             ref_model: Optional[nn.Module] = None, groups: Optional[list[int]] = None) -> dict:
         """Update phi from the training batches (a batch dict or a list of them: the micro-batches of
-        one optimiser step) whose tracker features are ``features (B, 6)`` (concatenated in order)."""
+        one optimiser step) whose tracker features are ``features (B, 6)`` (concatenated in order).
+        ``groups``: see :meth:`phi_gradient`."""
         t0 = time.perf_counter()
-        out = self.phi_gradient(model, train_batches, val_batch, features, ref_model)
+        out = self.phi_gradient(model, train_batches, val_batch, features, ref_model, groups=groups, per_unit_eta=True)
         params = [p for p in self.net.parameters() if p.grad is not None]
-        for p in params:  # per unit of eta (see the class docstring)
-            p.grad.div_(self.inner_lr)
         if self.optimizer == "sgd":
             norm = torch.sqrt(sum(p.grad.double().pow(2).sum() for p in params))
             for p in params:
@@ -231,9 +231,16 @@ class MetaLearner:
         return out
 
     def phi_gradient(self, model: nn.Module, train_batches, val_batch: dict, features: torch.Tensor,
-                     ref_model: Optional[nn.Module] = None) -> dict:
+                     ref_model: Optional[nn.Module] = None, groups: Optional[list[int]] = None,
+                     per_unit_eta: bool = False) -> dict:
         """Set ``p.grad`` of the meta-network's parameters to ``dL_meta/dphi`` (first order in eta),
-        the lookahead being one step on all of ``train_batches`` (a batch or a list of micro-batches)."""
+        the lookahead being one step on all of ``train_batches`` (a batch or a list of micro-batches).
+
+        ``groups``: sizes of the feature rows that the training step normalised together
+        (``batch_mean``): each group is divided by its own mean over the ranks, as DeepSpeed's
+        per-micro-batch normalisation does; None = one group (the whole step, the plain engine).
+        ``per_unit_eta``: the lookahead term divided by eta (what :meth:`step` optimises; the
+        entropy term is not scaled)."""
         batches = [train_batches] if isinstance(train_batches, dict) else list(train_batches)
         was_training = model.training
         model.eval()  # no dropout: the lookahead is about the deterministic gradient
@@ -243,9 +250,15 @@ class MetaLearner:
         if features.shape[0] != c.shape[0]:
             raise ValueError(f"MetaLearner: {features.shape[0]} feature rows for {c.shape[0]} training pairs")
         b_global = c.shape[0] * world_size()
-        dl_dw = (-self.inner_lr / b_global) * c  # dL_meta/dw_i, first order in eta
+        dl_dw = (-(1.0 if per_unit_eta else self.inner_lr) / b_global) * c  # dL_meta/dw_i (per unit eta if asked)
         self.opt.zero_grad(set_to_none=True)
-        w = self.net(features)
+        if groups is not None and self.net.normalize == "batch_mean":
+            if sum(groups) != features.shape[0]:
+                raise ValueError(f"MetaLearner: groups {groups} do not add up to {features.shape[0]} feature rows")
+            raw = self.net(features, normalize=False)
+            w = torch.cat([g / global_mean(g).clamp(min=1e-12) for g in raw.split(list(groups))])
+        else:
+            w = self.net(features)
         obj = (dl_dw.to(w.dtype).detach() * w).sum()
         if self.entropy_coef:
             q = w / w.sum()

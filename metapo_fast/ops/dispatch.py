@@ -75,9 +75,21 @@ CFLAGS = ["-O3", "-fopenmp", "-march=native", "-ffp-contract=fast"]
 LDFLAGS = ["-fopenmp"]
 
 
+def _cpu_model() -> str:
+    """The host CPU's model name (the build uses -march=native)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        import platform
+
+        return platform.processor()
+
+
 def cpp_build_name(sources: list[str], compiler: str) -> str:
-    """``metapo_fast_cpp_<hash>``: the hash covers the sources' bytes, the flags, the torch version
-    and the compiler's path and version, i.e. everything that changes the binary."""
+    """``metapo_fast_cpp_<hash>``: the hash covers the sources' bytes, the flags, the torch version,
+    the compiler's path and version and the CPU model (-march=native), i.e. everything that changes
+    the binary."""
     import torch
 
     h = hashlib.sha256()
@@ -89,7 +101,7 @@ def cpp_build_name(sources: list[str], compiler: str) -> str:
         version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout.splitlines()[:1]
     except (OSError, subprocess.SubprocessError):
         version = []
-    h.update(repr((CFLAGS, LDFLAGS, torch.__version__, shutil.which(compiler), version)).encode())
+    h.update(repr((CFLAGS, LDFLAGS, torch.__version__, shutil.which(compiler), version, _cpu_model())).encode())
     return f"metapo_fast_cpp_{h.hexdigest()[:12]}"
 
 
@@ -123,7 +135,10 @@ def load_cpp(verbose: bool = False) -> None:
 
         name = cpp_build_name(sources, compiler)
         build_dir = getattr(cpp_extension, "_get_build_directory", None)  # private; only for the progress line
-        built = build_dir is None or os.path.exists(os.path.join(build_dir(name, verbose=False), f"{name}.so"))
+        try:
+            built = build_dir is None or os.path.exists(os.path.join(build_dir(name, verbose=False), f"{name}.so"))
+        except OSError:
+            built = True  # no progress line; the build below reports its own errors
         if not built:
             log.info("metapo_fast: building the C++ CPU ops (first use of these sources; about a minute) ...")
         t0 = time.perf_counter()

@@ -108,7 +108,7 @@ class Trainer:
         # batch_mean on the plain engine: raw weights here, the step's gradient divided by their mean below
         step_norm = self.meta_net is not None and self.meta_net.normalize == "batch_mean" and isinstance(self.eng, PlainEngine)
         w_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-        w_count = 0
+        w_count, copy_s = 0, 0.0
         it = iter(self.sampler)
         for j in range(self.grad_accum):
             idx = next(it, None)
@@ -132,7 +132,10 @@ class Trainer:
                 if ok:
                     self.eng.backward(out.loss, self.grad_accum)
             if meta and j == self.grad_accum - 1 and self.meta_replica is not None:
+                t_copy = time.perf_counter()
                 self.eng.full_copy_into(self.meta_replica)  # theta_t: DeepSpeed steps inside the last micro-step
+                copy_s = time.perf_counter() - t_copy  # meta-update time, not training time
+                self.counters["meta_time_s"] += copy_s
             if ok:
                 self.eng.micro_step()
             else:
@@ -153,10 +156,10 @@ class Trainer:
             for k in ("loss", "metapo/weight_mean", "metapo/weight_std"):
                 metrics[k] = metrics[k] * grad_scale
         gnorm, finite = self.eng.clip_and_check(metrics["loss"], grad_scale)
-        meta_s = 0.0
+        meta_s = copy_s
         if finite and not skipped_micro:
             if meta:
-                meta_s = self._meta_update(micro)
+                meta_s += self._meta_update(micro, groups=None if step_norm else [f.shape[0] for _, f in micro])
             if self.meta_net is not None:  # the step's features join the statistics after the step used them
                 self.meta_net.update_stats(torch.cat([f for _, f in micro]))
             self.eng.step()
@@ -216,7 +219,7 @@ class Trainer:
             batch["ref_logps"] = self.fwd.ref_logps(batch)
         return batch
 
-    def _meta_update(self, micro: list) -> float:
+    def _meta_update(self, micro: list, groups=None) -> float:
         """Move phi by one meta-update at theta_t (before this step's optimiser step), with the
         lookahead over every micro-batch of the step. Under DeepSpeed it runs on the full replica
         copied before the last micro-step; on the plain engine on the model itself, with the step's
@@ -228,9 +231,11 @@ class Trainer:
         grads = [p.grad for p in params]  # the step's gradients: the meta-update's backward must not touch them
         for p in params:
             p.grad = None
-        diag = self.meta.step(model, batches, self._val_batch(), feats, ref_model=self.ref)
-        for p, g in zip(params, grads):
-            p.grad = g
+        try:
+            diag = self.meta.step(model, batches, self._val_batch(), feats, ref_model=self.ref, groups=groups)
+        finally:
+            for p, g in zip(params, grads):
+                p.grad = g
         dt = time.perf_counter() - t0
         self.counters["meta_time_s"] += dt
         self.counters["meta_updates"] += 1

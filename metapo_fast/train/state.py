@@ -261,8 +261,10 @@ def restore(tr, path: str) -> None:
 
 def load_trainer_state(path: str) -> dict:
     """``trainer_state.pt`` of the checkpoint ``path``, loaded without unpickling arbitrary objects
-    (``torch.load(weights_only=True)``: tensors, containers and plain values only), so opening a run
-    directory someone else made runs no code from it. Raises :class:`CheckpointError` naming the file."""
+    (``torch.load(weights_only=True)``: tensors, containers and plain values only), so this file cannot
+    run code. Raises :class:`CheckpointError` naming the file. Not covered: a DeepSpeed run's
+    ``deepspeed/`` folder, which DeepSpeed loads itself with pickle; and checkpoints written before this
+    format (numpy arrays in the RNG state) are refused."""
     f = os.path.join(path, "trainer_state.pt")
     try:
         return torch.load(f, weights_only=True, map_location="cpu")
