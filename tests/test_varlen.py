@@ -185,7 +185,15 @@ def test_training_run_with_varlen_equals_sdpa_run(tmp_path):
     assert len(la) == len(lb) == 6
     torch.testing.assert_close(torch.tensor(lb), torch.tensor(la), rtol=1e-4, atol=1e-5)
     for k in ca:
-        assert cb[k] == pytest.approx(ca[k], rel=1e-3, abs=1e-5), k
+        if k == "bias":
+            # Under batch_mean the bias's meta-gradient is exactly 0 while all weights are equal (the
+            # first update, v = 0): what it gets is rounding noise (~1e-9), which Adam's per-coordinate
+            # normalisation turns into steps of up to ~0.1 lr that differ between two attention
+            # kernels. Bounded by 0.2 * lr * updates here; the MetaPO-weights issue tracks Adam on
+            # noise-dominated coordinates.
+            assert cb[k] == pytest.approx(ca[k], abs=0.2 * 0.03 * 2), k
+        else:
+            assert cb[k] == pytest.approx(ca[k], rel=1e-3, abs=1e-5), k
 
 
 def test_packed_forward_reads_no_device_tensor_for_its_bounds(monkeypatch):
