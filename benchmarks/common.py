@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import csv
 import datetime as _dt
+import math
 import os
 import platform
+import statistics
 import subprocess
 import sys
 
@@ -49,6 +51,14 @@ def provenance(device: str, module: str) -> dict:
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "command": " ".join(["python -m", module] + sys.argv[1:]),
     }
+
+
+def mean_std(xs) -> str:
+    """``"mean +- std"`` (population std) of the finite values of ``xs``; the value alone for one, n/a for none."""
+    xs = [float(x) for x in xs if x is not None and math.isfinite(x)]
+    if not xs:
+        return "n/a"
+    return f"{statistics.mean(xs):.3f} +- {statistics.pstdev(xs):.3f}" if len(xs) > 1 else f"{xs[0]:.3f}"
 
 
 def write_csv(name: str, rows: list[dict]) -> str:

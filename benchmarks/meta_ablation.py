@@ -28,7 +28,7 @@ import sys
 import tempfile
 import time
 
-from .common import RESULTS, provenance, write_csv
+from .common import RESULTS, mean_std, provenance, write_csv
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VARIANTS = {
@@ -65,32 +65,25 @@ def run_one(variant: str, seed: int, work: str, extra: list[str], cwd: str = ROO
     return row
 
 
-def _ms(xs) -> str:
-    xs = [x for x in xs if x is not None]
-    if not xs:
-        return "n/a"
-    return f"{statistics.mean(xs):.3f} +- {statistics.pstdev(xs):.3f}" if len(xs) > 1 else f"{xs[0]:.3f}"
-
-
 def table(rows: list[dict], variants: list[str], seeds: list[int]) -> list[str]:
     by = {(r["variant"], r["seed"]): r for r in rows}
     lines = ["| variant | clean held-out accuracy | paired diff to DPO (wins / seeds) | weights AUROC | margin AUROC (same runs) "
              "| weights - margin AUROC (wins) | weight std |", "|---|---|---|---|---|---|---|"]
     for v in variants:
         rs = [by[(v, s)] for s in seeds if (v, s) in by]
-        acc = _ms([r["eval_accuracy"] for r in rs])
+        acc = mean_std([r["eval_accuracy"] for r in rs])
         if v != "dpo" and all(("dpo", s) in by for s in seeds):
             d = [by[(v, s)]["eval_accuracy"] - by[("dpo", s)]["eval_accuracy"] for s in seeds]
-            diff = f"{_ms(d)} ({sum(x > 0 for x in d)} / {len(d)})"
+            diff = f"{mean_std(d)} ({sum(x > 0 for x in d)} / {len(d)})"
         else:
             diff = "-"
         if v == "dpo":
             au = gap = "-"
         else:
             g = [r["weights_auroc"] - r["margin_auroc"] for r in rs if r["weights_auroc"] is not None]
-            au, gap = _ms([r["weights_auroc"] for r in rs]), f"{_ms(g)} ({sum(x > 0 for x in g)} / {len(g)})"
-        lines.append(f"| {v} | {acc} | {diff} | {au} | {_ms([r['margin_auroc'] for r in rs])} | {gap} | "
-                     f"{_ms([r['weight_std'] for r in rs])} |")
+            au, gap = mean_std([r["weights_auroc"] for r in rs]), f"{mean_std(g)} ({sum(x > 0 for x in g)} / {len(g)})"
+        lines.append(f"| {v} | {acc} | {diff} | {au} | {mean_std([r['margin_auroc'] for r in rs])} | {gap} | "
+                     f"{mean_std([r['weight_std'] for r in rs])} |")
     coef = [v for v in variants if any(f"coef_{k}" in by.get((v, s), {}) for s in seeds for k in FEATURES)]
     if coef:
         lines += ["", "Learned coefficients: mean over seeds, and the sign on each seed (+ / - / 0 for |v| < 0.01).", "",

@@ -19,13 +19,12 @@ import argparse
 import csv
 import json
 import os
-import statistics
 import tempfile
 import time
 
 import numpy as np
 
-from .common import RESULTS, provenance, write_csv
+from .common import RESULTS, mean_std, provenance, write_csv
 
 CONDITIONS = {
     "flip0": ["data.synthetic.flip_fraction=0.0"],
@@ -74,13 +73,6 @@ def run_one(condition: str, method: str, seed: int, workdir: str, extra: list[st
             **{f"coef_{k}": v for k, v in (s.get("coefficients") or {}).items()}}
 
 
-def _fmt(xs):
-    xs = [x for x in xs if x is not None and np.isfinite(x)]
-    if not xs:
-        return "n/a"
-    return f"{statistics.mean(xs):.3f} +- {statistics.pstdev(xs):.3f}" if len(xs) > 1 else f"{xs[0]:.3f}"
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="1 seed, 2 conditions, 3 methods, 60 steps (CI)")
@@ -116,15 +108,15 @@ def main(argv=None):
     for c in conditions:
         for m in methods:
             rs = [r for r in rows if r["condition"] == c and r["method"] == m]
-            lines.append(f"| {c} | {m} | {_fmt([r['eval_accuracy'] for r in rs])} | {_fmt([r['auroc_clean_vs_noisy'] for r in rs])} | "
-                         f"{_fmt([r['spearman_cleanliness'] for r in rs])} | {_fmt([r['meta_overhead_pct'] for r in rs])} |")
+            lines.append(f"| {c} | {m} | {mean_std([r['eval_accuracy'] for r in rs])} | {mean_std([r['auroc_clean_vs_noisy'] for r in rs])} | "
+                         f"{mean_std([r['spearman_cleanliness'] for r in rs])} | {mean_std([r['meta_overhead_pct'] for r in rs])} |")
     coef_keys = sorted({k for r in rows for k in r if k.startswith("coef_")})
     if coef_keys:
         lines += ["", "Mean learned coefficients (linear meta-net, normalised features), MetaPO:", "",
                   "| condition | " + " | ".join(k[5:] for k in coef_keys) + " |", "|---|" + "---|" * len(coef_keys)]
         for c in conditions:
             rs = [r for r in rows if r["condition"] == c and r["method"] == "metapo"]
-            lines.append(f"| {c} | " + " | ".join(_fmt([r.get(k) for r in rs]) for k in coef_keys) + " |")
+            lines.append(f"| {c} | " + " | ".join(mean_std([r.get(k) for r in rs]) for k in coef_keys) + " |")
     with open(os.path.join(args.results_dir, f"{stem}.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))

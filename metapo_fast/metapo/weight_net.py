@@ -156,10 +156,13 @@ class MetaWeightNet(nn.Module):
         h = F.relu(F.linear(s_hat, self.hidden_layer.weight.to(s_hat.dtype), self.hidden_layer.bias.to(s_hat.dtype)))
         return F.linear(h, self.out_layer.weight.to(s_hat.dtype), self.out_layer.bias.to(s_hat.dtype)).squeeze(-1)
 
-    def forward(self, s: torch.Tensor, update_stats: bool = False, normalize: bool = True) -> torch.Tensor:
+    def forward(self, s: torch.Tensor, update_stats: bool = False, normalize: bool = True,
+                over_ranks: bool = True) -> torch.Tensor:
         """Weights ``(B,)`` for features ``s (B, 6)``; differentiable in phi (not in s).
         ``normalize=False`` returns the raw weights even with ``batch_mean`` (the caller then
-        normalises over a larger batch, e.g. a whole optimiser step)."""
+        normalises over a larger batch, e.g. a whole optimiser step). ``over_ranks=False`` takes the
+        ``batch_mean`` over this call's rows only (no collective: for a caller that already holds
+        every pair, on one rank)."""
         if s.dim() != 2 or s.shape[1] != len(FEATURE_NAMES):
             raise ValueError(f"MetaWeightNet: features must have shape (B, {len(FEATURE_NAMES)}), got {tuple(s.shape)}")
         s = s.detach().float()
@@ -167,7 +170,7 @@ class MetaWeightNet(nn.Module):
             self.update_stats(s)
         w = self.activation(self.preactivation(self.normalize_features(s)))
         if normalize and self.normalize == "batch_mean":
-            w = w / global_mean(w).clamp(min=1e-12)
+            w = w / global_mean(w, over_ranks).clamp(min=1e-12)
         return w
 
     activation = staticmethod(F.softplus)
@@ -217,10 +220,10 @@ class MarginWeights(MetaWeightNet):
         self.arch = "fixed"
 
 
-def global_mean(w: torch.Tensor) -> torch.Tensor:
+def global_mean(w: torch.Tensor, over_ranks: bool = True) -> torch.Tensor:
     """Mean of ``w`` over the entries of every rank, differentiable (an autograd-aware all-reduce
-    sums the gradients of every rank's uses); the plain mean on one process."""
-    if world_size() == 1:
+    sums the gradients of every rank's uses); the plain mean on one process or without ``over_ranks``."""
+    if not over_ranks or world_size() == 1:
         return w.mean()
     from torch.distributed.nn.functional import all_reduce
 

@@ -140,9 +140,11 @@ class Trainer:
                 self.eng.micro_step()
             else:
                 skipped_micro = True
-            last = dict(batch)
-            if stats.ref_chosen_logps is not None:  # the meta-update's ghost pass reuses them
-                last["ref_logps"] = torch.cat([stats.ref_chosen_logps, stats.ref_rejected_logps])
+            last = None
+            if meta:  # the meta-update's ghost pass reuses this micro-batch's reference log-probs
+                last = dict(batch)
+                if stats.ref_chosen_logps is not None:
+                    last["ref_logps"] = torch.cat([stats.ref_chosen_logps, stats.ref_rejected_logps])
             micro.append((last, seen["features"]))
             w_sum += w.sum()
             w_count += w.numel()

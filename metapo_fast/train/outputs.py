@@ -211,11 +211,9 @@ def pair_weights(tr):
     feats = np.stack([z, st[:, 0], np.sqrt(np.maximum(st[:, 4], 0) / count), st[:, 1], kl, st[:, 2]], 1)
     if tr.meta_net is None:
         w = np.ones(len(z))
-    else:  # every rank holds every pair: normalised over them here, without a collective (rank 0 alone may call this)
+    else:  # every rank holds every pair: normalised over them, without a collective (rank 0 alone may call this)
         with torch.no_grad():
-            w = tr.meta_net(torch.as_tensor(feats, dtype=torch.float32, device=tr.device), normalize=False).double().cpu().numpy()
-        if tr.meta_net.normalize == "batch_mean":
-            w = w / max(w.mean(), 1e-12)
+            w = tr.meta_net(torch.as_tensor(feats, dtype=torch.float32, device=tr.device), over_ranks=False).double().cpu().numpy()
     return z, feats, w
 
 
