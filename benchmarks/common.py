@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import datetime as _dt
+import json
 import math
 import os
 import platform
@@ -88,3 +89,76 @@ def write_md(name: str, title: str, prov: dict, setup: str, rows: list[dict], no
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
     return path
+
+
+def random_text_rows(n: int, prompt_max: int, response_max: int, seed: int = 0) -> list[dict]:
+    """``n`` pairs of random lowercase text (one token per character with the character tokenizer):
+    prompts of ``prompt_max/4`` to ``prompt_max`` characters, responses of ``response_max/4`` to
+    ``response_max``; lengths vary per row, as real data's do."""
+    import random
+
+    rng = random.Random(seed)
+    text = lambda lo, hi: "".join(rng.choice("abcdefghijklmnopqrstuvwxyz ") for _ in range(rng.randint(lo, hi)))  # noqa: E731
+    return [{"prompt": text(max(1, prompt_max // 4), prompt_max), "chosen": text(max(1, response_max // 4), response_max),
+             "rejected": text(max(1, response_max // 4), response_max)} for _ in range(n)]
+
+
+def add_model_args(ap, *, hidden: int | None, layers: int, heads: int, kv_heads: int, vocab: int, batch: int, pairs: int = 400) -> None:
+    """The random-Llama and batch arguments of :func:`random_llama_task`."""
+    ap.add_argument("--lengths", type=lambda s: tuple(int(x) for x in s.split(",")), default=None, metavar="PROMPT,RESPONSE",
+                    help="random-text pairs up to these many characters (tokens) instead of the short synthetic task")
+    ap.add_argument("--hidden", type=int, default=hidden, help="width of the random Llama" + (
+        "" if hidden else " (default: the embedded tiny model and task instead)"))
+    ap.add_argument("--layers", type=int, default=layers)
+    ap.add_argument("--heads", type=int, default=heads)
+    ap.add_argument("--kv-heads", type=int, default=kv_heads)
+    ap.add_argument("--vocab", type=int, default=vocab)
+    ap.add_argument("--batch", type=int, default=batch, help="pairs per optimiser step")
+    ap.add_argument("--pairs", type=int, default=pairs, help="synthetic preference pairs written for the run")
+
+
+def random_llama_task(tmp: str, a) -> tuple[str, str, float, int]:
+    """A Llama with random weights (``a.hidden``, ``a.layers``, ``a.heads``, ``a.kv_heads``, ``a.vocab``)
+    and the character tokenizer saved under ``tmp/model``, and ``a.pairs`` synthetic preference pairs
+    in ``tmp/pairs.jsonl``. Returns (model dir, data file, mean real tokens of ``a.batch`` pairs, parameters)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from metapo_fast.data.synthetic import build_char_tokenizer, make_synthetic_task
+
+    tok = build_char_tokenizer()
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=a.vocab, hidden_size=a.hidden, intermediate_size=a.hidden * 8 // 3, num_hidden_layers=a.layers,
+                      num_attention_heads=a.heads, num_key_value_heads=a.kv_heads, max_position_embeddings=512,
+                      pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                      tie_word_embeddings=False)
+    model = LlamaForCausalLM(cfg)
+    n_params = sum(p.numel() for p in model.parameters())
+    model_dir = os.path.join(tmp, "model")
+    model.save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    if getattr(a, "lengths", None):  # random text of realistic lengths: throughput, not learning
+        rows = random_text_rows(a.pairs, *a.lengths)
+    else:
+        rows = make_synthetic_task(a.pairs, 0.3, 0.0, 0, 0).train_rows
+    data = os.path.join(tmp, "pairs.jsonl")
+    toks = []
+    with open(data, "w") as f:
+        for r in rows:
+            f.write(json.dumps({k: r[k] for k in ("prompt", "chosen", "rejected")}) + "\n")
+            p = len(tok(r["prompt"], add_special_tokens=False)["input_ids"])
+            toks.append(2 * p + len(tok(r["chosen"], add_special_tokens=False)["input_ids"])
+                        + len(tok(r["rejected"], add_special_tokens=False)["input_ids"]))
+    return model_dir, data, statistics.mean(toks) * a.batch, n_params
+
+
+
+def ours_overrides(model_dir: str, data: str, a, out: str, *, meta: bool, attn: str, device: str) -> list[str]:
+    """Config overrides for our trainer on :func:`random_llama_task`'s model and data (no SFT warm-up,
+    constant learning rate ``a.lr``, no evaluation or checkpoints, bf16 on CUDA)."""
+    return [f"model.name_or_path={model_dir}", f"data.path={data}", "train.sft_warmup_steps=0", "data.val_fraction=0.05",
+            "data.val_split=random", f"train.per_device_batch_size={a.batch}", f"train.max_steps={a.steps}", "train.eval_every=0",
+            "train.save_every=0", f"train.lr={a.lr}", "train.lr_scheduler=constant", "train.warmup_ratio=0",
+            "train.weight_decay=0", "loss.loss_type=sigmoid", "loss.beta=0.1", f"meta.enabled={str(meta).lower()}",
+            f"meta.interval={a.meta_interval}", f"meta.val_batch_size={a.batch}", f"train.output_dir={out}",
+            f"model.dtype={'bfloat16' if device == 'cuda' else 'float32'}", f"model.attn_implementation={attn}",
+            "data.max_length=512", "data.max_prompt_length=256", f"train.device={device}"]

@@ -11,7 +11,8 @@ beta 0.1; the first ``--warmup`` steps are not timed. Per-step wall times come f
 step is the median step time plus, for MetaPO, its meta-updates amortised over the timed steps.
 Throughput is the mean real (unpadded) tokens of a batch of pairs (prompt + chosen and prompt +
 rejected) over that time. For GPU runs (bf16) MFU = 6 * parameters * tokens/s / peak bf16 FLOP/s; the reference
-forward is not counted. Writes benchmarks/results/e2e_<device>.{md,csv}.
+forward is not counted. Writes benchmarks/results/e2e_<device>.{md,csv} (``--out-dir``, ``--name``),
+rewritten after every trainer. ``--attn sdpa,varlen`` runs our trainer with each attention.
 
 The 0.5-1B configuration the trainer issue asks for: ``--device cuda --hidden 1536 --layers 16
 --heads 12 --kv-heads 4 --vocab 32000 --batch 8 --steps 30`` (about 0.6B parameters).
@@ -27,35 +28,7 @@ import time
 
 import torch
 
-from benchmarks.common import provenance, write_csv, write_md
-
-
-def _setup(tmp: str, a) -> tuple[str, str, float, int]:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from metapo_fast.data.synthetic import build_char_tokenizer, make_synthetic_task
-
-    tok = build_char_tokenizer()
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=a.vocab, hidden_size=a.hidden, intermediate_size=a.hidden * 8 // 3, num_hidden_layers=a.layers,
-                      num_attention_heads=a.heads, num_key_value_heads=a.kv_heads, max_position_embeddings=512,
-                      pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                      tie_word_embeddings=False)
-    model = LlamaForCausalLM(cfg)
-    n_params = sum(p.numel() for p in model.parameters())
-    model_dir = os.path.join(tmp, "model")
-    model.save_pretrained(model_dir)
-    tok.save_pretrained(model_dir)
-    rows = make_synthetic_task(a.pairs, 0.3, 0.0, 0, 0).train_rows
-    data = os.path.join(tmp, "pairs.jsonl")
-    toks = []
-    with open(data, "w") as f:
-        for r in rows:
-            f.write(json.dumps({k: r[k] for k in ("prompt", "chosen", "rejected")}) + "\n")
-            p = len(tok(r["prompt"], add_special_tokens=False)["input_ids"])
-            toks.append(2 * p + len(tok(r["chosen"], add_special_tokens=False)["input_ids"])
-                        + len(tok(r["rejected"], add_special_tokens=False)["input_ids"]))
-    return model_dir, data, statistics.mean(toks) * a.batch, n_params
+from benchmarks.common import RESULTS, add_model_args, ours_overrides, provenance, random_llama_task, write_csv, write_md
 
 
 def _median_step(times: list[float], warmup: int) -> float:
@@ -99,16 +72,10 @@ def run_trl(model_dir: str, data: str, a, out: str) -> list[float]:
     return clock.times
 
 
-def run_ours(model_dir: str, data: str, a, out: str, meta: bool) -> tuple[list[float], list[float]]:
+def run_ours(model_dir: str, data: str, a, out: str, meta: bool, attn: str) -> tuple[list[float], list[float]]:
     from metapo_fast.train.cli import main
 
-    argv = [f"model.name_or_path={model_dir}", f"data.path={data}", "train.sft_warmup_steps=0", "data.val_fraction=0.05",
-            "data.val_split=random", f"train.per_device_batch_size={a.batch}", f"train.max_steps={a.steps}", "train.eval_every=0",
-            "train.save_every=0", "train.log_every=1", f"train.lr={a.lr}", "train.lr_scheduler=constant", "train.warmup_ratio=0",
-            "train.weight_decay=0", "loss.loss_type=sigmoid", "loss.beta=0.1", f"meta.enabled={str(meta).lower()}",
-            f"meta.interval={a.meta_interval}", f"meta.val_batch_size={a.batch}", f"train.output_dir={out}",
-            f"model.dtype={'bfloat16' if a.device == 'cuda' else 'float32'}", f"model.attn_implementation={a.attn}",
-            "data.max_length=512", "data.max_prompt_length=256"]
+    argv = ours_overrides(model_dir, data, a, out, meta=meta, attn=attn, device=a.device) + ["train.log_every=1"]
     if main(argv) != 0:
         raise RuntimeError(f"metapo_fast.train failed: {' '.join(argv)}")
     with open(os.path.join(out, "metrics.jsonl")) as f:
@@ -126,55 +93,59 @@ def run_ours(model_dir: str, data: str, a, out: str, meta: bool) -> tuple[list[f
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--hidden", type=int, default=256)
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--heads", type=int, default=4)
-    ap.add_argument("--kv-heads", type=int, default=4)
-    ap.add_argument("--vocab", type=int, default=32000)
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--pairs", type=int, default=400)
+    add_model_args(ap, hidden=256, layers=4, heads=4, kv_heads=4, vocab=32000, batch=8)
     ap.add_argument("--steps", type=int, default=24)
     ap.add_argument("--warmup", type=int, default=4)
     ap.add_argument("--meta-interval", type=int, default=10)
     ap.add_argument("--lr", type=float, default=1e-5)
-    ap.add_argument("--attn", default="sdpa", choices=["sdpa", "varlen"])
+    ap.add_argument("--attn", default="sdpa", help="comma-separated: sdpa, varlen (our trainer runs once per value)")
+    ap.add_argument("--out-dir", default=RESULTS, help="where the .csv and .md go (default: benchmarks/results)")
+    ap.add_argument("--name", default=None, help="file name stem (default: e2e_<device>)")
     a = ap.parse_args(argv)
+    attns = a.attn.split(",")
+    bad = sorted(set(attns) - {"sdpa", "varlen"})
+    if bad:
+        ap.error(f"--attn: unknown value(s) {bad}; expected sdpa and/or varlen")
     os.environ.setdefault("CUDA_VISIBLE_DEVICES", "" if a.device == "cpu" else os.environ.get("CUDA_VISIBLE_DEVICES", "0"))
     from metapo_fast.train.outputs import PEAK_BF16
 
-    with tempfile.TemporaryDirectory() as tmp:
-        model_dir, data, tokens_per_step, n_params = _setup(tmp, a)
-        runs = {"TRL DPOTrainer (dpo)": (run_trl(model_dir, data, a, os.path.join(tmp, "trl")), [0.0] * a.steps),
-                "metapo_fast (dpo)": run_ours(model_dir, data, a, os.path.join(tmp, "dpo"), meta=False),
-                f"metapo_fast (metapo, K={a.meta_interval})": run_ours(model_dir, data, a, os.path.join(tmp, "metapo"), meta=True)}
+    name = a.name or f"e2e_{a.device}"
+    prov = provenance(a.device, "benchmarks.e2e")
     peak = None
     if a.device == "cuda":
-        name = torch.cuda.get_device_name()
-        peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
-    base = _median_step(runs["TRL DPOTrainer (dpo)"][0], a.warmup)
-    rows = []
-    for name, (times, meta) in runs.items():
-        med = _median_step(times, a.warmup)
-        meta_per_step = sum(meta[a.warmup:]) / len(meta[a.warmup:])  # the meta-updates, amortised over the timed steps
-        per_step = med + meta_per_step
-        tps = tokens_per_step / per_step
-        rows.append({"trainer": name, "median_step_s": round(med, 4), "meta_update_s_per_step": round(meta_per_step, 4),
-                     "timed_steps": len(times) - a.warmup, "tokens_per_s": round(tps, 1),
-                     "time_vs_trl": round(per_step / base, 3),
-                     "mfu": round(6 * n_params * tps / peak, 4) if peak else "n/a (CPU)" if a.device == "cpu" else "unknown GPU"})
-    prov = provenance(a.device, "benchmarks.e2e")
-    setup = (f"Llama hidden {a.hidden}, {a.layers} layers, heads {a.heads}/{a.kv_heads}, vocab {a.vocab} ({n_params / 1e6:.1f}M "
-             f"parameters, random weights), {a.batch} pairs per step ({tokens_per_step:.0f} real tokens), AdamW lr {a.lr}, "
-             f"beta 0.1, attention {a.attn}, {a.steps} steps of which the first {a.warmup} are not timed; medians")
-    notes = ("Time per step = median step time + the meta-updates' total time over the timed steps (MetaPO only). "
-             "TRL's step time is measured from on_step_begin to on_step_end.")
-    if a.device == "cpu":
-        notes += (" GPU (the 0.5-1B configuration in this script's docstring, tokens/s and MFU): not measured, "
-                  "no GPU was available.")
-    write_csv(f"e2e_{a.device}.csv", rows)
-    write_md(f"e2e_{a.device}.md", "End-to-end training throughput vs TRL DPOTrainer", prov, setup, rows, notes)
-    for r in rows:
-        print(r)
+        gpu = torch.cuda.get_device_name()
+        peak = next((v for k, v in PEAK_BF16.items() if k in gpu), None)
+    rows: list[dict] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir, data, tokens_per_step, n_params = random_llama_task(tmp, a)
+        setup = (f"Llama hidden {a.hidden}, {a.layers} layers, heads {a.heads}/{a.kv_heads}, vocab {a.vocab} ({n_params / 1e6:.1f}M "
+                 f"parameters, random weights), {a.batch} pairs per step ({tokens_per_step:.0f} real tokens), AdamW lr {a.lr}, "
+                 f"beta 0.1, {a.steps} steps of which the first {a.warmup} are not timed; medians")
+        notes = ("Time per step = median step time + the meta-updates' total time over the timed steps (MetaPO only). "
+                 "TRL's step time is measured from on_step_begin to on_step_end; TRL pads (sdpa).")
+        if a.device == "cpu":
+            notes += " GPU (tokens/s and MFU): not measured here."
+        runs = [("TRL DPOTrainer (dpo)", "sdpa", lambda: (run_trl(model_dir, data, a, os.path.join(tmp, "trl")), [0.0] * a.steps))]
+        for attn in attns:
+            runs.append((f"metapo_fast (dpo, {attn})", attn,
+                         lambda attn=attn: run_ours(model_dir, data, a, os.path.join(tmp, f"dpo_{attn}"), meta=False, attn=attn)))
+            runs.append((f"metapo_fast (metapo, K={a.meta_interval}, {attn})", attn,
+                         lambda attn=attn: run_ours(model_dir, data, a, os.path.join(tmp, f"metapo_{attn}"), meta=True, attn=attn)))
+        base = None
+        for label, attn, fn in runs:  # the files are rewritten after every trainer: a later failure loses nothing
+            times, meta = fn()
+            med = _median_step(times, a.warmup)
+            meta_per_step = sum(meta[a.warmup:]) / len(meta[a.warmup:])  # the meta-updates, amortised over the timed steps
+            per_step = med + meta_per_step
+            base = base or per_step
+            tps = tokens_per_step / per_step
+            rows.append({"trainer": label, "attention": attn, "median_step_s": round(med, 4),
+                         "meta_update_s_per_step": round(meta_per_step, 4), "timed_steps": len(times) - a.warmup,
+                         "tokens_per_s": round(tps, 1), "time_vs_trl": round(per_step / base, 3),
+                         "mfu": round(6 * n_params * tps / peak, 4) if peak else "n/a (CPU)" if a.device == "cpu" else "unknown GPU"})
+            write_csv(os.path.join(a.out_dir, name + ".csv"), rows)
+            write_md(os.path.join(a.out_dir, name + ".md"), "End-to-end training throughput vs TRL DPOTrainer", prov, setup, rows, notes)
+            print(rows[-1], flush=True)
 
 
 if __name__ == "__main__":

@@ -2,13 +2,17 @@
 memory, measured side by side in one run.
 
     python -m benchmarks.fused_loss                 # CPU set: B=4 pairs, T=256, H=512, V=32000, fp32
-    python -m benchmarks.fused_loss --set gpu       # Llama-3-8B head, T=1024 and 4096, bf16 (needs CUDA)
+    python -m benchmarks.fused_loss --set gpu       # Llama-3-8B head, T=1024 and 4096, bf16 (needs CUDA),
+                                                    # plus the memory row at T=8192
+    python -m benchmarks.fused_loss --set dryrun    # the gpu set's steps, tiny shapes on CPU (a test)
 
 Each (implementation, shape) runs in a fresh process so its peak memory is its own: on CPU the
 process's peak RSS (ru_maxrss) above the RSS after the inputs were built; on GPU
 torch.cuda.max_memory_allocated above the inputs. Times are medians over repeats with fresh random
 inputs drawn per repeat (never zeros), after one warm-up. Results: a table on stdout and
-benchmarks/results/fused_loss_<set>.csv / .md with device, dtype, shape, commit, date and command.
+benchmarks/results/fused_loss_<set>.csv / .md (``--out-dir``, ``--name``) with device, dtype, shape,
+commit, date and command, rewritten after every shape. A worker that runs out of memory gives an
+"OOM" row; one that fails gives a "failed" row, and the run exits 1 after the others have run.
 """
 from __future__ import annotations
 
@@ -28,19 +32,30 @@ from .common import RESULTS, provenance, write_csv
 SETS = {
     "cpu": {"device": "cpu", "dtype": "float32", "shapes": [(4, 256, 512, 32000)], "impls": ["naive", "ours", "liger"]},
     "gpu": {"device": "cuda", "dtype": "bfloat16", "shapes": [(4, 1024, 4096, 128256), (4, 4096, 4096, 128256)],
-            "impls": ["naive", "ours", "liger", "gemm"]},
+            "impls": ["ours", "gemm", "liger", "naive"],
+            # the memory-scaling row: T = 8192, with the reference and the token KL (naive may not fit: then "OOM")
+            "memory_shapes": [(4, 8192, 4096, 128256)], "memory_impls": ["ours", "liger", "naive"]},
+    # the gpu set's steps with tiny shapes on CPU: a test of the plumbing (benchmarks/gpu/run.py --dry-run)
+    "dryrun": {"device": "cpu", "dtype": "float32", "shapes": [(2, 16, 32, 96)],
+               "impls": ["ours", "gemm", "liger", "naive"], "memory_shapes": [(2, 32, 32, 96)], "memory_impls": ["ours"]},
 }
 
 
+def floor_flops(b: int, t: int, h: int, v: int) -> int:
+    """The 8NHV floor, N = 2BT rows: policy logits, reference logits, and the two gradient GEMMs."""
+    return 8 * (2 * b * t) * h * v
+
+
 def _inputs(b, t, h, v, dtype, device, seed):
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    mk = lambda *s, scale=1.0: (torch.randn(*s, generator=g) * scale).to(device=device, dtype=dtype)  # noqa: E731
+    # drawn on the device itself: the gpu set's inputs are ~2.4 GB of bf16 per repeat, minutes on a host generator
+    g = torch.Generator(device=device).manual_seed(seed)
+    mk = lambda *s, scale=1.0: (torch.randn(*s, generator=g, device=device) * scale).to(dtype)  # noqa: E731
     hidden = mk(2 * b, t, h).requires_grad_()
     weight = (mk(v, h, scale=h ** -0.5)).requires_grad_()
     ref_hidden, ref_weight = mk(2 * b, t, h), mk(v, h, scale=h ** -0.5)
-    labels = torch.randint(0, v, (2 * b, t), generator=g)
+    labels = torch.randint(0, v, (2 * b, t), generator=g, device=device)
     labels[:, : t // 4] = -100  # a prompt of a quarter of the sequence
-    return hidden, weight, labels.to(device), ref_hidden, ref_weight
+    return hidden, weight, labels, ref_hidden, ref_weight
 
 
 def _step(impl, x, backend):
@@ -119,62 +134,98 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--backend", default="auto", help="epilogue backend for ours (auto, cpp, torch, triton)")
     ap.add_argument("--impls", default=None, help="comma-separated subset of implementations")
+    ap.add_argument("--out-dir", default=RESULTS, help="where the .csv and .md go (default: benchmarks/results)")
+    ap.add_argument("--name", default=None, help="file name stem (default: fused_loss_<set>)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--shape", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     cfg = SETS[args.set]
+    out_dir = os.path.abspath(args.out_dir)
     if args.worker:
-        res = worker(args.worker, tuple(int(x) for x in args.shape.split(",")), cfg["dtype"], cfg["device"], args.repeats, args.backend)
+        try:
+            res = worker(args.worker, tuple(int(x) for x in args.shape.split(",")), cfg["dtype"], cfg["device"], args.repeats, args.backend)
+        except torch.OutOfMemoryError as e:  # a result of the memory row, not a failure of the benchmark
+            res = {"impl": args.worker, "median_s": "OOM", "error": str(e).splitlines()[0][:200]}
         print("RESULT " + json.dumps(res))
         return
     prov = provenance(cfg["device"], "benchmarks.fused_loss")
+    name = args.name or f"fused_loss_{args.set}"
     rows = []
     impls = args.impls.split(",") if args.impls else cfg["impls"]
+    plan = [(shape, impls, "") for shape in cfg["shapes"]]
+    plan += [(shape, cfg["memory_impls"], "memory") for shape in cfg.get("memory_shapes", []) if not args.impls]
     if cfg["device"] == "cuda" and not torch.cuda.is_available():
-        for shape in cfg["shapes"]:
-            for impl in impls:
-                rows.append({"set": args.set, "impl": impl, "B": shape[0], "T": shape[1], "H": shape[2], "V": shape[3],
+        for shape, shape_impls, kind in plan:
+            for impl in shape_impls:
+                rows.append({"set": args.set, "row": kind, "impl": impl, "B": shape[0], "T": shape[1], "H": shape[2], "V": shape[3],
                              "dtype": cfg["dtype"], "median_s": "not measured", "note": "no GPU in this session", **prov})
     else:
-        for shape in cfg["shapes"]:
+        for shape, shape_impls, kind in plan:
             shape_rows = []
-            for impl in impls:
+            for impl in shape_impls:
                 cmd = [sys.executable, "-m", "benchmarks.fused_loss", "--set", args.set, "--repeats", str(args.repeats),
                        "--backend", args.backend, "--worker", impl, "--shape", ",".join(map(str, shape))]
-                proc = subprocess.run(cmd, capture_output=True, text=True, cwd=os.path.dirname(RESULTS).rsplit("/", 1)[0])
+                proc = subprocess.run(cmd, capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(RESULTS)))
                 line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
-                if proc.returncode or not line:
-                    raise RuntimeError(f"benchmark worker {impl} {shape} failed:\n{proc.stdout}\n{proc.stderr}")
-                r = json.loads(line[0][7:])
-                shape_rows.append({"set": args.set, "B": shape[0], "T": shape[1], "H": shape[2], "V": shape[3],
+                if proc.returncode or not line:  # recorded, and the other implementations still run
+                    tail = (proc.stderr.strip().splitlines() or ["no output"])[-1][:200]
+                    print(f"benchmark worker {impl} {shape} failed (exit {proc.returncode}):\n{proc.stdout}\n{proc.stderr}", file=sys.stderr)
+                    r = {"impl": impl, "median_s": "failed", "error": tail}
+                else:
+                    r = json.loads(line[0][7:])
+                shape_rows.append({"set": args.set, "row": kind, "B": shape[0], "T": shape[1], "H": shape[2], "V": shape[3],
                                    "dtype": cfg["dtype"], "backend": args.backend if impl == "ours" else "", **r, **prov})
-            naive = next((r for r in shape_rows if r["impl"] == "naive"), None)
-            for r in shape_rows:
-                if naive:
-                    r["time_vs_naive"] = round(r["median_s"] / naive["median_s"], 3)
-                    r["mem_vs_naive"] = round(r["peak_extra_mb"] / naive["peak_extra_mb"], 3) if naive["peak_extra_mb"] > 0 else ""
+            _ratios(shape_rows)
             rows += shape_rows
-    path = write_csv(f"fused_loss_{args.set}.csv", rows)
-    _write_md(args.set, rows, prov)
+            _write(out_dir, name, args.set, rows, prov)  # after every shape: a later failure loses nothing
+    path = _write(out_dir, name, args.set, rows, prov)
     for r in rows:
         print({k: r[k] for k in r if k not in ("device", "torch", "date", "command", "commit")})
     print(f"wrote {path}")
+    if any(r["median_s"] == "failed" for r in rows):
+        sys.exit(1)
 
 
-def _write_md(name, rows, prov):
-    lines = [f"# Fused loss benchmark ({name} set)", "",
+def _ratios(shape_rows: list[dict]) -> None:
+    """time and memory vs naive, time vs the bare GEMMs, and TFLOP/s on the 8NHV floor."""
+    ok = {r["impl"]: r for r in shape_rows if isinstance(r["median_s"], float)}
+    for r in shape_rows:
+        if not isinstance(r["median_s"], float):
+            continue
+        r["tflops_8nhv"] = round(floor_flops(r["B"], r["T"], r["H"], r["V"]) / r["median_s"] / 1e12, 2)
+        if "naive" in ok:
+            r["time_vs_naive"] = round(r["median_s"] / ok["naive"]["median_s"], 3)
+            r["mem_vs_naive"] = round(r["peak_extra_mb"] / ok["naive"]["peak_extra_mb"], 3) if ok["naive"]["peak_extra_mb"] > 0 else ""
+        if "gemm" in ok:
+            r["time_vs_gemm"] = round(r["median_s"] / ok["gemm"]["median_s"], 3)
+
+
+def _write(out_dir: str, name: str, set_name: str, rows: list[dict], prov: dict) -> str:
+    path = write_csv(os.path.join(out_dir, name + ".csv"), rows)
+    _write_md(os.path.join(out_dir, name + ".md"), set_name, rows, prov)
+    return path
+
+
+def _write_md(path, set_name, rows, prov):
+    lines = [f"# Fused loss benchmark ({set_name} set)", "",
              f"device: {prov['device']}; torch {prov['torch']}; commit {prov['commit']}; {prov['date']}",
              f"command: `{prov['command']}`", "",
              *(["No GPU was available when this file was written: nothing below was measured.", ""]
-               if any(isinstance(r["median_s"], str) for r in rows) else []),
-             "| impl | B | T | H | V | dtype | median fwd+bwd (s) | peak extra memory (MiB) | time vs naive | memory vs naive |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+               if any(r["median_s"] == "not measured" for r in rows) else []),
+             "TFLOP/s counts the 8NHV floor (N = 2BT rows): policy and reference logits and the two gradient GEMMs. "
+             "gemm is those four GEMMs run bare. Every implementation uses the reference; ours and naive also compute the "
+             "full-vocabulary token KL, Liger does not. The memory rows are the longest sequence (T = 8192 in the gpu set).", "",
+             "| row | impl | B | T | H | V | dtype | median fwd+bwd (s) | peak extra memory (MiB) | TFLOP/s (8NHV) | time vs gemm | time vs naive | memory vs naive |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        ms = r["median_s"] if isinstance(r["median_s"], str) else f"{r['median_s']:.3f}"
+        ms = r["median_s"] if isinstance(r["median_s"], str) else f"{r['median_s']:.4f}"
+        if r.get("error"):
+            ms += f" ({r['error']})"
         mem = f"{r['peak_extra_mb']:.0f}" if "peak_extra_mb" in r else "not measured"
-        lines.append(f"| {r['impl']}{' (' + r['backend'] + ')' if r.get('backend') else ''} | {r['B']} | {r['T']} | {r['H']} | "
-                     f"{r['V']} | {r['dtype']} | {ms} | {mem} | {r.get('time_vs_naive', '')} | {r.get('mem_vs_naive', '')} |")
-    with open(os.path.join(RESULTS, f"fused_loss_{name}.md"), "w") as f:
+        lines.append(f"| {r.get('row') or 'time'} | {r['impl']}{' (' + r['backend'] + ')' if r.get('backend') else ''} | {r['B']} | {r['T']} | "
+                     f"{r['H']} | {r['V']} | {r['dtype']} | {ms} | {mem} | {r.get('tflops_8nhv', '')} | {r.get('time_vs_gemm', '')} | "
+                     f"{r.get('time_vs_naive', '')} | {r.get('mem_vs_naive', '')} |")
+    with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
 
 

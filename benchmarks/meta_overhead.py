@@ -1,6 +1,7 @@
 """Meta-update overhead: (time of one meta-update / K) / (time of one training step), K = 100.
 
     python -m benchmarks.meta_overhead [--steps 40] [--meta-updates 10]
+    python -m benchmarks.meta_overhead --hidden 1536 --layers 16 --heads 12 --kv-heads 4 --batch 8   # ~0.6B
 
 On the embedded tiny model (CPU): median time of a MetaPO training step, of a plain DPO step
 (meta off: no weights, single fused pass), and of a meta-update (validation gradient + ghost dot
@@ -17,17 +18,20 @@ import time
 
 import torch
 
-from .common import RESULTS, provenance, write_csv
+from .common import RESULTS, add_model_args, ours_overrides, provenance, random_llama_task, write_csv
 
 
-def _trainer(meta: bool, out: str, device: str):
+def _trainer(meta: bool, out: str, device: str, task=None, a=None):
     from metapo_fast.config import load_config
-    from metapo_fast.train.parallel import DistInfo
     from metapo_fast.train.cli import _default_config
     from metapo_fast.train.loop import Trainer
+    from metapo_fast.train.parallel import DistInfo
 
-    cfg = load_config(_default_config(), [f"train.output_dir={out}", f"meta.enabled={str(meta).lower()}", "train.log_every=100000",
-                                          "train.device=" + device])
+    if task is None:  # the embedded tiny model and task
+        overrides = [f"train.output_dir={out}", f"meta.enabled={str(meta).lower()}", "train.device=" + device]
+    else:
+        overrides = ours_overrides(task[0], task[1], a, out, meta=meta, attn="sdpa", device=device)
+    cfg = load_config(_default_config(), overrides + ["train.log_every=100000"])
     return Trainer(cfg, DistInfo(0, 1, 0, torch.device(device)))
 
 
@@ -50,13 +54,25 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--meta-updates", type=int, default=10)
     ap.add_argument("--K", type=int, default=100)
+    add_model_args(ap, hidden=None, layers=16, heads=12, kv_heads=4, vocab=32000, batch=8, pairs=200)
+    ap.add_argument("--out-dir", default=RESULTS, help="where the .csv and .md go (default: benchmarks/results)")
+    ap.add_argument("--name", default="meta_overhead", help="file name stem")
     args = ap.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     prov = provenance(device, "benchmarks.meta_overhead")
+    # our trainer's settings on the random Llama (stepped by hand here, so max_steps only has to be large)
+    run_args = argparse.Namespace(**{**vars(args), "steps": 10 ** 6, "lr": 1e-5, "meta_interval": args.K})
     with tempfile.TemporaryDirectory() as d:
-        dpo = _trainer(False, os.path.join(d, "dpo"), device)
+        task, model = None, "tiny Llama (2 layers, hidden 64), batch 32 pairs"
+        if args.hidden is not None:
+            model_dir, data, tokens, n_params = random_llama_task(d, args)
+            task = (model_dir, data)
+            model = (f"random Llama hidden {args.hidden}, {args.layers} layers ({n_params / 1e6:.0f}M parameters), "
+                     f"batch {args.batch} pairs ({tokens:.0f} real tokens)")
+        dpo = _trainer(False, os.path.join(d, "dpo"), device, task, run_args)
         t_dpo = _median(dpo._train_step, args.steps, device)
-        mp = _trainer(True, os.path.join(d, "metapo"), device)
+        del dpo
+        mp = _trainer(True, os.path.join(d, "metapo"), device, task, run_args)
         t_step = _median(mp._train_step, args.steps, device)
         meta_s = []  # the meta-update runs inside a step (at theta_t); it times itself
         for i in range(args.meta_updates + 3):
@@ -64,11 +80,11 @@ def main(argv=None):
             if i >= 3:
                 meta_s.append(mp.meta_log["metapo/meta_update_s"])
         t_meta = statistics.median(meta_s)
-    row = {"device_kind": device, "model": "tiny Llama (2 layers, hidden 64), batch 32 pairs", "K": args.K,
+    row = {"device_kind": device, "model": model, "K": args.K,
            "dpo_step_ms": round(t_dpo * 1e3, 3), "metapo_step_ms": round(t_step * 1e3, 3), "meta_update_ms": round(t_meta * 1e3, 3),
            "meta_overhead_pct_at_K": round(100 * t_meta / args.K / t_step, 3),
            "metapo_step_vs_dpo_step": round(t_step / t_dpo, 3), **prov}
-    write_csv("meta_overhead.csv", [row])
+    write_csv(os.path.join(args.out_dir, args.name + ".csv"), [row])
     lines = ["# Meta-update overhead", "", f"device: {prov['device']}; torch {prov['torch']}; commit {prov['commit']}; {prov['date']}",
              f"command: `{prov['command']}`; medians of {args.steps} steps and {args.meta_updates} meta-updates", "",
              "| model | DPO step (ms) | MetaPO step (ms) | meta-update (ms) | overhead at K=%d (%%) | MetaPO step / DPO step |" % args.K,
@@ -77,7 +93,7 @@ def main(argv=None):
              "", "overhead = (meta-update / K) / MetaPO step. The MetaPO step itself also pays the tracker, the meta-network and a second "
              "policy-logits pass of the fused loss (weights depend on this step's margins); that is the last column.",
              "", "GPU: not measured (no GPU in this session)." if device == "cpu" else ""]
-    with open(os.path.join(RESULTS, "meta_overhead.md"), "w") as f:
+    with open(os.path.join(args.out_dir, args.name + ".md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -1,11 +1,11 @@
 """Temporal tracker update time and memory (paper: 40 bytes per pair; ours: 24).
 
-    python -m benchmarks.tracker [--repeats 200]
+    python -m benchmarks.tracker [--repeats 200] [--device all|cpu|cuda] [--sizes N,..] [--batches B,..]
 
-B = 64 pairs per update with N = 161k (HH-RLHF) and N = 10M pairs; fresh random ids and margins
-every repeat; median time per update. CPU backends (C++, vectorised torch) are measured here; the
+By default B = 64 pairs per update with N = 161k (HH-RLHF) and N = 10M pairs; fresh random ids and
+margins every repeat; median time per update. CPU backends (C++, vectorised torch) are measured here; the
 Triton kernel is timed only on a GPU (otherwise the table says "not measured").
-Writes benchmarks/results/tracker_<device>.csv and tracker.md.
+Writes <out-dir>/<name>.csv and .md (default: benchmarks/results/tracker.*).
 """
 from __future__ import annotations
 
@@ -42,27 +42,40 @@ def bench(n: int, b: int, backend: str, device: str, repeats: int) -> float:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=200)
+    ap.add_argument("--device", default="all", choices=["all", "cpu", "cuda"],
+                    help="all: the CPU backends, and the CUDA ones when a GPU is present")
+    ap.add_argument("--sizes", default="161000,10000000", help="comma-separated numbers of pairs N")
+    ap.add_argument("--batches", default="64", help="comma-separated pairs per update B")
+    ap.add_argument("--out-dir", default=RESULTS, help="where the .csv and .md go (default: benchmarks/results)")
+    ap.add_argument("--name", default="tracker", help="file name stem")
     args = ap.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: no CUDA device here")
     rows = []
-    prov = provenance("cpu", "benchmarks.tracker")
-    cases = [("cpu", "cpp"), ("cpu", "torch")] + ([("cuda", "triton"), ("cuda", "torch")] if torch.cuda.is_available() else [])
-    for n in (161_000, 10_000_000):
-        for device, backend in cases:
-            t = bench(n, 64, backend, device, args.repeats)
-            rows.append({"device_kind": device, "backend": backend, "N": n, "B": 64, "median_us": round(t * 1e6, 2),
-                         "bytes_per_pair": 24, "paper_bytes_per_pair": 40, "state_mb": round(24 * n / 2 ** 20, 2),
-                         "paper_state_mb": round(40 * n / 2 ** 20, 2), **prov})
-            print(rows[-1]["backend"], n, rows[-1]["median_us"], "us")
-        if not torch.cuda.is_available():
-            rows.append({"device_kind": "cuda", "backend": "triton", "N": n, "B": 64, "median_us": "not measured (no GPU)",
-                         "bytes_per_pair": 24, "paper_bytes_per_pair": 40, "state_mb": round(24 * n / 2 ** 20, 2),
-                         "paper_state_mb": round(40 * n / 2 ** 20, 2), **prov})
-    write_csv("tracker.csv", rows)
+    prov = provenance("cuda" if args.device == "cuda" else "cpu", "benchmarks.tracker")
+    cases = []
+    if args.device in ("all", "cpu"):
+        cases += [("cpu", "cpp"), ("cpu", "torch")]
+    if args.device == "cuda" or (args.device == "all" and torch.cuda.is_available()):
+        cases += [("cuda", "triton"), ("cuda", "torch")]
+    for n in (int(x) for x in args.sizes.split(",")):
+        for b in (int(x) for x in args.batches.split(",")):
+            for device, backend in cases:
+                t = bench(n, b, backend, device, args.repeats)
+                rows.append({"device_kind": device, "backend": backend, "N": n, "B": b, "median_us": round(t * 1e6, 2),
+                             "bytes_per_pair": 24, "paper_bytes_per_pair": 40, "state_mb": round(24 * n / 2 ** 20, 2),
+                             "paper_state_mb": round(40 * n / 2 ** 20, 2), **prov})
+                print(rows[-1]["backend"], n, b, rows[-1]["median_us"], "us")
+            if args.device == "all" and not torch.cuda.is_available():
+                rows.append({"device_kind": "cuda", "backend": "triton", "N": n, "B": b, "median_us": "not measured (no GPU)",
+                             "bytes_per_pair": 24, "paper_bytes_per_pair": 40, "state_mb": round(24 * n / 2 ** 20, 2),
+                             "paper_state_mb": round(40 * n / 2 ** 20, 2), **prov})
+    write_csv(os.path.join(args.out_dir, args.name + ".csv"), rows)
     lines = ["# Temporal tracker benchmark", "", f"device: {prov['device']}; torch {prov['torch']}; commit {prov['commit']}; {prov['date']}",
              f"command: `{prov['command']}`; median of {args.repeats} updates, fresh random ids each", "",
              "| backend | N pairs | B | median per update (us) | state (MB), ours 24 B/pair | paper 40 B/pair (MB) |", "|---|---|---|---|---|---|"]
     lines += [f"| {r['backend']} ({r['device_kind']}) | {r['N']:,} | {r['B']} | {r['median_us']} | {r['state_mb']} | {r['paper_state_mb']} |" for r in rows]
-    with open(os.path.join(RESULTS, "tracker.md"), "w") as f:
+    with open(os.path.join(args.out_dir, args.name + ".md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -4,6 +4,7 @@ import os
 import re
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
@@ -106,9 +107,13 @@ def _snippets():
 
 
 @pytest.mark.parametrize("name,code", _snippets() or [("missing", "")])
-def test_readme_snippets_run(name, code):
+def test_readme_snippets_run(name, code, monkeypatch):
     assert code, "README.md has no <!-- snippet:... --> python blocks"
-    exec(compile(code, f"README.md:{name}", "exec"), {"__name__": "__readme__"})
+    # a real module, as a user's script would be: torch.compile (torch 2.11) imports the module
+    # that defines a compiled function by its __name__
+    module = types.ModuleType("__readme__")
+    monkeypatch.setitem(sys.modules, "__readme__", module)
+    exec(compile(code, f"README.md:{name}", "exec"), module.__dict__)
 
 
 def test_plain_pytorch_example_runs():

@@ -85,6 +85,43 @@ def test_varlen_attention_rejects_bad_heads():
         V.varlen_attention_reference(q, k, k, torch.tensor([0, 4], dtype=torch.int32))
 
 
+@pytest.mark.parametrize("torch_version", ["2.11", "2.13"])
+@pytest.mark.parametrize("window", [None, 5])
+def test_torch_varlen_attn_call_fits_each_torch_signature(monkeypatch, torch_version, window):
+    """CPU twin of the CUDA call to torch's varlen_attn: torch 2.11's signature has no enable_gqa
+    (the call used to pass it: a TypeError on the lent GPU's torch), so grouped-query heads are
+    repeated first; 2.13's takes enable_gqa. Fakes with each signature compute through the
+    reference; values and gradients must equal the reference's (float64, GQA 6/2 heads)."""
+    import torch.nn.attention.varlen as tv
+
+    def as_window(ws):
+        assert ws[1] == 0, "causal attention is window_size (left, 0)"
+        return None if ws[0] < 0 else ws[0] + 1
+
+    def fake_211(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None, window_size=(-1, -1)):
+        assert query.shape[1] == key.shape[1], "torch 2.11's varlen_attn has no grouped-query attention"
+        return V.varlen_attention_reference(query, key, value, cu_seq_q, scale=scale, window=as_window(window_size))
+
+    def fake_213(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None, window_size=(-1, -1),
+                 enable_gqa=False, seqused_k=None, block_table=None, num_splits=None):
+        assert enable_gqa == (query.shape[1] != key.shape[1])
+        return V.varlen_attention_reference(query, key, value, cu_seq_q, scale=scale, window=as_window(window_size))
+
+    monkeypatch.setattr(tv, "varlen_attn", fake_211 if torch_version == "2.11" else fake_213)
+    g = torch.Generator().manual_seed(3)
+    lengths = [9, 1, 14]
+    L = sum(lengths)
+    q, k, v = (torch.randn(L, h, 8, generator=g, dtype=torch.float64).requires_grad_() for h in (6, 2, 2))
+    cu = V.PackPlan.from_mask(_mask(lengths, max(lengths))).cu_seqlens
+    left = -1 if window is None else window - 1
+    out = V.torch_varlen_attn(q, k, v, cu.to(torch.int32), max(lengths), 0.3, (left, 0))
+    ref = V.varlen_attention_reference(q, k, v, cu, scale=0.3, window=window)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    go = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), go), torch.autograd.grad(ref, (q, k, v), go)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("opts", [{}, {"window": 17}, {"softcap": 2.0}])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -170,6 +170,25 @@ def _flash_attn_varlen():
     return flash_attn_varlen_func
 
 
+def torch_varlen_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, max_seqlen: int,
+                      scale: Optional[float], window_size: tuple) -> torch.Tensor:
+    """PyTorch's ``varlen_attn`` (causal through ``window_size=(left, 0)``). Grouped-query attention
+    goes to the kernel as ``enable_gqa`` where this torch has it (2.13); torch 2.11's
+    ``varlen_attn`` has no such argument, so there the key/value heads are repeated first."""
+    import inspect
+
+    from torch.nn.attention.varlen import varlen_attn
+
+    if q.shape[1] != k.shape[1]:
+        if "enable_gqa" in inspect.signature(varlen_attn).parameters:
+            return varlen_attn(q, k, v, cu, cu, max_seqlen, max_seqlen, scale=scale, window_size=window_size, enable_gqa=True)
+        if q.shape[1] % k.shape[1]:
+            raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of key/value heads ({k.shape[1]})")
+        rep = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    return varlen_attn(q, k, v, cu, cu, max_seqlen, max_seqlen, scale=scale, window_size=window_size)
+
+
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
                      scale: Optional[float] = None, dropout_p: float = 0.0, bounds=None, window: Optional[int] = None,
                      softcap: Optional[float] = None, sinks: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -188,10 +207,7 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
             return fa(q, k, v, cu, cu, max_seqlen, max_seqlen, dropout_p=dropout_p, softmax_scale=scale, causal=True,
                       window_size=(left, 0) if window is not None else (-1, -1), softcap=softcap or 0.0)
         if dropout_p == 0.0 and softcap is None:
-            from torch.nn.attention.varlen import varlen_attn
-
-            return varlen_attn(q, k, v, cu, cu, max_seqlen, max_seqlen, scale=scale, window_size=(left, 0),
-                               enable_gqa=q.shape[1] != k.shape[1])
+            return torch_varlen_attn(q, k, v, cu, max_seqlen, scale, (left, 0))
     return varlen_attention_reference(q, k, v, cu_seqlens if not bounds else bounds, scale=scale, dropout_p=dropout_p,
                                       window=window, softcap=softcap, sinks=sinks)
 
