@@ -62,6 +62,37 @@ def mean_std(xs) -> str:
     return f"{statistics.mean(xs):.3f} +- {statistics.pstdev(xs):.3f}" if len(xs) > 1 else f"{xs[0]:.3f}"
 
 
+def add_output_args(ap, stem: str) -> None:
+    """``--record`` / ``--out-dir`` / ``--name``: where a benchmark's .md and .csv go (see :func:`output_path`)."""
+    ap.add_argument("--record", action="store_true",
+                    help=f"write the committed results ({stem}.md/.csv); without it a new timestamped file "
+                         f"({stem}-<UTC time>) is written, so a trial run never overwrites them")
+    ap.add_argument("--out-dir", default=RESULTS, help="directory of the results (default: benchmarks/results)")
+    ap.add_argument("--name", default=None, help="file name stem (overrides the default and --record)")
+
+
+def output_path(args, stem: str) -> str:
+    """``<out-dir>/<stem>`` with ``--record``, ``<out-dir>/<stem>-<UTC time>`` without it, ``<out-dir>/<name>``
+    when ``--name`` is given; the caller adds ``.md`` / ``.csv``."""
+    if args.name:
+        stem = args.name
+    elif not args.record:
+        stem = f"{stem}-{_dt.datetime.now(_dt.timezone.utc).strftime('%Y%m%dT%H%M%S')}"
+    os.makedirs(args.out_dir, exist_ok=True)
+    return os.path.join(os.path.abspath(args.out_dir), stem)
+
+
+def md_table(rows: list[dict], keys: list[str] | None = None) -> str:
+    """A Markdown table of ``rows`` (the union of their keys, or ``keys``), for stdout and result files."""
+    if keys is None:
+        keys = []
+        for r in rows:
+            keys += [k for k in r if k not in keys]
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(str(r.get(k, "")) for k in keys) + " |" for r in rows]
+    return "\n".join(lines)
+
+
 def write_csv(name: str, rows: list[dict]) -> str:
     path = name if os.path.isabs(name) else os.path.join(RESULTS, name)
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -78,12 +109,8 @@ def write_csv(name: str, rows: list[dict]) -> str:
 def write_md(name: str, title: str, prov: dict, setup: str, rows: list[dict], notes: str = "") -> str:
     """A results file: title, provenance line, setup, the rows as a table, optional notes."""
     path = name if os.path.isabs(name) else os.path.join(RESULTS, name)
-    keys: list[str] = []
-    for r in rows:
-        keys += [k for k in r if k not in keys]
     lines = [f"# {title}", "", f"device: {prov['device']}; torch {prov['torch']}; commit {prov['commit']}; {prov['date']}",
-             f"command: `{prov['command']}`; {setup}", "", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    lines += ["| " + " | ".join(str(r.get(k, "")) for k in keys) + " |" for r in rows]
+             f"command: `{prov['command']}`; {setup}", "", md_table(rows)]
     if notes:
         lines += ["", notes]
     with open(path, "w") as f:

@@ -11,8 +11,8 @@ beta 0.1; the first ``--warmup`` steps are not timed. Per-step wall times come f
 step is the median step time plus, for MetaPO, its meta-updates amortised over the timed steps.
 Throughput is the mean real (unpadded) tokens of a batch of pairs (prompt + chosen and prompt +
 rejected) over that time. For GPU runs (bf16) MFU = 6 * parameters * tokens/s / peak bf16 FLOP/s; the reference
-forward is not counted. Writes benchmarks/results/e2e_<device>.{md,csv} (``--out-dir``, ``--name``),
-rewritten after every trainer. ``--attn sdpa,varlen`` runs our trainer with each attention.
+forward is not counted. Writes benchmarks/results/e2e_<device>-<UTC time>.{md,csv} (``--record``:
+e2e_<device>.*, the committed files; ``--out-dir``, ``--name``), rewritten after every trainer. ``--attn sdpa,varlen`` runs our trainer with each attention.
 
 The 0.5-1B configuration the trainer issue asks for: ``--device cuda --hidden 1536 --layers 16
 --heads 12 --kv-heads 4 --vocab 32000 --batch 8 --steps 30`` (about 0.6B parameters).
@@ -28,7 +28,7 @@ import time
 
 import torch
 
-from benchmarks.common import RESULTS, add_model_args, ours_overrides, provenance, random_llama_task, write_csv, write_md
+from benchmarks.common import add_model_args, add_output_args, ours_overrides, output_path, provenance, random_llama_task, write_csv, write_md
 
 
 def _median_step(times: list[float], warmup: int) -> float:
@@ -99,9 +99,12 @@ def main(argv=None) -> None:
     ap.add_argument("--meta-interval", type=int, default=10)
     ap.add_argument("--lr", type=float, default=1e-5)
     ap.add_argument("--attn", default="sdpa", help="comma-separated: sdpa, varlen (our trainer runs once per value)")
-    ap.add_argument("--out-dir", default=RESULTS, help="where the .csv and .md go (default: benchmarks/results)")
-    ap.add_argument("--name", default=None, help="file name stem (default: e2e_<device>)")
+    ap.add_argument("--quick", action="store_true", help="a 2-layer hidden-64 model, 3 steps (seconds; a smoke test)")
+    add_output_args(ap, "e2e_<device>")
     a = ap.parse_args(argv)
+    if a.quick:
+        a.hidden, a.layers, a.heads, a.kv_heads, a.vocab, a.batch, a.pairs = 64, 2, 2, 2, 512, 2, 40
+        a.steps, a.warmup, a.meta_interval = 3, 1, 2
     attns = a.attn.split(",")
     bad = sorted(set(attns) - {"sdpa", "varlen"})
     if bad:
@@ -109,7 +112,7 @@ def main(argv=None) -> None:
     os.environ.setdefault("CUDA_VISIBLE_DEVICES", "" if a.device == "cpu" else os.environ.get("CUDA_VISIBLE_DEVICES", "0"))
     from metapo_fast.train.outputs import PEAK_BF16
 
-    name = a.name or f"e2e_{a.device}"
+    out = output_path(a, f"e2e_{a.device}")
     prov = provenance(a.device, "benchmarks.e2e")
     peak = None
     if a.device == "cuda":
@@ -143,9 +146,11 @@ def main(argv=None) -> None:
                          "meta_update_s_per_step": round(meta_per_step, 4), "timed_steps": len(times) - a.warmup,
                          "tokens_per_s": round(tps, 1), "time_vs_trl": round(per_step / base, 3),
                          "mfu": round(6 * n_params * tps / peak, 4) if peak else "n/a (CPU)" if a.device == "cpu" else "unknown GPU"})
-            write_csv(os.path.join(a.out_dir, name + ".csv"), rows)
-            write_md(os.path.join(a.out_dir, name + ".md"), "End-to-end training throughput vs TRL DPOTrainer", prov, setup, rows, notes)
-            print(rows[-1], flush=True)
+            write_csv(out + ".csv", rows)
+            write_md(out + ".md", "End-to-end training throughput vs TRL DPOTrainer", prov, setup, rows, notes)
+            print(f"{label}: median step {med:.4f} s, {tps:.0f} tokens/s", flush=True)
+    print(open(out + ".md").read())
+    print(f"wrote {out}.md and .csv")
 
 
 if __name__ == "__main__":

@@ -10,8 +10,9 @@ Each (implementation, shape) runs in a fresh process so its peak memory is its o
 process's peak RSS (ru_maxrss) above the RSS after the inputs were built; on GPU
 torch.cuda.max_memory_allocated above the inputs. Times are medians over repeats with fresh random
 inputs drawn per repeat (never zeros), after one warm-up. Results: a table on stdout and
-benchmarks/results/fused_loss_<set>.csv / .md (``--out-dir``, ``--name``) with device, dtype, shape,
-commit, date and command, rewritten after every shape. A worker that runs out of memory gives an
+benchmarks/results/fused_loss_<set>-<UTC time>.csv / .md (``--record``: fused_loss_<set>, the
+committed file; ``--out-dir``, ``--name``) with device, dtype, shape, commit, date and command,
+rewritten after every shape. ``--quick``: the dryrun set (seconds). A worker that runs out of memory gives an
 "OOM" row; one that fails gives a "failed" row, and the run exits 1 after the others have run.
 """
 from __future__ import annotations
@@ -27,7 +28,7 @@ import time
 
 import torch
 
-from .common import RESULTS, provenance, write_csv
+from .common import RESULTS, add_output_args, output_path, provenance, write_csv
 
 SETS = {
     "cpu": {"device": "cpu", "dtype": "float32", "shapes": [(4, 256, 512, 32000)], "impls": ["naive", "ours", "liger"]},
@@ -134,13 +135,14 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--backend", default="auto", help="epilogue backend for ours (auto, cpp, torch, triton)")
     ap.add_argument("--impls", default=None, help="comma-separated subset of implementations")
-    ap.add_argument("--out-dir", default=RESULTS, help="where the .csv and .md go (default: benchmarks/results)")
-    ap.add_argument("--name", default=None, help="file name stem (default: fused_loss_<set>)")
+    ap.add_argument("--quick", action="store_true", help="the dryrun set's tiny shapes, 2 repeats (seconds; a smoke test)")
+    add_output_args(ap, "fused_loss_<set>")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--shape", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.quick:
+        args.set, args.repeats = "dryrun", min(args.repeats, 2)
     cfg = SETS[args.set]
-    out_dir = os.path.abspath(args.out_dir)
     if args.worker:
         try:
             res = worker(args.worker, tuple(int(x) for x in args.shape.split(",")), cfg["dtype"], cfg["device"], args.repeats, args.backend)
@@ -149,7 +151,7 @@ def main(argv=None):
         print("RESULT " + json.dumps(res))
         return
     prov = provenance(cfg["device"], "benchmarks.fused_loss")
-    name = args.name or f"fused_loss_{args.set}"
+    out = output_path(args, f"fused_loss_{args.set}")
     rows = []
     impls = args.impls.split(",") if args.impls else cfg["impls"]
     plan = [(shape, impls, "") for shape in cfg["shapes"]]
@@ -177,11 +179,10 @@ def main(argv=None):
                                    "dtype": cfg["dtype"], "backend": args.backend if impl == "ours" else "", **r, **prov})
             _ratios(shape_rows)
             rows += shape_rows
-            _write(out_dir, name, args.set, rows, prov)  # after every shape: a later failure loses nothing
-    path = _write(out_dir, name, args.set, rows, prov)
-    for r in rows:
-        print({k: r[k] for k in r if k not in ("device", "torch", "date", "command", "commit")})
-    print(f"wrote {path}")
+            _write(out, args.set, rows, prov)  # after every shape: a later failure loses nothing
+    _write(out, args.set, rows, prov)
+    print(open(out + ".md").read())
+    print(f"wrote {out}.md and .csv")
     if any(r["median_s"] == "failed" for r in rows):
         sys.exit(1)
 
@@ -200,10 +201,9 @@ def _ratios(shape_rows: list[dict]) -> None:
             r["time_vs_gemm"] = round(r["median_s"] / ok["gemm"]["median_s"], 3)
 
 
-def _write(out_dir: str, name: str, set_name: str, rows: list[dict], prov: dict) -> str:
-    path = write_csv(os.path.join(out_dir, name + ".csv"), rows)
-    _write_md(os.path.join(out_dir, name + ".md"), set_name, rows, prov)
-    return path
+def _write(out: str, set_name: str, rows: list[dict], prov: dict) -> None:
+    write_csv(out + ".csv", rows)
+    _write_md(out + ".md", set_name, rows, prov)
 
 
 def _write_md(path, set_name, rows, prov):

@@ -19,7 +19,6 @@ or to ``meta_ablation.md/.csv`` with ``--record``.
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
 import os
 import statistics
@@ -28,7 +27,7 @@ import sys
 import tempfile
 import time
 
-from .common import RESULTS, mean_std, provenance, write_csv
+from .common import add_output_args, mean_std, output_path, provenance, write_csv
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VARIANTS = {
@@ -106,8 +105,7 @@ def main(argv=None) -> int:
     ap.add_argument("--before", default=None, help="a checkout of the code before a change: its MetaPO joins as 'before'")
     ap.add_argument("--extra", nargs="*", default=[], help="overrides added to every run")
     ap.add_argument("--quick", action="store_true", help="1 seed, 40 steps, 400 pairs (a smoke test)")
-    ap.add_argument("--record", action="store_true", help="write meta_ablation.md/.csv (else a new timestamped file)")
-    ap.add_argument("--results-dir", default=RESULTS)
+    add_output_args(ap, "meta_ablation")
     args = ap.parse_args(argv)
     seeds, extra = args.seeds, list(args.extra)
     if args.quick:
@@ -126,16 +124,15 @@ def main(argv=None) -> int:
                 rows.append(r)
                 print(f"{v} seed {s}: accuracy {r['eval_accuracy']:.3f}, weights AUROC {r['weights_auroc']}, "
                       f"margin AUROC {r['margin_auroc']}, {r['wall_s']} s", flush=True)
-    stem = "meta_ablation" if args.record else "meta_ablation-" + _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
-    os.makedirs(args.results_dir, exist_ok=True)
-    write_csv(os.path.join(args.results_dir, stem + ".csv"), [{**r, **prov} for r in rows])
+    out = output_path(args, "meta_ablation")
+    write_csv(out + ".csv", [{**r, **prov} for r in rows])
     lines = ["# Meta-learner ablation on the default run", "",
              f"device: {prov['device']}; torch {prov['torch']}; commit {prov['commit']}; {prov['date']}",
              f"command: `{prov['command']}`; seeds {seeds}; overrides per variant: "
              + "; ".join(f"{v}: {' '.join(VARIANTS[v]) or '(defaults)'}" for v in args.variants)
              + (f"; before: MetaPO defaults at {args.before}" if args.before else ""), "",
              *table(rows, variants, seeds)]
-    with open(os.path.join(args.results_dir, stem + ".md"), "w") as f:
+    with open(out + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

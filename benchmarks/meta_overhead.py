@@ -5,7 +5,8 @@
 
 On the embedded tiny model (CPU): median time of a MetaPO training step, of a plain DPO step
 (meta off: no weights, single fused pass), and of a meta-update (validation gradient + ghost dot
-products + phi step). Writes benchmarks/results/meta_overhead.csv and .md. GPU: not measured
+products + phi step). Writes benchmarks/results/meta_overhead-<UTC time>.{csv,md} (``--record``:
+meta_overhead.*, the committed files). GPU: not measured
 unless run on a GPU.
 """
 from __future__ import annotations
@@ -18,7 +19,7 @@ import time
 
 import torch
 
-from .common import RESULTS, add_model_args, ours_overrides, provenance, random_llama_task, write_csv
+from .common import add_model_args, add_output_args, output_path, ours_overrides, provenance, random_llama_task, write_csv
 
 
 def _trainer(meta: bool, out: str, device: str, task=None, a=None):
@@ -55,9 +56,12 @@ def main(argv=None):
     ap.add_argument("--meta-updates", type=int, default=10)
     ap.add_argument("--K", type=int, default=100)
     add_model_args(ap, hidden=None, layers=16, heads=12, kv_heads=4, vocab=32000, batch=8, pairs=200)
-    ap.add_argument("--out-dir", default=RESULTS, help="where the .csv and .md go (default: benchmarks/results)")
-    ap.add_argument("--name", default="meta_overhead", help="file name stem")
+    ap.add_argument("--quick", action="store_true", help="3 steps, 2 meta-updates (seconds; a smoke test)")
+    add_output_args(ap, "meta_overhead")
     args = ap.parse_args(argv)
+    if args.quick:
+        args.steps, args.meta_updates = min(args.steps, 3), min(args.meta_updates, 2)
+    out = output_path(args, "meta_overhead")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     prov = provenance(device, "benchmarks.meta_overhead")
     # our trainer's settings on the random Llama (stepped by hand here, so max_steps only has to be large)
@@ -84,7 +88,7 @@ def main(argv=None):
            "dpo_step_ms": round(t_dpo * 1e3, 3), "metapo_step_ms": round(t_step * 1e3, 3), "meta_update_ms": round(t_meta * 1e3, 3),
            "meta_overhead_pct_at_K": round(100 * t_meta / args.K / t_step, 3),
            "metapo_step_vs_dpo_step": round(t_step / t_dpo, 3), **prov}
-    write_csv(os.path.join(args.out_dir, args.name + ".csv"), [row])
+    write_csv(out + ".csv", [row])
     lines = ["# Meta-update overhead", "", f"device: {prov['device']}; torch {prov['torch']}; commit {prov['commit']}; {prov['date']}",
              f"command: `{prov['command']}`; medians of {args.steps} steps and {args.meta_updates} meta-updates", "",
              "| model | DPO step (ms) | MetaPO step (ms) | meta-update (ms) | overhead at K=%d (%%) | MetaPO step / DPO step |" % args.K,
@@ -93,9 +97,10 @@ def main(argv=None):
              "", "overhead = (meta-update / K) / MetaPO step. The MetaPO step itself also pays the tracker, the meta-network and a second "
              "policy-logits pass of the fused loss (weights depend on this step's margins); that is the last column.",
              "", "GPU: not measured (no GPU in this session)." if device == "cpu" else ""]
-    with open(os.path.join(args.out_dir, args.name + ".md"), "w") as f:
+    with open(out + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
+    print(f"wrote {out}.md and .csv")
 
 
 if __name__ == "__main__":

@@ -15,13 +15,12 @@ Writes benchmarks/results/meta_signal-<UTC time>.{md,csv}, or meta_signal.{md,cs
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import tempfile
 
 import numpy as np
 import torch
 
-from benchmarks.common import provenance, write_csv, write_md
+from benchmarks.common import add_output_args, md_table, output_path, provenance, write_csv, write_md
 
 
 def measure(steps: int, n_pairs: int, out_dir: str, val_objectives=("log",), extra=()) -> list[dict]:
@@ -74,7 +73,7 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, nargs="+", default=[20, 150])
     ap.add_argument("--pairs", type=int, default=256)
     ap.add_argument("--val-objectives", nargs="+", default=["log"], choices=["log", "sigmoid"])
-    ap.add_argument("--record", action="store_true", help="write meta_signal.md/.csv (else a new timestamped file)")
+    add_output_args(ap, "meta_signal")
     ap.add_argument("--extra", nargs="*", default=[], help="config overrides, e.g. data.val_fraction=0.2")
     a = ap.parse_args(argv)
     rows = []
@@ -82,15 +81,15 @@ def main(argv=None) -> None:
         with tempfile.TemporaryDirectory() as d:
             new = measure(s, a.pairs, d, a.val_objectives, a.extra)
         rows += new
-        for r in new:
-            print(r, flush=True)
+        print(md_table(new), flush=True)
     prov = provenance("cpu", "benchmarks.meta_signal")
     setup = (f"default task (2000 pairs, 30% flipped, tiny Llama, SFT warm-up 30 steps), DPO for the listed steps, "
              f"{a.pairs} random training pairs, one seed" + (f", overrides {' '.join(a.extra)}" if a.extra else ""))
-    stem = "meta_signal" if a.record else "meta_signal-" + _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
-    write_csv(stem + ".csv", rows)
-    write_md(stem + ".md", "Per-pair meta-gradient signal: c_i = <grad L_val, grad l_i>, clean vs flipped pairs", prov,
+    out = output_path(a, "meta_signal")
+    write_csv(out + ".csv", rows)
+    write_md(out + ".md", "Per-pair meta-gradient signal: c_i = <grad L_val, grad l_i>, clean vs flipped pairs", prov,
              setup, rows)
+    print(f"wrote {out}.md and .csv")
 
 
 if __name__ == "__main__":

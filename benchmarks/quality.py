@@ -24,7 +24,7 @@ import time
 
 import numpy as np
 
-from .common import RESULTS, mean_std, provenance, write_csv
+from .common import add_output_args, mean_std, output_path, provenance, write_csv
 
 CONDITIONS = {
     "flip0": ["data.synthetic.flip_fraction=0.0"],
@@ -77,14 +77,13 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="1 seed, 2 conditions, 3 methods, 60 steps (CI)")
     ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--out", default=None, help="results file stem (default: quality, or quality_quick with --quick)")
-    ap.add_argument("--results-dir", default=RESULTS, help="where the .md and .csv go (default: benchmarks/results)")
+    add_output_args(ap, "quality (quality_quick with --quick)")
     args = ap.parse_args(argv)
     conditions, methods, seeds, extra = list(CONDITIONS), list(METHODS), list(range(args.seeds)), []
     if args.quick:
         conditions, methods, seeds = ["flip0", "flip40"], ["dpo", "focalpo", "metapo"], [0]
         extra = ["train.max_steps=60", "data.synthetic.num_pairs=400", "data.synthetic.num_eval_pairs=100"]
-    stem = args.out or ("quality_quick" if args.quick else "quality")
+    out = output_path(args, "quality_quick" if args.quick else "quality")
     prov = provenance("cpu", "benchmarks.quality")
     rows = []
     with tempfile.TemporaryDirectory() as work:
@@ -93,10 +92,9 @@ def main(argv=None):
                 for s in seeds:
                     r = run_one(c, m, s, work, extra)
                     rows.append({**r, **prov})
-                    print(json.dumps({k: r[k] for k in ("condition", "method", "seed", "eval_accuracy", "auroc_clean_vs_noisy", "wall_s")}),
-                          flush=True)
-    os.makedirs(args.results_dir, exist_ok=True)
-    write_csv(os.path.join(args.results_dir, f"{stem}.csv"), rows)
+                    print(f"{c} {m} seed {s}: clean held-out accuracy {r['eval_accuracy']:.3f}, weights AUROC "
+                          f"{r['auroc_clean_vs_noisy']}, {r['wall_s']} s", flush=True)
+    write_csv(out + ".csv", rows)
     lines = [f"# Quality benchmark: noisy-label synthetic task ({'quick' if args.quick else 'full'})", "",
              f"device: {prov['device']}; torch {prov['torch']}; commit {prov['commit']}; {prov['date']}",
              f"command: `{prov['command']}`; seeds: {seeds}", "",
@@ -117,7 +115,7 @@ def main(argv=None):
         for c in conditions:
             rs = [r for r in rows if r["condition"] == c and r["method"] == "metapo"]
             lines.append(f"| {c} | " + " | ".join(mean_std([r.get(k) for r in rs]) for k in coef_keys) + " |")
-    with open(os.path.join(args.results_dir, f"{stem}.md"), "w") as f:
+    with open(out + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
 

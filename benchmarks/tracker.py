@@ -5,12 +5,12 @@
 By default B = 64 pairs per update with N = 161k (HH-RLHF) and N = 10M pairs; fresh random ids and
 margins every repeat; median time per update. CPU backends (C++, vectorised torch) are measured here; the
 Triton kernel is timed only on a GPU (otherwise the table says "not measured").
-Writes <out-dir>/<name>.csv and .md (default: benchmarks/results/tracker.*).
+Writes benchmarks/results/tracker-<UTC time>.{csv,md} (``--record``: tracker.*, the committed
+files; ``--out-dir``, ``--name``); ``--quick`` runs N = 10k only.
 """
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import time
 
@@ -18,7 +18,7 @@ import torch
 
 from metapo_fast.metapo.tracker import TemporalTracker
 
-from .common import RESULTS, provenance, write_csv
+from .common import add_output_args, output_path, provenance, write_csv
 
 
 def bench(n: int, b: int, backend: str, device: str, repeats: int) -> float:
@@ -46,9 +46,12 @@ def main(argv=None):
                     help="all: the CPU backends, and the CUDA ones when a GPU is present")
     ap.add_argument("--sizes", default="161000,10000000", help="comma-separated numbers of pairs N")
     ap.add_argument("--batches", default="64", help="comma-separated pairs per update B")
-    ap.add_argument("--out-dir", default=RESULTS, help="where the .csv and .md go (default: benchmarks/results)")
-    ap.add_argument("--name", default="tracker", help="file name stem")
+    ap.add_argument("--quick", action="store_true", help="N = 10000, 5 repeats (seconds; a smoke test)")
+    add_output_args(ap, "tracker")
     args = ap.parse_args(argv)
+    if args.quick:
+        args.sizes, args.repeats = "10000", min(args.repeats, 5)
+    out = output_path(args, "tracker")
     if args.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: no CUDA device here")
     rows = []
@@ -70,14 +73,15 @@ def main(argv=None):
                 rows.append({"device_kind": "cuda", "backend": "triton", "N": n, "B": b, "median_us": "not measured (no GPU)",
                              "bytes_per_pair": 24, "paper_bytes_per_pair": 40, "state_mb": round(24 * n / 2 ** 20, 2),
                              "paper_state_mb": round(40 * n / 2 ** 20, 2), **prov})
-    write_csv(os.path.join(args.out_dir, args.name + ".csv"), rows)
+    write_csv(out + ".csv", rows)
     lines = ["# Temporal tracker benchmark", "", f"device: {prov['device']}; torch {prov['torch']}; commit {prov['commit']}; {prov['date']}",
              f"command: `{prov['command']}`; median of {args.repeats} updates, fresh random ids each", "",
              "| backend | N pairs | B | median per update (us) | state (MB), ours 24 B/pair | paper 40 B/pair (MB) |", "|---|---|---|---|---|---|"]
     lines += [f"| {r['backend']} ({r['device_kind']}) | {r['N']:,} | {r['B']} | {r['median_us']} | {r['state_mb']} | {r['paper_state_mb']} |" for r in rows]
-    with open(os.path.join(args.out_dir, args.name + ".md"), "w") as f:
+    with open(out + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
+    print(f"wrote {out}.md and .csv")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from benchmarks.common import provenance, write_csv, write_md
+from benchmarks.common import add_output_args, output_path, provenance, write_csv, write_md
 from metapo_fast.models.hf import last_hidden_states
 from metapo_fast.models.varlen import register
 
@@ -81,18 +81,23 @@ def main(argv=None) -> None:
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--dtype", default=None, help="default: bfloat16 on cuda, float32 on cpu")
+    ap.add_argument("--quick", action="store_true", help="2 repeats of 4 sequences up to 64 tokens, hidden 64 (a smoke test)")
+    add_output_args(ap, "varlen_<device>")
     a = ap.parse_args(argv)
+    if a.quick:
+        a.reps, a.seqs, a.min_len, a.max_len, a.hidden, a.layers = 2, 4, 8, 64, 64, 2
+    out = output_path(a, f"varlen_{a.device}")
     dtype = getattr(torch, a.dtype or ("bfloat16" if a.device == "cuda" else "float32"))
     rows = run(a.device, a.reps, a.seqs, a.min_len, a.max_len, a.hidden, a.layers, dtype)
     prov = provenance(a.device, "benchmarks.varlen")
     setup = (f"{a.seqs} sequences per batch, lengths uniform in [{a.min_len}, {a.max_len}], Llama decoder hidden {a.hidden}, "
              f"{a.layers} layers, {dtype}, forward + backward, median of {a.reps} fresh batches (paths alternate)")
-    write_csv(f"varlen_{a.device}.csv", rows)
+    write_csv(out + ".csv", rows)
     notes = ("The CUDA kernels (flash-attn varlen / torch varlen_attn, bf16): not measured, no GPU was available. "
              "Run `python -m benchmarks.varlen --device cuda` on one.") if a.device == "cpu" else ""
-    write_md(f"varlen_{a.device}.md", "Padded SDPA vs packed varlen attention", prov, setup, rows, notes)
-    for r in rows:
-        print(r)
+    write_md(out + ".md", "Padded SDPA vs packed varlen attention", prov, setup, rows, notes)
+    print(open(out + ".md").read())
+    print(f"wrote {out}.md and .csv")
 
 
 if __name__ == "__main__":

@@ -110,8 +110,15 @@ def texts_for(run: dict, source_rows: np.ndarray) -> tuple[dict, Optional[str]]:
     return out, None
 
 
+MATPLOTLIB_MISSING = ("python -m metapo_fast.report draws its plots with matplotlib, which is not installed: "
+                      "pip install 'metapo-fast[report]' (or pip install matplotlib)")
+
+
 def _plots(run: dict, out: str, gamma: float) -> list[tuple[str, str]]:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError as exc:
+        raise ImportError(MATPLOTLIB_MISSING) from exc
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -239,6 +246,11 @@ def main(argv=None) -> int:
     try:
         path = build_report(args.run_dir, args.out, args.top)
     except FileNotFoundError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    except ImportError as exc:
+        if str(exc) != MATPLOTLIB_MISSING:
+            raise
         print(exc, file=sys.stderr)
         return 2
     print(f"report: {path}")

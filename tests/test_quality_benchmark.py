@@ -5,7 +5,7 @@ from benchmarks.quality import main
 
 
 def test_quality_quick_mode(tmp_path):
-    main(["--quick", "--results-dir", str(tmp_path)])
+    main(["--quick", "--record", "--out-dir", str(tmp_path)])
     rows = list(csv.DictReader(open(tmp_path / "quality_quick.csv")))
     assert {(r["condition"], r["method"]) for r in rows} == {(c, m) for c in ("flip0", "flip40") for m in ("dpo", "focalpo", "metapo")}
     for r in rows:
@@ -14,3 +14,17 @@ def test_quality_quick_mode(tmp_path):
             assert float(r["auroc_clean_vs_noisy"]) == 0.5 or r["condition"] == "flip0"
     md = (tmp_path / "quality_quick.md").read_text()
     assert "| flip40 | metapo |" in md and "commit" in md
+
+
+def test_benchmark_output_is_a_new_file_unless_recorded(tmp_path):
+    """Without --record a benchmark writes <stem>-<UTC time>: the committed results are never overwritten."""
+    import argparse
+
+    from benchmarks.common import add_output_args, output_path
+
+    ap = argparse.ArgumentParser()
+    add_output_args(ap, "tracker")
+    trial = output_path(ap.parse_args(["--out-dir", str(tmp_path)]), "tracker")
+    assert trial.startswith(str(tmp_path / "tracker-")) and len(trial) == len(str(tmp_path / "tracker-20261201T061500"))
+    assert output_path(ap.parse_args(["--out-dir", str(tmp_path), "--record"]), "tracker") == str(tmp_path / "tracker")
+    assert output_path(ap.parse_args(["--out-dir", str(tmp_path), "--record", "--name", "x"]), "tracker") == str(tmp_path / "x")

@@ -99,3 +99,13 @@ def test_meta_net_rebuilt_with_the_runs_momentum(run_dir, tmp_path):
     b = load_meta_net(run_dir, {"stats_momentum": 0.99})
     assert a.stats_momentum == 0.5 and b.stats_momentum == 0.99
     assert not torch.allclose(a.scale(), b.scale())
+
+
+def test_report_without_matplotlib_names_the_extra(run_dir, tmp_path, monkeypatch, capsys):
+    """matplotlib is the report extra's (pyproject): without it the report says which extra to install."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    assert main([run_dir, "--out", str(tmp_path / "rep")]) == 2
+    err = capsys.readouterr().err
+    assert "pip install 'metapo-fast[report]'" in err and "Traceback" not in err
