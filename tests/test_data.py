@@ -296,9 +296,10 @@ def test_invalid_rows_error_names_file_and_rows(tmp_path):
         load_preference_data(cfg(tmp_path, path=path, invalid_rows="error"), TOK)
     msg = str(e.value)
     assert isinstance(e.value, InvalidDataError)
-    assert "bad_rows.jsonl" in msg and "row 2: identical" in msg and "row 3: wrong_type" in msg and "invalid_rows" in msg
+    # rows counted from 1, as the file's lines are: the identical pair is line 3, the int response line 4
+    assert "bad_rows.jsonl" in msg and "row 3: identical" in msg and "row 4: wrong_type" in msg and "invalid_rows" in msg
     # the same from the cache (second load) still fails
-    with pytest.raises(InvalidDataError, match="row 2: identical"):
+    with pytest.raises(InvalidDataError, match="row 3: identical"):
         load_preference_data(cfg(tmp_path, path=path, invalid_rows="error"), TOK)
 
 
@@ -320,7 +321,7 @@ def test_unusable_sources_fail_clearly(tmp_path, monkeypatch):
     path = write_parquet(tmp_path / "bytes.parquet", [{"prompt": "p", "chosen": b"a", "rejected": "b"}] * 2)
     with pytest.raises(InvalidDataError) as e:
         load_preference_data(cfg(tmp_path, path=path, format="standard"), TOK)
-    assert "bytes.parquet" in str(e.value) and "row 0: wrong_type" in str(e.value) and "bytes" in str(e.value)
+    assert "bytes.parquet" in str(e.value) and "row 1: wrong_type" in str(e.value) and "bytes" in str(e.value)
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(InvalidDataError, match="someorg/no-such-dataset"):
@@ -525,3 +526,34 @@ def test_true_labels_view_swaps_back_only_the_flipped_pairs():
     view = TrueLabels(PreferenceDataset(pairs, [2, 0, 1]))
     got = [(int(view[k]["chosen_ids"][0]), int(view[k]["rejected_ids"][0])) for k in range(3)]
     assert got == [(31, 30), (10, 11), (21, 20)] and len(view) == 3
+
+
+@pytest.mark.parametrize("case", ["missing_file", "invalid_rows", "too_few_pairs"])
+def test_train_data_errors_are_one_line_exit_2_and_leave_no_run_directory(tmp_path, case, capsys):
+    """A data error at start-up: exit code 2, one line on stderr naming the file and the 1-based
+    rows (no traceback, no datasets/Arrow noise, the report once), and no empty run directory."""
+    from metapo_fast.train.cli import main as train
+
+    good = {"prompt": "p", "chosen": "a", "rejected": "b"}
+    path = tmp_path / "pairs.jsonl"
+    if case == "missing_file":
+        path = tmp_path / "missing.jsonl"
+    elif case == "invalid_rows":
+        path.write_text(json.dumps(good) + "\nnot json\n" + json.dumps({"prompt": "p", "chosen": "a"}) + "\n")
+    else:
+        write_jsonl(path, [good] * 3)
+    out = tmp_path / "run"
+    rc = train([f"data.path={path}", f"train.output_dir={out}", "train.sft_warmup_steps=0", "data.invalid_rows=error",
+                "data.val_fraction=0", "meta.enabled=false", "train.max_steps=1"])
+    err = capsys.readouterr().err
+    lines = [l for l in err.splitlines() if l.strip() and "Generating train split" not in l]
+    assert rc == 2
+    assert len(lines) == 1 and lines[0].startswith("metapo_fast.train: invalid data: "), err
+    assert "Traceback" not in err and "Arrow" not in err
+    assert not out.exists()
+    if case == "missing_file":
+        assert "data.path" in lines[0] and "missing.jsonl" in lines[0]
+    elif case == "invalid_rows":
+        assert "pairs.jsonl" in lines[0] and "row 2: not_json: line 2" in lines[0] and "row 3: missing_column" in lines[0]
+    else:
+        assert "3 training pairs are fewer than one global batch" in lines[0] and "per_device_batch_size" in lines[0]

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from ..config import DataConfig
+from .formats import InvalidDataError
 from .pairs import TokenizedPairs
 
 __all__ = ["IGNORE_INDEX", "split_validation", "PreferenceDataset", "build_datasets", "PreferenceCollator", "PairSampler"]
@@ -195,8 +196,9 @@ class PairSampler(torch.utils.data.Sampler):
         super().__init__()
         self.global_batch = per_device_batch_size * world_size
         if num_pairs < self.global_batch:
-            raise ValueError(f"{num_pairs} training pairs are fewer than one global batch of {self.global_batch} "
-                             f"({per_device_batch_size} per device x {world_size} ranks)")
+            raise InvalidDataError(f"{num_pairs} training pairs are fewer than one global batch of {self.global_batch} "
+                             f"({per_device_batch_size} per device x {world_size} ranks): add data or lower "
+                             "train.per_device_batch_size")
         self.num_pairs, self.per_device, self.world_size, self.rank = num_pairs, per_device_batch_size, world_size, rank
         self.seed, self.shuffle = seed, shuffle
         self.epoch, self.offset = 0, 0

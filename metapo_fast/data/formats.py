@@ -104,17 +104,23 @@ def load_rows(source: str, split: str = "train", subset: Optional[str] = None,
     ext = os.path.splitext(source)[1].lower()
     if os.path.isfile(source) or ext in LOCAL_EXTENSIONS:
         if not os.path.isfile(source):
-            raise InvalidDataError(f"data file {source!r} not found")
+            raise InvalidDataError(f"data.path: file {source!r} not found")
         if ext not in LOCAL_EXTENSIONS:
             raise InvalidDataError(f"data file {source!r}: unsupported extension {ext!r}; use one of {LOCAL_EXTENSIONS}")
         builder = "parquet" if ext == ".parquet" else "json"
+        # Arrow's own complaint about a bad line would be logged (twice) before our report: the
+        # line-by-line reader below names each bad line instead
+        verbosity = datasets.logging.get_verbosity()
+        datasets.logging.set_verbosity(datasets.logging.CRITICAL + 1)
         try:
             return datasets.load_dataset(builder, data_files=source, split="train", cache_dir=ds_cache)
         except (datasets.exceptions.DatasetGenerationError, ValueError) as e:
             if builder == "parquet":
                 raise InvalidDataError(f"data file {source!r} is not a readable Parquet file: {e}") from e
-            log.warning("%s: Arrow cannot read it (%s); reading it line by line", source, e.__cause__ or e)
+            log.debug("%s: Arrow cannot read it (%s); reading it line by line", source, e.__cause__ or e)
             return _read_json_lines(source)
+        finally:
+            datasets.logging.set_verbosity(verbosity)
     try:
         return datasets.load_dataset(source, subset, split=split, revision=revision, cache_dir=ds_cache)
     except Exception as e:  # network, missing dataset, bad split: re-raised with the source named

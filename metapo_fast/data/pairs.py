@@ -86,12 +86,14 @@ class TokenizedPairs:
                 fh.write(json.dumps({"source": self.source, "source_row": r.source_row, "reason": r.reason}) + "\n")
 
     def report(self, first: int = 5) -> str:
-        """One line: valid / total rows, invalid counts by reason and the first invalid rows."""
+        """One line: valid / total rows, invalid counts by reason and the first invalid rows, numbered
+        from 1 like the lines of a JSONL file (``source_row`` in pair_weights.csv and invalid_rows.jsonl
+        counts from 0)."""
         s = f"{self.source}: {len(self)} valid pairs of {self.num_rows} rows ({self.format} format)"
         if self.invalid:
             counts = ", ".join(f"{k} {v}" for k, v in self.invalid_summary().items())
-            rows = "; ".join(f"row {r.source_row}: {r.reason}" for r in self.invalid[:first])
-            s += f"; {len(self.invalid)} invalid ({counts}); first: {rows}"
+            rows = "; ".join(f"row {r.source_row + 1}: {r.reason}" for r in self.invalid[:first])
+            s += f"; {len(self.invalid)} invalid ({counts}); first (rows counted from 1, as file lines are): {rows}"
         return s
 
 

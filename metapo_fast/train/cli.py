@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import sys
 
 from ..config import ConfigError, load_config
@@ -39,8 +40,9 @@ def main(argv=None) -> int:
     except (ConfigError, ValueError, FileNotFoundError) as exc:
         print(f"metapo_fast.train: invalid configuration: {exc}", file=sys.stderr)
         return 2
-    from .parallel import destroy, init_distributed
+    from ..data.formats import InvalidDataError
     from .loop import NonFiniteError, Trainer
+    from .parallel import destroy, init_distributed
 
     dist = init_distributed(cfg.train.dist_timeout_s, cfg.train.device)
     try:
@@ -49,7 +51,14 @@ def main(argv=None) -> int:
         except (ConfigError, ValueError) as exc:
             print(f"metapo_fast.train: invalid configuration: {exc}", file=sys.stderr)
             return 2
-        Trainer(cfg, dist).train()
+        created = not os.path.exists(cfg.train.output_dir)
+        try:
+            Trainer(cfg, dist).train()
+        except InvalidDataError as exc:  # bad input: one line naming the file and rows, and no empty run directory
+            print(f"metapo_fast.train: invalid data: {exc}", file=sys.stderr)
+            if created and dist.rank == 0:
+                shutil.rmtree(cfg.train.output_dir, ignore_errors=True)
+            return 2
     except NonFiniteError as exc:
         print(f"metapo_fast.train: {exc}", file=sys.stderr)
         return 3
