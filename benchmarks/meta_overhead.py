@@ -32,7 +32,7 @@ def _trainer(meta: bool, out: str, device: str, task=None, a=None):
         overrides = [f"train.output_dir={out}", f"meta.enabled={str(meta).lower()}", "train.device=" + device]
     else:
         overrides = ours_overrides(task[0], task[1], a, out, meta=meta, attn="sdpa", device=device)
-    cfg = load_config(_default_config(), overrides + ["train.log_every=100000"])
+    cfg = load_config(_default_config(), overrides + ["train.log_every=100000"], user_yaml=False)
     return Trainer(cfg, DistInfo(0, 1, 0, torch.device(device)))
 
 

@@ -33,7 +33,7 @@ def measure(steps: int, n_pairs: int, out_dir: str, val_objectives=("log",), ext
     from metapo_fast.train.cli import _default_config
     from metapo_fast.train.loop import Trainer
 
-    cfg = load_config(_default_config(), [f"train.output_dir={out_dir}", f"train.max_steps={max(steps, 1)}", "train.save_every=0",
+    cfg = load_config(_default_config(), user_yaml=False, overrides=[f"train.output_dir={out_dir}", f"train.max_steps={max(steps, 1)}", "train.save_every=0",
                                           "train.eval_every=0", "meta.enabled=false", *extra])
     tr = Trainer(cfg, DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")))
     for _ in range(steps):

@@ -3,6 +3,7 @@ import dataclasses
 import glob
 import json
 import os
+import re
 
 import pytest
 
@@ -35,14 +36,14 @@ def test_every_field_is_documented():
 def test_overrides_coerce_types():
     cfg = load_config(None, ["loss.beta=0.2", "meta.enabled=false", "train.epochs=2", "train.max_steps=1e3",
                              "meta.lr=1e-4", "data.path=foo.jsonl", "meta.inner_lr_for_lookahead=none",
-                             "train.max_grad_norm=null", "model.dtype=bfloat16", "data.synthetic.seed=7"])
+                             "train.max_grad_norm=null", "model.dtype=bfloat16", "data.max_length=777"])
     assert cfg.loss.beta == 0.2 and isinstance(cfg.loss.beta, float)
     assert cfg.meta.enabled is False
     assert cfg.train.epochs == 2 and cfg.train.max_steps == 1000 and isinstance(cfg.train.max_steps, int)
     assert cfg.meta.lr == 1e-4
     assert cfg.data.path == "foo.jsonl"
     assert cfg.meta.inner_lr_for_lookahead is None and cfg.train.max_grad_norm is None
-    assert cfg.model.dtype == "bfloat16" and cfg.data.synthetic.seed == 7
+    assert cfg.model.dtype == "bfloat16" and cfg.data.max_length == 777
     assert parse_overrides(["loss.beta=0.3", "loss.beta=0.4"]) == {"loss": {"beta": 0.4}}
 
 
@@ -250,3 +251,71 @@ def test_meta_normalize_auto_follows_the_optimizer():
     cfg = load_config(None, ["train.lr=0.01"])
     assert cfg.lookahead_lr == 0.01
     assert load_config(None, ["meta.inner_lr_for_lookahead=0.5"]).lookahead_lr == 0.5
+
+
+# Each mode-dependent key: a non-default value, overrides that leave its mode, overrides that enter it.
+_MODE_CASES = {
+    "model.tiny.hidden_size": ("128", ["model.name_or_path=some/model"], []),
+    "model.tiny.max_position_embeddings": ("4096", ["model.name_or_path=some/model"], []),
+    "data.synthetic.flip_fraction": ("0.4", ["data.path=x.jsonl"], []),
+    "data.synthetic.num_pairs": ("300", ["data.path=x.jsonl"], []),
+    "loss.focal_gamma": ("2.0", [], ["loss.loss_type=focal"]),
+    "loss.simpo_gamma": ("1.0", ["meta.enabled=false"], ["meta.enabled=false", "data.val_split=random", "loss.loss_type=simpo"]),
+    "loss.orpo_lambda": ("0.5", ["meta.enabled=false"], ["meta.enabled=false", "data.val_split=random", "loss.loss_type=orpo"]),
+    "meta.mlp_hidden": ("16", [], ["meta.arch=mlp"]),
+    "meta.kappa": ("3.0", [], ["meta.weighting=ema_margin"]),
+    "meta.interval": ("7", ["meta.weighting=ema_margin"], []),
+    "meta.lambda_margin": ("0.2", ["meta.weighting=ema_margin"], []),
+    "meta.entropy_coef": ("0.01", ["meta.weighting=ema_margin"], []),
+    "meta.arch": ("mlp", ["meta.weighting=ema_margin"], []),
+    "meta.lr": ("0.01", ["meta.weighting=ema_margin"], []),
+    "meta.optimizer": ("sgd", ["meta.weighting=ema_margin"], []),
+    "meta.val_objective": ("sigmoid", ["meta.weighting=ema_margin"], []),
+    "meta.inner_lr_for_lookahead": ("0.001", ["meta.weighting=ema_margin"], []),
+    "meta.val_batch_size": ("32", ["meta.weighting=ema_margin"], []),
+}
+
+
+def test_mode_dependent_keys_are_covered():
+    """Every key of MODE_DEPENDENT has a case below, and every case names a real key of the table."""
+    from metapo_fast.config.schema import MODE_DEPENDENT
+
+    covered = {k if k in MODE_DEPENDENT else k.rsplit(".", 1)[0] + ".*" for k in _MODE_CASES}
+    assert covered == set(MODE_DEPENDENT)
+
+
+@pytest.mark.parametrize("key", sorted(_MODE_CASES))
+def test_a_setting_outside_its_mode_is_refused_not_ignored(key):
+    value, off, on = _MODE_CASES[key]
+    load_config(None, [*on, f"{key}={value}"])  # honoured in its mode
+    with pytest.raises(ConfigError, match=rf"{re.escape(key)} is set but has no effect here: it applies only with"):
+        load_config(None, [*off, f"{key}={value}"])
+
+
+def test_switched_off_features_keep_their_settings_and_the_default_file_is_not_the_users(tmp_path):
+    # a baseline from the same file: meta.* and the SFT learning rate are kept, not refused
+    cfg = load_config(None, ["meta.enabled=false", "meta.lr=0.01", "meta.interval=7", "train.sft_lr=0.01"])
+    assert not cfg.meta.enabled
+    user = tmp_path / "mine.yaml"
+    user.write_text("meta:\n  lr: 0.01\n  interval: 7\nloss:\n  focal_gamma: 2.0\n  loss_type: focal\n")
+    load_config(str(user), ["meta.enabled=false"])
+    with pytest.raises(ConfigError, match="loss.focal_gamma is set but has no effect"):
+        load_config(str(user), ["loss.loss_type=sigmoid"])  # the user's own file set it
+    # the embedded default file's keys are not the user's: its synthetic task settings do not block data.path
+    from metapo_fast.train.cli import _default_config
+
+    load_config(_default_config(), ["data.path=x.jsonl", "train.sft_warmup_steps=0"], user_yaml=False)
+
+
+def test_sft_warmup_with_user_data_is_refused_in_one_line(tmp_path, capsys):
+    """The SFT warm-up runs on the synthetic task only: with data.path it used to be skipped without a
+    word (a random reference with the tiny model); now the run refuses to start."""
+    from metapo_fast.train.cli import main as train
+
+    with pytest.raises(ConfigError, match="train.sft_warmup_steps=5 is invalid: the SFT warm-up runs on the embedded synthetic task only"):
+        load_config(None, ["data.path=x.jsonl", "train.sft_warmup_steps=5"])
+    out = tmp_path / "run"
+    assert train([f"data.path={tmp_path / 'x.jsonl'}", f"train.output_dir={out}"]) == 2  # the default sets 30 steps
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "train.sft_warmup_steps=30" in err[0] and "data.path" in err[0]
+    assert not out.exists()

@@ -25,10 +25,14 @@ def _train_losses(run_dir):
     return [(r["step"], r["loss"]) for r in _metrics(run_dir) if "loss" in r and "rewards/margins" in r]
 
 
-def _run(tmp_path, name, extra):
+def _run(tmp_path, name, extra, base=SMALL):
     out = str(tmp_path / name)
-    assert main([*SMALL, f"train.output_dir={out}", *extra]) == 0
+    assert main([*base, f"train.output_dir={out}", *extra]) == 0
     return out
+
+
+# the learned meta-network's settings are refused with meta.weighting=ema_margin (config.schema.MODE_DEPENDENT)
+SMALL_NO_LEARNING = [a for a in SMALL if not a.startswith(("meta.interval=", "meta.val_batch_size="))]
 
 
 def test_default_config_is_the_embedded_tiny_run():
@@ -89,13 +93,13 @@ def test_ema_margin_baseline_weights_and_exact_resume(tmp_path):
     import shutil
 
     args = ["meta.weighting=ema_margin", "meta.kappa=3.0", "train.max_steps=6", "train.save_every=3"]
-    full = _run(tmp_path, "full", args)
+    full = _run(tmp_path, "full", args, base=SMALL_NO_LEARNING)
     s = json.load(open(os.path.join(full, "summary.json")))
     assert s["meta_updates"] == 0 and s["weight_std"] > 0.01 and "coefficients" not in s
     crashed = str(tmp_path / "crashed")
     shutil.copytree(full, crashed)
     shutil.rmtree(os.path.join(crashed, "checkpoints", "step_00000006"))
-    assert main([*SMALL, f"train.output_dir={crashed}", *args, "train.resume=auto"]) == 0
+    assert main([*SMALL_NO_LEARNING, f"train.output_dir={crashed}", *args, "train.resume=auto"]) == 0
     for (_, la), (_, lb) in zip(_train_losses(full), _train_losses(crashed)):
         assert la == pytest.approx(lb, abs=1e-6)
     assert json.load(open(os.path.join(crashed, "summary.json")))["weight_std"] == pytest.approx(s["weight_std"], abs=1e-6)
@@ -173,7 +177,7 @@ def test_kill_9_at_random_points_then_resume_matches_uninterrupted(tmp_path):
     import time
 
     args = [*SMALL, "train.max_steps=16", "train.save_every=2", "meta.interval=4"]
-    full = _run(tmp_path, "full", args)
+    full = _run(tmp_path, "full", args, base=SMALL_NO_LEARNING)
     crashed = str(tmp_path / "crashed")
     cmd = [sys.executable, "-m", "metapo_fast.train", *args, f"train.output_dir={crashed}", "train.resume=auto"]
     rng = random.Random(0)

@@ -10,7 +10,7 @@ import os
 from typing import Any, Mapping, Optional, Sequence, Union
 
 from . import tree as _tree
-from .schema import MetaPOConfig
+from .schema import MetaPOConfig, check_applicable
 from .tree import ConfigError, deep_merge, flatten, from_dict, read_yaml
 from .tree import bad_value as _bad
 
@@ -33,9 +33,11 @@ def describe(schema: Optional[type] = None) -> str:
     return _tree.describe(schema or MetaPOConfig)
 
 
-def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> MetaPOConfig:
+def load_config(path: Optional[str] = None, overrides: Sequence[str] = (), user_yaml: bool = True) -> MetaPOConfig:
     """Defaults <- YAML file ``path`` (optional) <- dotted ``overrides``, checked (world size 1).
 
+    The keys the user set (the overrides, and ``path``'s keys when ``user_yaml``; False for the
+    embedded default file) must apply in the resulting mode (:func:`check_applicable`).
     Call :meth:`MetaPOConfig.validate` with the real world size once it is known.
     """
     data = read_yaml(path) if path else {}
@@ -50,6 +52,20 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Me
     except ConfigError as e:
         raise ConfigError(f"{e} (in {path or 'defaults'}{' + overrides' if overrides else ''})") from None
     cfg.validate(world_size=1, check_files=True)
+    explicit = set(flatten(parse_overrides(list(overrides))))
+    if path and user_yaml:  # a file's keys at their default value (a saved config.yaml holds every key) set nothing
+        defaults = flatten(to_dict(MetaPOConfig()))
+        explicit |= {k for k, v in flatten(data).items() if k in defaults and _tree_value(cfg, k) != defaults[k]}
+    try:
+        check_applicable(cfg, sorted(explicit))
+    except ConfigError as e:
+        raise ConfigError(f"{e} (in {path or 'defaults'}{' + overrides' if overrides else ''})") from None
+    return cfg
+
+
+def _tree_value(cfg: Any, key: str) -> Any:
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
     return cfg
 
 

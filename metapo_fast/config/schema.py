@@ -25,7 +25,7 @@ from ..ops.chunking import DEFAULT_CHUNK_BYTES as _DEFAULT_CHUNK_BYTES
 from .tree import ConfigError
 from .tree import bad_value as _bad
 
-__all__ = ["ModelConfig", "TinyModelConfig", "DataConfig", "SyntheticConfig", "LossConfig", "TrackerConfig",
+__all__ = ["MODE_DEPENDENT", "check_applicable", "ModelConfig", "TinyModelConfig", "DataConfig", "SyntheticConfig", "LossConfig", "TrackerConfig",
            "MetaConfig", "TrainConfig", "MetaPOConfig"]
 
 
@@ -395,6 +395,10 @@ class MetaPOConfig:
         if self.model.name_or_path is None and d.max_length > self.model.tiny.max_position_embeddings:
             raise _bad("data.max_length", d.max_length,
                        f"exceeds model.tiny.max_position_embeddings={self.model.tiny.max_position_embeddings} of the embedded tiny model")
+        if t.sft_warmup_steps and d.path is not None:
+            raise _bad("train.sft_warmup_steps", t.sft_warmup_steps,
+                       f"the SFT warm-up runs on the embedded synthetic task only (data.path=null), got data.path={d.path!r}; "
+                       "set it to 0 and start from a model already fine-tuned on your data (it is also the reference)")
         if t.sft_warmup_steps and self.model.name_or_path is not None:
             raise _bad("train.sft_warmup_steps", t.sft_warmup_steps,
                        f"applies to the embedded tiny model only (model.name_or_path=null), got model.name_or_path={self.model.name_or_path!r}; set it to 0")
@@ -402,3 +406,38 @@ class MetaPOConfig:
             from .loading import deepspeed_config
 
             deepspeed_config(self, world_size)
+
+
+# ------------------------------------------------------------------------------------------------
+# Settings that apply in some modes only
+# ------------------------------------------------------------------------------------------------
+#: key (or ``section.*``) -> (the mode it applies in, as text; whether ``cfg`` is in that mode). A key
+#: the user sets (on the command line or in their own YAML) for another alternative of a choice
+#: (model or data source, loss type, meta weighting or architecture) is refused by
+#: :func:`check_applicable` instead of being silently ignored. The settings of a feature that is
+#: switched off are not refused, so that one switch runs a baseline from the same file: ``meta.*``
+#: with ``meta.enabled=false``, ``train.sft_lr`` with ``train.sft_warmup_steps=0``.
+#: ``train.sft_warmup_steps`` itself is refused by :meth:`MetaPOConfig.validate` whatever set it
+#: (the embedded default sets it).
+MODE_DEPENDENT: dict[str, tuple[str, Any]] = {
+    "model.tiny.*": ("model.name_or_path=null (the embedded tiny Llama)", lambda c: c.model.name_or_path is None),
+    "data.synthetic.*": ("data.path=null (the embedded synthetic task)", lambda c: c.data.path is None),
+    "loss.focal_gamma": ("loss.loss_type='focal'", lambda c: c.loss.loss_type == "focal"),
+    "loss.simpo_gamma": ("loss.loss_type='simpo'", lambda c: c.loss.loss_type == "simpo"),
+    "loss.orpo_lambda": ("loss.loss_type='orpo'", lambda c: c.loss.loss_type == "orpo"),
+    "meta.mlp_hidden": ("meta.arch='mlp'", lambda c: not c.meta.enabled or c.meta.arch == "mlp"),
+    "meta.kappa": ("meta.weighting='ema_margin'", lambda c: not c.meta.enabled or c.meta.weighting == "ema_margin"),
+    **{f"meta.{k}": ("meta.weighting='learned'", lambda c: not c.meta.enabled or c.meta.weighting == "learned")
+       for k in ("interval", "lambda_margin", "entropy_coef", "arch", "lr", "optimizer", "val_objective",
+                 "inner_lr_for_lookahead", "val_batch_size")},
+}
+
+
+def check_applicable(cfg: "MetaPOConfig", keys) -> None:
+    """Refuse (:class:`ConfigError`, one line) each of ``keys`` (dotted, as the user set them) that
+    has no effect in ``cfg``'s mode (:data:`MODE_DEPENDENT`)."""
+    for key in keys:
+        rule = MODE_DEPENDENT.get(key) or MODE_DEPENDENT.get(key.rsplit(".", 1)[0] + ".*")
+        if rule is not None and not rule[1](cfg):
+            raise ConfigError(f"{key} is set but has no effect here: it applies only with {rule[0]} "
+                              f"(remove it, or switch to that mode)")

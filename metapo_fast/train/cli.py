@@ -36,7 +36,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     overrides = list(args.overrides) + ([f"train.resume={args.resume}"] if args.resume else [])
     try:
-        cfg = load_config(args.config or _default_config(), overrides)
+        cfg = load_config(args.config or _default_config(), overrides, user_yaml=args.config is not None)
     except (ConfigError, ValueError, FileNotFoundError) as exc:
         print(f"metapo_fast.train: invalid configuration: {exc}", file=sys.stderr)
         return 2
