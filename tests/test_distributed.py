@@ -132,6 +132,12 @@ def test_two_rank_zero3_run_matches_one_rank(tmp_path, tied):
                          *common, "train.per_device_batch_size=4", f"train.output_dir={two}", "model.ref_offload_cpu=true"],
                         capture_output=True, text=True, env=env, timeout=600)
     assert r2.returncode == 0, r2.stderr[-3000:]
+    # what each run says it is, and no warning repeated per step (#17: 7,960 FutureWarnings on 2 ranks)
+    out1, out2 = r1.stdout + r1.stderr, r2.stdout + r2.stderr
+    assert "world size 1; 8 pairs per device x 1 ranks x 1 micro-steps = 8 pairs per step; plain PyTorch" in out1
+    assert "world size 2; 4 pairs per device x 2 ranks x 1 micro-steps = 8 pairs per step; DeepSpeed ZeRO stage 3" in out2
+    for out in (out1, out2):
+        assert "Warning" not in out and "unable to detect" not in out, out[-3000:]
     # the reference is sharded like the policy (ZeRO-3, parameters offloaded to the CPU): each rank
     # holds about half of it; one process holds all of it
     f1, f2 = (json.load(open(os.path.join(d, "summary.json"))) for d in (one, two))

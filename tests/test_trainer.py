@@ -363,3 +363,43 @@ def test_a_planted_pickle_in_a_run_directory_is_refused_and_runs_nothing(tmp_pat
     with pytest.raises(CheckpointError, match="refusing to unpickle"):
         load_meta_net(out)
     assert not marker.exists()
+
+
+def test_summary_table_says_how_the_weights_compare_with_the_margin():
+    from metapo_fast.config import load_config
+    from metapo_fast.train.outputs import summary_lines
+
+    cfg = load_config(None, ["meta.interval=5"])
+    base = {"steps": 12, "eval/accuracy": 0.6, "weight_mean": 1.0, "weight_std": 0.2, "meta_updates": 2, "meta_overhead_pct": 31.74,
+            "tokens_per_s": 1234.5, "nonfinite_skips": 0, "run_dir": "/runs/x"}
+    text = "\n".join(summary_lines({**base, "weights_auroc_clean_vs_flipped": 0.70, "margin_auroc_clean_vs_flipped": 0.60}, cfg))
+    assert "held-out accuracy (eval/accuracy)  0.600" in text
+    assert "0.700: they separate flipped pairs better than the margin alone does (margin AUROC 0.600)" in text
+    assert "2 at K=5, 31.7% of the training time at this K" in text and "python -m metapo_fast.report /runs/x" in text
+    worse = "\n".join(summary_lines({**base, "weights_auroc_clean_vs_flipped": 0.40, "margin_auroc_clean_vs_flipped": 0.63}, cfg))
+    assert "worse than the margin alone" in worse
+    unknown = "\n".join(summary_lines(base, cfg))  # user data: nothing known to be flipped
+    assert "no pairs known to be flipped" in unknown and "AUROC" not in unknown
+    off = "\n".join(summary_lines(base, load_config(None, ["meta.enabled=false"])))
+    assert "meta.enabled=false" in off and "meta-updates" not in off
+
+
+def test_phase_lines_and_resume_line(tmp_path, caplog):
+    """Rank 0 says what it is doing and for how long, and a resumed run says where it resumed."""
+    import logging
+    import shutil
+
+    caplog.set_level(logging.INFO, logger="metapo_fast.train")
+    args = ["train.max_steps=4", "train.save_every=2"]
+    full = _run(tmp_path, "full", args)
+    said = [r.getMessage() for r in caplog.records if r.name == "metapo_fast.train"]
+    for phase in ("loading the model and tokenizer, then the SFT warm-up of the reference (5 steps)", "loading and tokenising the data",
+                  "setting up the optimiser", "final evaluation"):
+        assert f"{phase} ..." in said and any(m.startswith(f"{phase}: done in ") for m in said), (phase, said)
+    caplog.clear()
+    shutil.rmtree(os.path.join(full, "checkpoints", "step_00000004"))
+    assert main([*SMALL, f"train.output_dir={full}", *args, "train.resume=auto"]) == 0
+    said = [r.getMessage() for r in caplog.records if r.name == "metapo_fast.train"]
+    assert any(m.startswith("resuming from ") and "step_00000002" in m for m in said), said
+    assert "resumed at step 2 of 4" in said
+    assert not any("SFT warm-up" in m for m in said)  # the resumed run loads the saved reference

@@ -29,6 +29,7 @@ gradient by their mean (``train/loop.py``).
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Iterable, Sequence
 
 import torch
@@ -227,5 +228,7 @@ def global_mean(w: torch.Tensor, over_ranks: bool = True) -> torch.Tensor:
         return w.mean()
     from torch.distributed.nn.functional import all_reduce
 
-    total = all_reduce(torch.stack([w.sum(), torch.tensor(float(w.numel()), dtype=w.dtype, device=w.device)]))
+    with warnings.catch_warnings():  # deprecated in favour of a private API without this autograd rule: same result
+        warnings.filterwarnings("ignore", message=r"torch\.distributed\.nn\.functional\.all_reduce is deprecated", category=FutureWarning)
+        total = all_reduce(torch.stack([w.sum(), torch.tensor(float(w.numel()), dtype=w.dtype, device=w.device)]))
     return total[0] / total[1]

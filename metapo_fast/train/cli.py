@@ -40,6 +40,12 @@ def main(argv=None) -> int:
     except (ConfigError, ValueError, FileNotFoundError) as exc:
         print(f"metapo_fast.train: invalid configuration: {exc}", file=sys.stderr)
         return 2
+    import torch
+
+    if cfg.train.device == "cpu" or not torch.cuda.is_available():
+        # DeepSpeed (imported by transformers' integrations too) otherwise warns on every process that
+        # it "was unable to detect" a GPU; CPU is what it would pick anyway
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from ..data.formats import InvalidDataError
     from .loop import NonFiniteError, Trainer
     from .parallel import destroy, init_distributed

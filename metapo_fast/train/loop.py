@@ -28,7 +28,7 @@ from ..metapo.tracker import TemporalTracker
 from . import outputs, state
 from .forward import PairForward, kl_or_zeros
 from .outputs import make_logger
-from .parallel import DistInfo, PlainEngine
+from .parallel import DistInfo, PlainEngine, uses_deepspeed
 from .setup import build_data, build_engine, build_models, lr_schedule, make_meta_learner, make_meta_net, seed_everything
 from .state import CheckpointManager
 
@@ -47,9 +47,13 @@ class Trainer:
         os.makedirs(self.run_dir, exist_ok=True)
         seed_everything(t.seed)
         self.resume_path = state.find_resume(cfg)
-        models = build_models(cfg, dist, self.run_dir, resumed=self.resume_path is not None)
+        main = dist.is_main
+        with outputs.phase("loading the model and tokenizer" + (f", then the SFT warm-up of the reference ({t.sft_warmup_steps} steps)"
+                                                                if t.sft_warmup_steps and not self.resume_path else ""), main):
+            models = build_models(cfg, dist, self.run_dir, resumed=self.resume_path is not None)
         self.tok, self.model = models.tok, models.model
-        self.data = build_data(cfg, self.tok, models.ref, self.device, models.task)
+        with outputs.phase("loading and tokenising the data", main):
+            self.data = build_data(cfg, self.tok, models.ref, self.device, models.task)
         n = len(self.data.train)
         self.tracker = TemporalTracker(n, alpha=cfg.tracker.alpha, device=self.device)
         # (margin, KL) of each pair's last visit: with the tracker's history these give the exact
@@ -61,8 +65,9 @@ class Trainer:
         self.sampler = PairSampler(n, t.per_device_batch_size, dist.world_size, dist.rank, seed=t.seed)
         self.grad_accum = t.resolved_grad_accum(dist.world_size)
         self.total_steps = t.max_steps if t.max_steps is not None else self.sampler.batches_per_epoch // self.grad_accum * t.epochs
-        par = build_engine(cfg, dist, self.model, models.ref, models.ref_placement, lr_schedule(cfg, self.total_steps),
-                           with_replica=learned)
+        with outputs.phase("setting up " + ("DeepSpeed" if uses_deepspeed(cfg, dist.world_size) else "the optimiser"), main):
+            par = build_engine(cfg, dist, self.model, models.ref, models.ref_placement, lr_schedule(cfg, self.total_steps),
+                               with_replica=learned)
         self.eng, self.model, self.ref, self.ref_placement, self.meta_replica = par.eng, par.model, par.ref, par.ref_placement, par.meta_replica
         self.fwd = PairForward(self.model, self.ref, self.eng, self.device, cfg.loss.loss_type, cfg.loss.to_loss_params(),
                                cfg.loss.chunk_bytes, cfg.loss.backend, par.ref_head, par.ref_begin_forward)
@@ -73,7 +78,10 @@ class Trainer:
                          "meta_updates": 0}
         self.meta_log: dict = {}  # the last meta-update's diagnostics, logged with its step
         if self.resume_path:
-            state.restore(self, self.resume_path)
+            with outputs.phase(f"resuming from {self.resume_path}", main):
+                state.restore(self, self.resume_path)
+            if main:
+                outputs.log.info("resumed at step %d of %d", self.step, self.total_steps)
         self.logger = make_logger(dist.is_main, self.run_dir, self.total_steps, resume=self.resume_path is not None)
         if dist.is_main:
             save_yaml(cfg, os.path.join(self.run_dir, "config.yaml"))
@@ -82,6 +90,8 @@ class Trainer:
     # ------------------------------------------------------------------------------ main loop
     def train(self) -> dict:
         t, m = self.cfg.train, self.cfg.meta
+        if self.dist.is_main:
+            self.logger.info(self.start_line())
         while self.step < self.total_steps:
             metrics = self._train_step(meta=self.meta is not None and (self.step + 1) % m.interval == 0)
             self.step += 1
@@ -96,6 +106,17 @@ class Trainer:
         summary = outputs.finish(self)
         self.logger.close()
         return summary
+
+    def start_line(self) -> str:
+        """What this run is: steps, world size, per-device and global batch, engine, weighting."""
+        t, m, ws = self.cfg.train, self.cfg.meta, self.dist.world_size
+        per = t.per_device_batch_size
+        stage = "plain PyTorch" if isinstance(self.eng, PlainEngine) else f"DeepSpeed ZeRO stage {self.eng.engine.zero_optimization_stage()}"
+        weights = ("MetaPO weights, meta-update every K=%d steps" % m.interval if m.enabled and m.weighting == "learned"
+                   else "ema_margin weights" if m.enabled else "no pair weights")
+        return (f"training: steps {self.step + 1}-{self.total_steps} of {self.total_steps}; world size {ws}; "
+                f"{per} pairs per device x {ws} ranks x {self.grad_accum} micro-steps = {per * ws * self.grad_accum} pairs "
+                f"per step; {stage}; {self.cfg.loss.loss_type} loss, {weights}")
 
     # ------------------------------------------------------------------------------- one step
     def _train_step(self, meta: bool = False) -> dict:

@@ -5,8 +5,10 @@ summary (AUROC of weights for noisy vs clean pairs, Spearman), and the pair-weig
 pairs most likely mislabelled come first)."""
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
+import logging
 import math
 import os
 import sys
@@ -19,6 +21,8 @@ import torch
 from ..comm import world_size
 from ..files import atomic_write_text
 from ..ops.tracker_update import FEATURE_NAMES
+
+log = logging.getLogger("metapo_fast.train")
 
 __all__ = ["auroc", "spearman", "sigmoid", "write_pair_table", "RunLogger", "NullLogger", "make_logger", "batch_metrics",
            "step_record", "evaluate", "pair_weights", "finish", "mfu", "PEAK_BF16"]
@@ -85,6 +89,46 @@ def _fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:.4g}" if math.isfinite(v) else str(v)
     return str(v)
+
+
+@contextlib.contextmanager
+def phase(what: str, show: bool = True):
+    """A phase line on rank 0: ``what ...`` when it starts, ``what: done in X s`` when it ends."""
+    t0 = time.perf_counter()
+    if show:
+        log.info("%s ...", what)
+    yield
+    if show:
+        log.info("%s: done in %.1f s", what, time.perf_counter() - t0)
+
+
+def summary_lines(s: dict, cfg) -> list[str]:
+    """The end-of-run summary as a short two-column table: held-out accuracy, the weights against the
+    run's own yardstick (the margin ranking), K and the meta overhead at that K, throughput, where
+    the run directory and the report are."""
+    rows = [("steps", str(s["steps"]))]
+    if "eval/accuracy" in s:
+        rows.append(("held-out accuracy (eval/accuracy)", f"{s['eval/accuracy']:.3f}"))
+    m = cfg.meta
+    if not m.enabled:
+        rows.append(("pair weights", "none (meta.enabled=false: every pair weighs 1)"))
+    elif s.get("weights_auroc_clean_vs_flipped") is not None and s.get("margin_auroc_clean_vs_flipped") is not None:
+        wa, ma = s["weights_auroc_clean_vs_flipped"], s["margin_auroc_clean_vs_flipped"]
+        verdict = "better than" if wa > ma + 0.02 else "worse than" if wa < ma - 0.02 else "no better than"
+        rows.append(("weights AUROC, clean vs flipped", f"{wa:.3f}: they separate flipped pairs {verdict} the margin "
+                                                          f"alone does (margin AUROC {ma:.3f})"))
+    else:
+        rows.append(("pair weights", f"mean {s['weight_mean']:.3f}, std {s['weight_std']:.3f} (no pairs known to be "
+                                     "flipped: pair_weights.csv ranks them, lowest first)"))
+    if m.enabled and m.weighting == "learned":
+        rows.append(("meta-updates", f"{s['meta_updates']} at K={m.interval}, {s['meta_overhead_pct']:.1f}% of the training "
+                                     f"time at this K"))
+    rows.append(("tokens/s", f"{s['tokens_per_s']:.0f}"))
+    if s.get("nonfinite_skips"):
+        rows.append(("non-finite steps skipped", str(s["nonfinite_skips"])))
+    rows += [("run directory", s["run_dir"]), ("report", f"python -m metapo_fast.report {s['run_dir']}")]
+    width = max(len(k) for k, _ in rows)
+    return ["summary:"] + [f"  {k.ljust(width)}  {v}" for k, v in rows]
 
 
 class RunLogger:
@@ -231,7 +275,8 @@ def finish(tr) -> dict:
     """End of a run: evaluate, write ``pair_weights.csv``, the final checkpoint and model,
     ``summary.json`` (TRL's names where they exist), and print where everything is."""
     t_end = time.perf_counter()
-    ev = evaluate(tr.fwd, tr.data)
+    with phase("final evaluation", tr.dist.is_main):
+        ev = evaluate(tr.fwd, tr.data)
     z, feats, w = pair_weights(tr)
     ds, c = tr.data.train, tr.counters
     extra = {k: ds.column(k) for k in ("is_flipped", "is_ambiguous") if k in ds.pairs.extra}
@@ -254,10 +299,8 @@ def finish(tr) -> dict:
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in summary.items()}
         atomic_write_text(os.path.join(tr.run_dir, "summary.json"), json.dumps(clean, indent=1))
         tr.logger.log(tr.step, {k: v for k, v in summary.items() if isinstance(v, (int, float))}, console=False)
-        tr.logger.info("summary: " + json.dumps({k: (round(v, 4) if isinstance(v, float) else v)
-                                                for k, v in summary.items() if k != "coefficients"}))
-        tr.logger.info(f"run directory: {os.path.abspath(tr.run_dir)}")
-        tr.logger.info(f"report: python -m metapo_fast.report {os.path.abspath(tr.run_dir)}")
+        for line in summary_lines(summary, tr.cfg):
+            tr.logger.info(line)
     summary["finish_time_s"] = time.perf_counter() - t_end
     return summary
 

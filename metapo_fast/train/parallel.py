@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -47,6 +48,12 @@ def init_distributed(timeout_s: float = 600.0, device: str = "auto") -> DistInfo
     after at most this long instead of hanging forever.
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        # DeepSpeed's ZeRO calls these torch collectives by their deprecated names on every step, and
+        # other libraries' warning filters reset Python's once-per-location memory, so each rank
+        # printed the same FutureWarning thousands of times: it says nothing a user can act on
+        warnings.filterwarnings("ignore", message=r"`torch\.distributed\.(reduce_scatter_tensor|all_gather_into_tensor)` is deprecated",
+                                category=FutureWarning)
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
