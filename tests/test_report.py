@@ -32,7 +32,7 @@ def test_report_builds_with_valid_pngs_and_escaped_texts(run_dir):
     import matplotlib.image as mpimg
 
     for f in pngs:
-        assert f"src='{f}'" in html_text
+        assert f'src="{f}"' in html_text
         data = open(os.path.join(os.path.dirname(path), f), "rb").read()
         assert data[:8] == PNG_MAGIC and len(data) > 1000
         assert mpimg.imread(os.path.join(os.path.dirname(path), f)).size > 0
@@ -109,3 +109,61 @@ def test_report_without_matplotlib_names_the_extra(run_dir, tmp_path, monkeypatc
     assert main([run_dir, "--out", str(tmp_path / "rep")]) == 2
     err = capsys.readouterr().err
     assert "pip install 'metapo-fast[report]'" in err and "Traceback" not in err
+
+
+def test_page_order_verdict_and_suspects(run_dir):
+    """The page answers "which pairs are mislabelled" first: verdict (weights vs the margin yardstick),
+    the share of suspects with its rule, the suspect table, then the plots; numbers are formatted."""
+    import json
+
+    from metapo_fast.report import load_run, suspects
+
+    text = open(build_report(run_dir, out=os.path.join(run_dir, "r_order"), top=20)).read()
+    heads = [text.index(h) for h in ("<h2>Verdict</h2>", "<h2>Suspect pairs</h2>", "<h2>Run summary</h2>", "<h2>Plots</h2>")]
+    assert heads == sorted(heads)
+    s = json.load(open(os.path.join(run_dir, "summary.json")))
+    assert f"AUROC {s['weights_auroc_clean_vs_flipped']:.3f} for the weights, {s['margin_auroc_clean_vs_flipped']:.3f} for the margin" in text
+    run = load_run(run_dir)
+    flag, rule = suspects(run)
+    assert np.array_equal(flag, (run["p"] < 0.5) & (run["w"] < np.median(run["w"])))
+    assert f"<b>{int(flag.sum())} of {len(flag)} pairs" in text and "precision" in text and "recall" in text
+    assert "<pre>" not in text and "0.5328841277890467" not in text  # no raw markdown, no 16-digit floats
+    for v in json.load(open(os.path.join(run_dir, "summary.json"))).values():
+        if isinstance(v, float) and len(repr(v)) > 8:
+            assert repr(v) not in text
+
+
+def test_subsets_that_do_not_fit_the_run_are_dropped_with_a_sentence(run_dir):
+    from metapo_fast.report import load_run
+
+    run = load_run(run_dir)
+    md = open(os.path.join(os.path.dirname(build_report(run_dir, out=os.path.join(run_dir, "r_sub"))), "summary.md")).read()
+    table9 = subset_table(run["p"], run["sigma"], run["w"], 1.0)
+    for name, count, _, _ in table9:
+        if count == 0:
+            assert f"| {name} |" not in md and name in md.split("paper Table 9")[1].split("## ")[0]
+        else:
+            assert f"| {name} | {count} |" in md
+    assert "| nan" not in md
+
+
+def test_export_and_drop_suspects_round_trip(run_dir, tmp_path, capsys):
+    """--export-suspects writes the flagged rows in the input format; --drop-suspects the others."""
+    import json
+
+    from metapo_fast.report import load_run, source_rows, suspects
+
+    run = load_run(run_dir)
+    flag, _ = suspects(run)
+    rows, why = source_rows(run)
+    assert why is None
+    exp, kept = tmp_path / "suspects.jsonl", tmp_path / "clean.jsonl"
+    assert main([run_dir, "--out", str(tmp_path / "rep"), "--export-suspects", str(exp), "--drop-suspects", str(kept)]) == 0
+    got = [json.loads(l) for l in exp.read_text().splitlines()]
+    rest = [json.loads(l) for l in kept.read_text().splitlines()]
+    flagged = sorted({int(r) for r in run["source_row"][flag]})
+    assert len(got) == len(flagged) > 0 and len(got) + len(rest) == len(rows)
+    assert got == [json.loads(json.dumps(dict(rows[i]))) for i in flagged]
+    assert {"prompt", "chosen", "rejected"} <= set(got[0])
+    out = capsys.readouterr().out
+    assert f"exported {len(got)} rows" in out and f"kept {len(rest)} rows" in out
