@@ -167,3 +167,19 @@ def test_export_and_drop_suspects_round_trip(run_dir, tmp_path, capsys):
     assert {"prompt", "chosen", "rejected"} <= set(got[0])
     out = capsys.readouterr().out
     assert f"exported {len(got)} rows" in out and f"kept {len(rest)} rows" in out
+
+
+def test_report_renders_in_a_headless_browser(run_dir, tmp_path):
+    """Chromium opens the page: the verdict is there, the suspect table has its rows, every image
+    decodes (tools/report_browser_check.py). Skipped where no Chromium is installed."""
+    from tools.report_browser_check import check, find_chromium, problems
+
+    if find_chromium() is None:
+        pytest.skip("no Chromium installed (apt-get install chromium, or set $CHROMIUM)")
+    page = build_report(run_dir, out=str(tmp_path / "rep"), top=7)
+    res = check(page, screenshot=str(tmp_path / "shot.png"))
+    assert problems(res) == [], res
+    assert res["h2"][:4] == ["Verdict", "Suspect pairs", "Run summary", "Plots"] and res["tables"][0] == 7
+    assert res["images"] == 5 and (tmp_path / "shot.png").read_bytes()[:8] == PNG_MAGIC
+    os.remove(tmp_path / "rep" / "curves.png")  # a missing image is caught
+    assert "images that did not load: ['curves.png']" in problems(check(page))
