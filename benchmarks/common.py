@@ -44,10 +44,19 @@ def git_commit() -> str:
         return "uncommitted"
 
 
+def _triton_version() -> str:
+    try:
+        import triton
+    except ImportError:
+        return "not installed"
+    return triton.__version__
+
+
 def provenance(device: str, module: str) -> dict:
     return {
         "device": device_name(device),
         "torch": torch.__version__,
+        "triton": _triton_version(),
         "commit": git_commit(),
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "command": " ".join(["python -m", module] + sys.argv[1:]),
@@ -109,7 +118,7 @@ def write_csv(name: str, rows: list[dict]) -> str:
 def write_md(name: str, title: str, prov: dict, setup: str, rows: list[dict], notes: str = "") -> str:
     """A results file: title, provenance line, setup, the rows as a table, optional notes."""
     path = name if os.path.isabs(name) else os.path.join(RESULTS, name)
-    lines = [f"# {title}", "", f"device: {prov['device']}; torch {prov['torch']}; commit {prov['commit']}; {prov['date']}",
+    lines = [f"# {title}", "", f"device: {prov['device']}; torch {prov['torch']}, triton {prov['triton']}; commit {prov['commit']}; {prov['date']}",
              f"command: `{prov['command']}`; {setup}", "", md_table(rows)]
     if notes:
         lines += ["", notes]

@@ -208,7 +208,7 @@ def _write(out: str, set_name: str, rows: list[dict], prov: dict) -> None:
 
 def _write_md(path, set_name, rows, prov):
     lines = [f"# Fused loss benchmark ({set_name} set)", "",
-             f"device: {prov['device']}; torch {prov['torch']}; commit {prov['commit']}; {prov['date']}",
+             f"device: {prov['device']}; torch {prov['torch']}, triton {prov['triton']}; commit {prov['commit']}; {prov['date']}",
              f"command: `{prov['command']}`", "",
              *(["No GPU was available when this file was written: nothing below was measured.", ""]
                if any(r["median_s"] == "not measured" for r in rows) else []),

@@ -127,7 +127,7 @@ def main(argv=None) -> int:
     out = output_path(args, "meta_ablation")
     write_csv(out + ".csv", [{**r, **prov} for r in rows])
     lines = ["# Meta-learner ablation on the default run", "",
-             f"device: {prov['device']}; torch {prov['torch']}; commit {prov['commit']}; {prov['date']}",
+             f"device: {prov['device']}; torch {prov['torch']}, triton {prov['triton']}; commit {prov['commit']}; {prov['date']}",
              f"command: `{prov['command']}`; seeds {seeds}; overrides per variant: "
              + "; ".join(f"{v}: {' '.join(VARIANTS[v]) or '(defaults)'}" for v in args.variants)
              + (f"; before: MetaPO defaults at {args.before}" if args.before else ""), "",

@@ -89,7 +89,7 @@ def main(argv=None):
            "meta_overhead_pct_at_K": round(100 * t_meta / args.K / t_step, 3),
            "metapo_step_vs_dpo_step": round(t_step / t_dpo, 3), **prov}
     write_csv(out + ".csv", [row])
-    lines = ["# Meta-update overhead", "", f"device: {prov['device']}; torch {prov['torch']}; commit {prov['commit']}; {prov['date']}",
+    lines = ["# Meta-update overhead", "", f"device: {prov['device']}; torch {prov['torch']}, triton {prov['triton']}; commit {prov['commit']}; {prov['date']}",
              f"command: `{prov['command']}`; medians of {args.steps} steps and {args.meta_updates} meta-updates", "",
              "| model | DPO step (ms) | MetaPO step (ms) | meta-update (ms) | overhead at K=%d (%%) | MetaPO step / DPO step |" % args.K,
              "|---|---|---|---|---|---|",

@@ -96,7 +96,7 @@ def main(argv=None):
                           f"{r['auroc_clean_vs_noisy']}, {r['wall_s']} s", flush=True)
     write_csv(out + ".csv", rows)
     lines = [f"# Quality benchmark: noisy-label synthetic task ({'quick' if args.quick else 'full'})", "",
-             f"device: {prov['device']}; torch {prov['torch']}; commit {prov['commit']}; {prov['date']}",
+             f"device: {prov['device']}; torch {prov['torch']}, triton {prov['triton']}; commit {prov['commit']}; {prov['date']}",
              f"command: `{prov['command']}`; seeds: {seeds}", "",
              "Task: single-digit addition preference pairs, tiny Llama (2 layers, hidden 64), SFT warm-up reference; "
              "clean held-out accuracy = fraction of clean evaluation pairs with margin z > 0. AUROC: weights of clean vs "

@@ -74,7 +74,7 @@ def main(argv=None):
                              "bytes_per_pair": 24, "paper_bytes_per_pair": 40, "state_mb": round(24 * n / 2 ** 20, 2),
                              "paper_state_mb": round(40 * n / 2 ** 20, 2), **prov})
     write_csv(out + ".csv", rows)
-    lines = ["# Temporal tracker benchmark", "", f"device: {prov['device']}; torch {prov['torch']}; commit {prov['commit']}; {prov['date']}",
+    lines = ["# Temporal tracker benchmark", "", f"device: {prov['device']}; torch {prov['torch']}, triton {prov['triton']}; commit {prov['commit']}; {prov['date']}",
              f"command: `{prov['command']}`; median of {args.repeats} updates, fresh random ids each", "",
              "| backend | N pairs | B | median per update (us) | state (MB), ours 24 B/pair | paper 40 B/pair (MB) |", "|---|---|---|---|---|---|"]
     lines += [f"| {r['backend']} ({r['device_kind']}) | {r['N']:,} | {r['B']} | {r['median_us']} | {r['state_mb']} | {r['paper_state_mb']} |" for r in rows]
