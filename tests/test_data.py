@@ -557,3 +557,21 @@ def test_train_data_errors_are_one_line_exit_2_and_leave_no_run_directory(tmp_pa
         assert "pairs.jsonl" in lines[0] and "row 2: not_json: line 2" in lines[0] and "row 3: missing_column" in lines[0]
     else:
         assert "3 training pairs are fewer than one global batch" in lines[0] and "per_device_batch_size" in lines[0]
+
+
+def test_tokenising_long_data_shows_a_progress_bar_on_a_terminal(monkeypatch):
+    import io
+    import sys
+
+    from metapo_fast.data import pairs
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.setattr(pairs, "PROGRESS_MIN_TEXTS", 3000)
+    for n, shown in ((2999, False), (3000, True)):
+        err = Terminal()
+        monkeypatch.setattr(sys, "stderr", err)
+        assert len(pairs._tokenize(TOK, ["ab"] * n)) == n
+        assert ("tokenising: 100%" in err.getvalue()) == shown

@@ -128,10 +128,22 @@ def _flag(v: Any) -> int:
     return -1
 
 
+PROGRESS_MIN_TEXTS = 20_000  # a progress bar (rank 0, on a terminal) from this many texts on
+
+
 def _tokenize(tokenizer, texts: list[str]) -> list:
     """Token ids of each text (batches of 1024); a text the tokenizer rejects gives its error message."""
+    import sys
+
+    from tqdm.auto import tqdm
+
+    from ..comm import rank
+
     out: list = []
+    bar = tqdm(total=len(texts), desc="tokenising", unit=" texts", dynamic_ncols=True,
+               disable=len(texts) < PROGRESS_MIN_TEXTS or rank() != 0 or not sys.stderr.isatty())
     for i in range(0, len(texts), 1024):
+        bar.update(min(1024, len(texts) - i))
         chunk = texts[i:i + 1024]
         try:
             out.extend(tokenizer(chunk, add_special_tokens=False)["input_ids"])
@@ -141,6 +153,7 @@ def _tokenize(tokenizer, texts: list[str]) -> list:
                     out.append(tokenizer(t, add_special_tokens=False)["input_ids"])
                 except (TypeError, ValueError) as e:
                     out.append(f"{type(e).__name__}: {e}")
+    bar.close()
     return out
 
 
