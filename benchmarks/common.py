@@ -34,6 +34,9 @@ def device_name(device: str) -> str:
 
 
 def git_commit() -> str:
+    """Short commit (+uncommitted). Where there is no git checkout (the lent GPU machine receives the
+    working tree only), ``.whl/COMMIT``, written by benchmarks/gpu/fetch_wheels.sh, names it."""
+    stamp = os.path.join(os.path.dirname(os.path.dirname(RESULTS)), ".whl", "COMMIT")
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
                              cwd=os.path.dirname(RESULTS))
@@ -41,6 +44,8 @@ def git_commit() -> str:
                                cwd=os.path.dirname(RESULTS)).stdout.strip()
         return out.stdout.strip() + ("+uncommitted" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
+        if os.path.exists(stamp):
+            return open(stamp).read().strip() + " (from .whl/COMMIT)"
         return "uncommitted"
 
 

@@ -64,7 +64,7 @@ def run_trl(model_dir: str, data: str, a, out: str) -> list[float]:
     args = DPOConfig(output_dir=out, per_device_train_batch_size=a.batch, max_steps=a.steps, learning_rate=a.lr, beta=0.1,
                      report_to="none", use_cpu=a.device == "cpu", bf16=a.device == "cuda", logging_steps=10 ** 6,
                      save_strategy="no", dataloader_num_workers=0, max_length=512, lr_scheduler_type="constant",
-                     weight_decay=0.0, seed=0)
+                     weight_decay=0.0, seed=0, gradient_checkpointing=False)  # TRL 1.16 defaults to True; ours runs without
     clock = Clock()
     trainer = DPOTrainer(model=model, ref_model=ref, args=args, train_dataset=load_dataset("json", data_files=data)["train"],
                          processing_class=tok, callbacks=[clock])

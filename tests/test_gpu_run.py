@@ -153,3 +153,22 @@ def test_fused_loss_worker_reports_out_of_memory_as_a_result(monkeypatch, capsys
     fused_loss.main(["--set", "dryrun", "--worker", "naive", "--shape", "2,32,32,96"])
     out = capsys.readouterr().out
     assert 'RESULT {"impl": "naive", "median_s": "OOM", "error": "CUDA out of memory. Tried to allocate 62.00 GiB"}' in out
+
+
+def test_boxed_step_repacks_while_it_runs(tmp_path):
+    ticks = []
+    with open(tmp_path / "log", "w") as log:
+        status, secs = gpu_run._run_boxed([sys.executable, "-c", "import time; time.sleep(2.2)"], 30, log, dict(os.environ),
+                                          on_tick=lambda: ticks.append(time.monotonic()), tick=0.5)
+    assert status == "ok" and 2.0 < secs < 10 and len(ticks) >= 3
+
+
+def test_budget_counts_from_run_sh_start(tmp_path, monkeypatch):
+    """run.sh exports GPU_RUN_T0: the wheel install and imports before run.py spend the same budget."""
+    res = tmp_path / "res"
+    res.mkdir()
+    monkeypatch.setattr(gpu_run, "steps", lambda dry, r, suffix: _fake_plan(res))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("GPU_RUN_T0", str(time.time() - 100))
+    assert gpu_run.main(["--results-dir", str(res), "--budget", "105", "--out", ""]) == 1
+    assert all(status == "not run: the budget is spent" for status, _ in _summary_rows(res / "gpu_run.md").values())

@@ -35,6 +35,8 @@ if [ -n "${ds:-}" ]; then
   rm -rf "$src"
 fi
 
+# the device receives the working tree without .git: the results name the commit from this file
+(cd "$root" && echo "$(git rev-parse --short HEAD)$(git status --porcelain --untracked-files=no | grep -q . && echo +uncommitted)") > "$dest/COMMIT"
 n=$(ls "$dest"/*.whl | wc -l)
 want=$(echo "$pkgs" | wc -l)
 if [ "$n" -ne "$want" ]; then

@@ -4,6 +4,7 @@
 # /tmp/site, then runs every step of benchmarks/gpu/run.py under its time box.
 #   bash benchmarks/gpu/run.sh [--dry-run] [--only STEPS] [--budget S] [--results-dir D] [--out D]
 set -uo pipefail
+export GPU_RUN_T0="${GPU_RUN_T0:-$(date +%s)}"  # run.py's budget counts from here
 cd "$(dirname "$0")/../.."
 py="${PYTHON:-python3}"
 dry=0
