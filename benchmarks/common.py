@@ -202,4 +202,5 @@ def ours_overrides(model_dir: str, data: str, a, out: str, *, meta: bool, attn: 
             "train.weight_decay=0", "loss.loss_type=sigmoid", "loss.beta=0.1", f"meta.enabled={str(meta).lower()}",
             f"meta.interval={a.meta_interval}", f"meta.val_batch_size={a.batch}", f"train.output_dir={out}",
             f"model.dtype={'bfloat16' if device == 'cuda' else 'float32'}", f"model.attn_implementation={attn}",
-            "data.max_length=512", "data.max_prompt_length=256", f"train.device={device}"]
+            "data.max_length=512", "data.max_prompt_length=256", f"train.device={device}",
+            "train.sync_step_timing=true"]  # TRL's clock synchronises after its optimiser step too

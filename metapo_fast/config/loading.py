@@ -113,7 +113,7 @@ RESUME_MUTABLE_FIELDS = frozenset({
     "train.eval_every", "train.keep_checkpoints", "train.dist_timeout_s", "train.max_consecutive_nonfinite",
     "train.device", "train.deepspeed", "data.cache", "data.cache_dir", "model.gradient_checkpointing",
     "model.attn_implementation", "model.use_liger_kernels", "model.ref_offload_cpu", "loss.chunk_bytes",
-    "loss.backend",
+    "loss.backend", "train.sync_step_timing",
 })
 
 

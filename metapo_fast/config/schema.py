@@ -280,6 +280,7 @@ class TrainConfig:
     lr_scheduler: Literal["cosine", "linear", "constant"] = _f("cosine", "Decay after warm-up.")
     max_grad_norm: Optional[float] = _f(1.0, "Gradient-norm clipping; null = none.")
     seed: int = _f(0, "Seed of model init, shuffling and dropout.")
+    sync_step_timing: bool = _f(False, "Wait for the GPU at the end of every step, so that step_time_s includes the step's queued GPU work (the optimiser's); for benchmarks: one more host sync per step.")
     device: Literal["auto", "cpu", "cuda"] = _f("auto", "auto = CUDA when available.")
     eval_every: int = _f(100, "Evaluate every N steps (0 = only at the end).")
     log_every: int = _f(10, "Log every N steps.")
