@@ -180,7 +180,6 @@ def main(argv=None):
                 _write(out, args.set, rows + shape_rows, prov)  # after every worker: a hang later loses nothing
             _ratios(shape_rows)
             rows += shape_rows
-            _write(out, args.set, rows, prov)  # after every shape: a later failure loses nothing
     _write(out, args.set, rows, prov)
     print(open(out + ".md").read())
     print(f"wrote {out}.md and .csv")

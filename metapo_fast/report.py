@@ -210,7 +210,7 @@ def suspects(run: dict) -> tuple[np.ndarray, str]:
 
 def verdict(run: dict) -> list[str]:
     """Plain sentences: how well the weights separate flipped pairs, beside the margin yardstick."""
-    from .train.outputs import auroc, spearman
+    from .train.outputs import auroc, spearman, versus_margin
 
     w, p, fl = run["w"], run["p"], run["flipped"]
     if np.allclose(w, w[0] if len(w) else 1.0):
@@ -219,10 +219,10 @@ def verdict(run: dict) -> list[str]:
     if fl is not None and fl.min() >= 0 and 0 < fl.sum() < len(fl):
         clean = fl == 0
         wa, ma = auroc(w, clean), auroc(p, clean)
-        word = "better than" if wa > ma + 0.02 else "worse than" if wa < ma - 0.02 else "no better than"
+        word = versus_margin(wa, ma)
         out = [f"The learned weights separate the {int(fl.sum())} flipped pairs from the clean ones {word} the policy's "
                f"own margin does: AUROC {wa:.3f} for the weights, {ma:.3f} for the margin (0.5 = chance)."]
-        if wa < ma - 0.02:
+        if word == "worse than":
             out.append("To find mislabelled pairs in this run, rank them by the margin (the p column), not by the weight.")
         return out
     return [f"No pairs are known to be flipped, so the weights cannot be scored here. They follow the margin "
@@ -271,12 +271,6 @@ img { max-width: 100%; width: 720px; display: block; margin: 0.5em 0 1.5em; }
 """
 
 
-def _fmt(v) -> str:
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return str(v)
-
-
 def build_report(run_dir: str, out: Optional[str] = None, top: int = 50) -> str:
     import jinja2
 
@@ -301,7 +295,9 @@ def build_report(run_dir: str, out: Optional[str] = None, top: int = 50) -> str:
     md += ["## Suspect pairs", "", f"{int(flag.sum())} of {len(flag)} pairs ({100 * flag.mean() if len(flag) else 0:.1f}%) flagged. "
            f"Rule: {rule}. {rule_check}".strip(), ""]
     s = run["summary"]
-    summary = [(k, _fmt(v)) for k, v in s.items() if not isinstance(v, (dict, list))]
+    from .train.outputs import fmt_value
+
+    summary = [(k, fmt_value(v)) for k, v in s.items() if not isinstance(v, (dict, list))]
     md += ["## Summary", "", "| key | value |", "|---|---|", *(f"| {k} | {v} |" for k, v in summary), ""]
     table9 = subset_table(run["p"], run["sigma"], run["w"], gamma)
     kept = [t for t in table9 if t[1] > 0]

@@ -85,7 +85,8 @@ def sigmoid(x: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-np.asarray(x, float)))
 
 
-def _fmt(v) -> str:
+def fmt_value(v) -> str:
+    """A metric for people: floats to 4 significant digits."""
     if isinstance(v, float):
         return f"{v:.4g}" if math.isfinite(v) else str(v)
     return str(v)
@@ -102,6 +103,14 @@ def phase(what: str, show: bool = True):
         log.info("%s: done in %.1f s", what, time.perf_counter() - t0)
 
 
+def versus_margin(weights_auroc: float, margin_auroc: float, tie: float = 0.02) -> str:
+    """How the weights separate flipped pairs compared with the margin alone: "better than",
+    "worse than", or "no better than" (within ``tie`` AUROC)."""
+    if weights_auroc > margin_auroc + tie:
+        return "better than"
+    return "worse than" if weights_auroc < margin_auroc - tie else "no better than"
+
+
 def summary_lines(s: dict, cfg) -> list[str]:
     """The end-of-run summary as a short two-column table: held-out accuracy, the weights against the
     run's own yardstick (the margin ranking), K and the meta overhead at that K, throughput, where
@@ -114,7 +123,7 @@ def summary_lines(s: dict, cfg) -> list[str]:
         rows.append(("pair weights", "none (meta.enabled=false: every pair weighs 1)"))
     elif s.get("weights_auroc_clean_vs_flipped") is not None and s.get("margin_auroc_clean_vs_flipped") is not None:
         wa, ma = s["weights_auroc_clean_vs_flipped"], s["margin_auroc_clean_vs_flipped"]
-        verdict = "better than" if wa > ma + 0.02 else "worse than" if wa < ma - 0.02 else "no better than"
+        verdict = versus_margin(wa, ma)
         rows.append(("weights AUROC, clean vs flipped", f"{wa:.3f}: they separate flipped pairs {verdict} the margin "
                                                           f"alone does (margin AUROC {ma:.3f})"))
     else:
@@ -164,7 +173,7 @@ class RunLogger:
                 if k != "step" and isinstance(v, (int, float)):
                     self._tb.add_scalar(k, v, step)
         if console:
-            shown = " ".join(f"{k}={_fmt(rec[k])}" for k in self.CONSOLE_KEYS if k in rec)
+            shown = " ".join(f"{k}={fmt_value(rec[k])}" for k in self.CONSOLE_KEYS if k in rec)
             msg = f"step {step}: {shown}"
             if self._bar is not None:
                 self._bar.write(msg)
