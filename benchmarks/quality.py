@@ -1,124 +1,331 @@
-"""Noisy-label quality benchmark: does MetaPO find bad pairs without hurting good ones?
+"""Noisy-label quality benchmark (issue #13's protocol): do MetaPO's weights find the bad pairs, and
+does that beat DPO and the robust-DPO baselines a user would otherwise pick?
 
-    python -m benchmarks.quality            # full: 4 conditions x 7 methods x 3 seeds (~25 min on 2 CPU cores)
-    python -m benchmarks.quality --quick    # 1 seed, 2 conditions, 3 methods, short runs (CI)
+    python -m benchmarks.quality --record          # full: 5 conditions x 9 methods x 5 seeds, 2 workers
+    python -m benchmarks.quality --quick           # CI: 1 seed, 2 conditions, 4 methods, 60 steps
 
-Task: the embedded synthetic addition task (known ground truth). Conditions: 0%, 20%, 40% flipped
-labels, and "ambiguous" (30% of pairs with two wrong answers and a random label). Methods: DPO,
-FocalPO, SimPO (meta off), MetaPO (sigmoid + meta-learner), and MetaPO ablations without the
-volatility features, without the temporal (EMA) features, and with L_val only (lambda = 0).
-Each run is `python -m metapo_fast.train` with overrides, in process. Reported per (condition,
-method): clean held-out preference accuracy (mean +- std over seeds), AUROC of the final weights
-for clean vs noisy pairs (noisy = flipped or ambiguous; FocalPO's implicit weight is p^gamma),
-Spearman correlation of weights with cleanliness, mean learned coefficients, meta-update overhead.
-Writes benchmarks/results/quality.md and quality.csv.
+Task: the embedded synthetic addition task (100 prompts "a+b=", known ground truth), tiny Llama
+(2 layers, hidden 64), 30 SFT steps of reference warm-up, AdamW lr 3e-4, 32 pairs per step.
+Conditions (training pairs; the held-out evaluation set is always 500 clean pairs):
+
+* ``flip0`` / ``flip20`` / ``flip40``: 2000 pairs (20 per prompt), 0 / 20 / 40% flipped labels;
+* ``mixed``: 2000 pairs, 20% flipped and 20% ambiguous (both answers wrong, random label);
+* ``robust``: 6000 pairs (60 per prompt), 20% flipped: the noise averages out over many pairs per
+  prompt, so DPO is (nearly) robust there; do-no-harm is measured on it.
+
+All conditions train the same number of steps (12 epochs of 2000 pairs, 4 of 6000; ~725 steps, twice
+the default run). How far DPO is from convergence there is in the results (quality.md): 24 epochs
+gave 0.99 / 0.95 / 0.62 at 0 / 20 / 40% flips (one seed), and 5 seeds x 9 methods x 5 conditions at
+24 epochs would take ~4 h on 2 cores, over the 2-hour budget of the full run.
+
+Methods (each one ``python -m metapo_fast.train`` with overrides, run in a worker process):
+``dpo``; ``dpo_oracle`` (same pairs, true labels, ambiguous pairs removed: the upper bound,
+noisy conditions only); ``cdpo`` (label smoothing eps); ``rdpo`` (Chowdhury et al. 2024's unbiased
+loss, TRL's "robust", flip rate eps); ``focalpo`` (gamma 0.05); ``static_filter`` (paper App. A.8:
+after two epochs of DPO, drop the eps fraction of pairs with the lowest margin); ``margin_weights``
+(w = normalised sigmoid(kappa * normalised EMA margin), nothing learned); ``metapo`` (the shipped
+defaults). eps is the condition's known noise rate (flipped + half the ambiguous; 0.1 at 0%), the
+best case for the baselines that need it.
+
+Reported per condition and method: clean held-out accuracy (mean +- std over seeds), the paired
+per-seed difference to DPO (same data, same seed) with the number of seeds it wins, the share of
+the DPO -> oracle gap closed, the weights' AUROC clean vs flipped beside the margin-only
+detector's (the policy's own last margin, same run), mean weights of clean / ambiguous / flipped
+pairs, MetaPO's learned coefficients and their sign pattern over seeds, and a check of each
+criterion of #13 item 3. Rows are written after every run, and ``--resume`` skips the runs a
+previous (interrupted) invocation already wrote.
 """
 from __future__ import annotations
 
 import argparse
 import csv
 import json
+import math
 import os
+import statistics
+import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 
 import numpy as np
 
 from .common import add_output_args, mean_std, output_path, provenance, write_csv
 
-CONDITIONS = {
-    "flip0": ["data.synthetic.flip_fraction=0.0"],
-    "flip20": ["data.synthetic.flip_fraction=0.2"],
-    "flip40": ["data.synthetic.flip_fraction=0.4"],
-    "ambiguous": ["data.synthetic.flip_fraction=0.0", "data.synthetic.ambiguous_fraction=0.3"],
+STEPS_EPOCHS = 12  # epochs of 2000 pairs; conditions with more pairs train the same number of steps
+CONDITIONS = {  # name: (overrides, noise rate eps given to the baselines that need one, training pairs)
+    "flip0": (["data.synthetic.flip_fraction=0.0"], 0.1, 2000),
+    "flip20": (["data.synthetic.flip_fraction=0.2"], 0.2, 2000),
+    "flip40": (["data.synthetic.flip_fraction=0.4"], 0.4, 2000),
+    "mixed": (["data.synthetic.flip_fraction=0.2", "data.synthetic.ambiguous_fraction=0.2"], 0.3, 2000),
+    "robust": (["data.synthetic.flip_fraction=0.2"], 0.2, 6000),
 }
-METHODS = {
-    "dpo": ["meta.enabled=false"],
-    "focalpo": ["meta.enabled=false", "loss.loss_type=focal"],
-    "simpo": ["meta.enabled=false", "loss.loss_type=simpo", "loss.beta=2.0", "data.val_split=random"],
-    "metapo": [],
-    "metapo_no_volatility": ["meta.features=no_volatility"],
-    "metapo_no_temporal": ["meta.features=no_temporal"],
-    "metapo_lval_only": ["meta.lambda_margin=0.0"],
+NOISY = ("flip20", "flip40", "mixed", "robust")
+FOCAL_GAMMA = 0.05
+METHODS = {  # name: function of (eps, warm-up steps) -> overrides
+    "dpo": lambda eps, warm: ["meta.enabled=false"],
+    "dpo_oracle": lambda eps, warm: ["meta.enabled=false", "data.synthetic.oracle_labels=true"],
+    "cdpo": lambda eps, warm: ["meta.enabled=false", f"loss.label_smoothing={eps}"],
+    "rdpo": lambda eps, warm: ["meta.enabled=false", "loss.loss_type=robust", f"loss.label_smoothing={eps}"],
+    "focalpo": lambda eps, warm: ["meta.enabled=false", "loss.loss_type=focal", f"loss.focal_gamma={FOCAL_GAMMA}"],
+    "static_filter": lambda eps, warm: ["meta.weighting=static_filter", f"meta.filter_after_steps={warm}",
+                                        f"meta.filter_fraction={eps}"],
+    "margin_weights": lambda eps, warm: ["meta.weighting=ema_margin"],
+    "metapo": lambda eps, warm: [],
 }
-BASE = ["data.synthetic.num_pairs=1000", "data.synthetic.num_eval_pairs=400", "train.log_every=1000", "train.eval_every=0",
-        "train.save_every=0"]
+BASE = ["data.synthetic.num_eval_pairs=500", "train.log_every=100000", "train.eval_every=0", "train.save_every=0"]
+QUICK = ["train.max_steps=60", "data.synthetic.num_eval_pairs=100"]
 
 
-def _weights_and_truth(run_dir: str, focal_gamma: float, method: str):
-    with open(os.path.join(run_dir, "pair_weights.csv")) as f:
+def cell_args(condition: str, method: str, seed: int, out: str, quick: bool) -> list[str]:
+    over, eps, n = CONDITIONS[condition]
+    if quick:
+        n = 400
+    epochs = max(1, round(STEPS_EPOCHS * 2000 / n))
+    warm = 2 * max(1, int(n * 0.97) // 32)  # two epochs of DPO before the static filter
+    return [*BASE, *over, f"data.synthetic.num_pairs={n}", f"train.epochs={epochs}", *METHODS[method](eps, warm),
+            *(QUICK if quick else []),
+            f"data.synthetic.seed={seed}", f"train.seed={seed}", f"train.output_dir={out}"]
+
+
+def _auroc(scores, positive):
+    from metapo_fast.train.outputs import auroc
+
+    return auroc(np.asarray(scores, float), np.asarray(positive, bool)) if 0 < np.sum(positive) < len(positive) else None
+
+
+def read_run(out: str, method: str) -> dict:
+    """The numbers of one finished run from its summary.json and pair_weights.csv."""
+    s = json.load(open(os.path.join(out, "summary.json")))
+    with open(os.path.join(out, "pair_weights.csv")) as f:
         rows = list(csv.DictReader(f))
     w = np.array([float(r["weight"]) for r in rows])
-    if method == "focalpo":  # FocalPO's static weight p^gamma
-        w = np.array([float(r["p"]) for r in rows]) ** focal_gamma
-    noisy = np.array([int(r.get("is_flipped", 0)) == 1 or int(r.get("is_ambiguous", 0)) == 1 for r in rows])
-    return w, noisy
+    if method == "focalpo":  # FocalPO's implicit weight p^gamma
+        w = np.array([float(r["p"]) for r in rows]) ** FOCAL_GAMMA
+    z = np.array([float(r["margin"]) for r in rows])
+    flipped = np.array([int(r.get("is_flipped", 0)) == 1 for r in rows])
+    ambiguous = np.array([int(r.get("is_ambiguous", 0)) == 1 for r in rows])
+    clean = ~flipped & ~ambiguous
+    sel = ~ambiguous  # clean vs flipped: ambiguous pairs have no true label
+    rec = {"eval_accuracy": s.get("eval/accuracy"),
+           "weights_auroc": _auroc(w[sel], clean[sel]), "margin_auroc": _auroc(z[sel], clean[sel]),
+           "weights_auroc_clean_vs_noisy": _auroc(w, clean),
+           "w_clean": float(w[clean].mean()) if clean.any() else None,
+           "w_ambiguous": float(w[ambiguous].mean()) if ambiguous.any() else None,
+           "w_flipped": float(w[flipped].mean()) if flipped.any() else None,
+           "meta_overhead_pct": s.get("meta_overhead_pct"), "steps": s.get("steps")}
+    rec.update({f"coef_{k}": v for k, v in (s.get("coefficients") or {}).items()})
+    return rec
 
 
-def run_one(condition: str, method: str, seed: int, workdir: str, extra: list[str]) -> dict:
-    from metapo_fast.train.outputs import auroc, spearman
+def _worker_init():
+    import torch
+
+    torch.set_num_threads(1)  # two workers on two cores
+
+
+def run_one(condition: str, method: str, seed: int, workdir: str, quick: bool) -> dict:
     from metapo_fast.train.cli import main
 
     out = os.path.join(workdir, f"{condition}-{method}-{seed}")
-    args = [*BASE, *CONDITIONS[condition], *METHODS[method], *extra, f"data.synthetic.seed={seed}", f"train.seed={seed}",
-            f"train.output_dir={out}"]
+    args = cell_args(condition, method, seed, out, quick)
     t0 = time.perf_counter()
-    if main(args) != 0:
-        raise RuntimeError(f"run failed: {' '.join(args)}")
-    s = json.load(open(os.path.join(out, "summary.json")))
-    w, noisy = _weights_and_truth(out, 1.0, method)
-    return {"condition": condition, "method": method, "seed": seed, "eval_accuracy": s.get("eval/accuracy"),
-            "auroc_clean_vs_noisy": auroc(w, ~noisy), "spearman_cleanliness": spearman(w, (~noisy).astype(float)),
-            "meta_overhead_pct": s.get("meta_overhead_pct"), "wall_s": round(time.perf_counter() - t0, 1),
-            **{f"coef_{k}": v for k, v in (s.get("coefficients") or {}).items()}}
+    import contextlib
+    import io
+
+    log = io.StringIO()
+    with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+        rc = main(args)
+    if rc != 0:
+        raise RuntimeError(f"{condition}/{method}/seed {seed}: python -m metapo_fast.train {' '.join(args)} exited {rc}:\n"
+                           + log.getvalue()[-3000:])
+    return {"condition": condition, "method": method, "seed": seed, **read_run(out, method),
+            "wall_s": round(time.perf_counter() - t0, 1)}
+
+
+def plan(conditions, methods, seeds) -> list[tuple]:
+    return [(c, m, s) for s in seeds for c in conditions for m in methods if not (m == "dpo_oracle" and c not in NOISY)]
+
+
+# ---------------------------------------------------------------------------------------- report
+def _vals(rows, c, m, key):
+    return {r["seed"]: float(r[key]) for r in rows if r["condition"] == c and r["method"] == m
+            and r.get(key) not in (None, "") and math.isfinite(float(r[key]))}
+
+
+def paired(rows, c, m, base="dpo", key="eval_accuracy"):
+    """Per-seed differences m - base on the seeds both have."""
+    a, b = _vals(rows, c, m, key), _vals(rows, c, base, key)
+    return [a[s] - b[s] for s in sorted(set(a) & set(b))]
+
+
+def gap_closed(rows, c, m):
+    """Share of the DPO -> clean-label DPO gap that m closes: mean(m - dpo) / mean(oracle - dpo)."""
+    d, g = paired(rows, c, m), paired(rows, c, "dpo_oracle")
+    if not d or not g or statistics.mean(g) <= 0:
+        return None
+    return statistics.mean(d) / statistics.mean(g)
+
+
+def _fmt(x, pct=False):
+    if x is None:
+        return "n/a"
+    return f"{100 * x:.0f}%" if pct else f"{x:.3f}"
+
+
+def criteria(rows, conditions, methods) -> list[str]:
+    """#13 item 3, each criterion checked on these rows for ``metapo`` (PASS / FAIL / not measured)."""
+    out = []
+
+    def line(ok, text):
+        out.append(f"- {'not measured' if ok is None else 'PASS' if ok else 'FAIL'}: {text}")
+
+    if "metapo" not in methods:
+        return ["- not measured: no metapo rows"]
+    for c in ("flip20", "flip40"):
+        if c in conditions:
+            w, z = _vals(rows, c, "metapo", "weights_auroc"), _vals(rows, c, "metapo", "margin_auroc")
+            ok = None if not w else statistics.mean(w.values()) >= statistics.mean(z.values())
+            line(ok, f"{c}: weights AUROC {mean_std(w.values())} >= margin-only AUROC {mean_std(z.values())}")
+    if "mixed" in conditions:
+        wc, wa, wf = (_vals(rows, "mixed", "metapo", k) for k in ("w_clean", "w_ambiguous", "w_flipped"))
+        means = [statistics.mean(v.values()) if v else None for v in (wc, wa, wf)]
+        ok = None if None in means else means[0] > means[1] > means[2]
+        line(ok, "mixed: mean weight clean > ambiguous > flipped (" + " / ".join(_fmt(x) for x in means) + ")")
+    for c in NOISY:
+        if c not in conditions or "dpo_oracle" not in methods:
+            continue
+        gap = statistics.mean(paired(rows, c, "dpo_oracle")) if paired(rows, c, "dpo_oracle") else None
+        if gap is None or gap < 0.01:
+            line(None, f"{c}: noise costs DPO {_fmt(gap)} (< 1 point): not a 'noise hurts' cell")
+            continue
+        d = paired(rows, c, "metapo")
+        gc = gap_closed(rows, c, "metapo")
+        wins = sum(x > 0 for x in d)
+        line(None if gc is None else gc >= 0.5 and wins >= min(4, len(d)),
+             f"{c}: closes {_fmt(gc, True)} of the DPO -> oracle gap ({_fmt(gap)}), >= 50% and winning >= 4 of 5 seeds "
+             f"(wins {wins}/{len(d)})")
+        base = [m for m in methods if m not in ("dpo", "dpo_oracle", "metapo") and not m.startswith("metapo")]
+        best = max(base, key=lambda m: statistics.mean(_vals(rows, c, m, "eval_accuracy").values() or [-1]), default=None)
+        if best:
+            a = statistics.mean(_vals(rows, c, "metapo", "eval_accuracy").values())
+            b = statistics.mean(_vals(rows, c, best, "eval_accuracy").values())
+            line(a >= b, f"{c}: not below the best baseline ({best} {_fmt(b)}; metapo {_fmt(a)})")
+    for c in ("flip0", "robust"):
+        if c in conditions:
+            d = paired(rows, c, "metapo")
+            ok = None if not d else statistics.mean(d) >= -0.01
+            line(ok, f"{c}: do no harm, within 1 point of DPO (metapo - dpo {mean_std(d)})")
+    return out
+
+
+def sign_pattern(rows, c) -> dict:
+    keys = sorted({k for r in rows for k in r if k.startswith("coef_") and r.get(k) not in (None, "")})
+    pat = {}
+    for k in keys:
+        v = list(_vals(rows, c, "metapo", k).values())
+        if v:
+            pos = sum(x > 0 for x in v)
+            pat[k[5:]] = f"{'+' if pos * 2 > len(v) else '-'} {max(pos, len(v) - pos)}/{len(v)}"
+    return pat
+
+
+def render(rows, conditions, methods, seeds, prov, quick, wall_min) -> str:
+    lines = [f"# Quality benchmark: noisy-label synthetic task ({'quick' if quick else 'full'})", "",
+             f"device: {prov['device']}; torch {prov['torch']}, triton {prov['triton']}; commit {prov['commit']}; {prov['date']}",
+             f"command: `{prov['command']}`; seeds: {seeds}; wall time {wall_min:.1f} min", "",
+             "Protocol: issue #13 (benchmarks/quality.py docstring). Accuracy = clean held-out preference accuracy "
+             "(500 clean pairs). Delta = paired per-seed difference to DPO (same data and seed), wins = seeds "
+             "where the method is above DPO. Gap closed = mean(method - DPO) / mean(oracle - DPO). AUROC: "
+             "clean vs flipped training pairs, by the final weight (FocalPO: p^gamma; DPO/cDPO/rDPO: all weights 1, "
+             "0.500) and by the policy's own last margin in the same run (the margin-only detector).", ""]
+    for c in conditions:
+        over, eps, n = CONDITIONS[c]
+        lines += [f"## {c}: {' '.join(o.split('.')[-1] for o in over)}, {n if not quick else 400} pairs, eps {eps}", "",
+                  "| method | accuracy | delta vs DPO | wins | gap closed | weights AUROC | margin AUROC | "
+                  "w clean / ambiguous / flipped | meta overhead % |", "|---|---|---|---|---|---|---|---|---|"]
+        for m in methods:
+            acc = _vals(rows, c, m, "eval_accuracy")
+            if not acc:
+                continue
+            d = paired(rows, c, m) if m != "dpo" else []
+            wins = f"{sum(x > 0 for x in d)}/{len(d)}" if d else ""
+            gc = _fmt(gap_closed(rows, c, m), True) if c in NOISY and m not in ("dpo", "dpo_oracle") else ""
+            wts = " / ".join(mean_std(_vals(rows, c, m, k).values()) for k in ("w_clean", "w_ambiguous", "w_flipped")
+                             if _vals(rows, c, m, k))
+            lines.append(f"| {m} | {mean_std(acc.values())} | {mean_std(d) if d else ''} | {wins} | {gc} | "
+                         f"{mean_std(_vals(rows, c, m, 'weights_auroc').values())} | "
+                         f"{mean_std(_vals(rows, c, m, 'margin_auroc').values())} | {wts} | "
+                         f"{mean_std(_vals(rows, c, m, 'meta_overhead_pct').values())} |")
+        lines.append("")
+    pats = {c: sign_pattern(rows, c) for c in conditions}
+    keys = sorted({k for p in pats.values() for k in p})
+    if keys:
+        lines += ["## MetaPO's learned coefficients", "",
+                  "Mean +- std over seeds of the linear meta-network's coefficients (on normalised features), then the "
+                  "majority sign and in how many seeds it holds.", "",
+                  "| condition | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
+        for c in conditions:
+            lines.append(f"| {c} | " + " | ".join(mean_std(_vals(rows, c, "metapo", "coef_" + k).values()) for k in keys) + " |")
+            lines.append(f"| {c} sign | " + " | ".join(pats[c].get(k, "") for k in keys) + " |")
+        lines.append("")
+    lines += ["## Issue #13 item 3, checked on these rows", "", *criteria(rows, conditions, methods), ""]
+    return "\n".join(lines)
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="1 seed, 2 conditions, 3 methods, 60 steps (CI)")
-    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--quick", action="store_true", help="1 seed, flip0 and flip40, 4 methods, 60 steps of 400 pairs (CI)")
+    ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument("--conditions", default=",".join(CONDITIONS), help="comma-separated subset of " + ",".join(CONDITIONS))
+    ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS))
+    ap.add_argument("--workers", type=int, default=2, help="runs in parallel, one torch thread each")
+    ap.add_argument("--resume", action="store_true", help="keep the rows of <out>.csv and run only the missing ones")
     add_output_args(ap, "quality (quality_quick with --quick)")
     args = ap.parse_args(argv)
-    conditions, methods, seeds, extra = list(CONDITIONS), list(METHODS), list(range(args.seeds)), []
+    conditions, methods = args.conditions.split(","), args.methods.split(",")
+    for name, given, known in (("--conditions", conditions, CONDITIONS), ("--methods", methods, METHODS)):
+        bad = [x for x in given if x not in known]
+        if bad:
+            ap.error(f"{name}: unknown {bad}; choose from {list(known)}")
+    seeds = list(range(args.seeds))
     if args.quick:
-        conditions, methods, seeds = ["flip0", "flip40"], ["dpo", "focalpo", "metapo"], [0]
-        extra = ["train.max_steps=60", "data.synthetic.num_pairs=400", "data.synthetic.num_eval_pairs=100"]
+        conditions, methods, seeds = ["flip0", "flip40"], ["dpo", "static_filter", "focalpo", "metapo"], [0]
     out = output_path(args, "quality_quick" if args.quick else "quality")
     prov = provenance("cpu", "benchmarks.quality")
     rows = []
+    if args.resume and os.path.exists(out + ".csv"):
+        rows = [{**r, "seed": int(r["seed"])} for r in csv.DictReader(open(out + ".csv"))]
+    done = {(r["condition"], r["method"], int(r["seed"])) for r in rows}
+    todo = [t for t in plan(conditions, methods, seeds) if t not in done]
+    t0 = time.perf_counter()
+    print(f"quality: {len(todo)} runs ({len(done)} already in {out}.csv), {args.workers} workers", flush=True)
     with tempfile.TemporaryDirectory() as work:
-        for c in conditions:
-            for m in methods:
-                for s in seeds:
-                    r = run_one(c, m, s, work, extra)
-                    rows.append({**r, **prov})
-                    print(f"{c} {m} seed {s}: clean held-out accuracy {r['eval_accuracy']:.3f}, weights AUROC "
-                          f"{r['auroc_clean_vs_noisy']}, {r['wall_s']} s", flush=True)
-    write_csv(out + ".csv", rows)
-    lines = [f"# Quality benchmark: noisy-label synthetic task ({'quick' if args.quick else 'full'})", "",
-             f"device: {prov['device']}; torch {prov['torch']}, triton {prov['triton']}; commit {prov['commit']}; {prov['date']}",
-             f"command: `{prov['command']}`; seeds: {seeds}", "",
-             "Task: single-digit addition preference pairs, tiny Llama (2 layers, hidden 64), SFT warm-up reference; "
-             "clean held-out accuracy = fraction of clean evaluation pairs with margin z > 0. AUROC: weights of clean vs "
-             "noisy training pairs (0.5 = no separation; FocalPO's weight is p^gamma; DPO/SimPO weights are all 1).", "",
-             "| condition | method | clean held-out accuracy | AUROC clean vs noisy | Spearman(weight, clean) | meta overhead % |",
-             "|---|---|---|---|---|---|"]
-    for c in conditions:
-        for m in methods:
-            rs = [r for r in rows if r["condition"] == c and r["method"] == m]
-            lines.append(f"| {c} | {m} | {mean_std([r['eval_accuracy'] for r in rs])} | {mean_std([r['auroc_clean_vs_noisy'] for r in rs])} | "
-                         f"{mean_std([r['spearman_cleanliness'] for r in rs])} | {mean_std([r['meta_overhead_pct'] for r in rs])} |")
-    coef_keys = sorted({k for r in rows for k in r if k.startswith("coef_")})
-    if coef_keys:
-        lines += ["", "Mean learned coefficients (linear meta-net, normalised features), MetaPO:", "",
-                  "| condition | " + " | ".join(k[5:] for k in coef_keys) + " |", "|---|" + "---|" * len(coef_keys)]
-        for c in conditions:
-            rs = [r for r in rows if r["condition"] == c and r["method"] == "metapo"]
-            lines.append(f"| {c} | " + " | ".join(mean_std([r.get(k) for r in rs]) for k in coef_keys) + " |")
+        if args.workers <= 1:
+            results = (run_one(*t, work, args.quick) for t in todo)
+        else:
+            import multiprocessing as mp
+
+            pool = ProcessPoolExecutor(args.workers, mp_context=mp.get_context("spawn"), initializer=_worker_init)
+            futures = [pool.submit(run_one, *t, work, args.quick) for t in todo]
+            results = (f.result() for f in as_completed(futures))
+        try:
+            for k, r in enumerate(results, 1):
+                rows.append({**r, **prov})
+                write_csv(out + ".csv", rows)  # nothing lost if the benchmark is interrupted (--resume)
+                el = time.perf_counter() - t0
+                print(f"[{k}/{len(todo)}, {el / 60:.1f} min, ~{el / k * (len(todo) - k) / 60:.0f} min left] "
+                      f"{r['condition']} {r['method']} seed {r['seed']}: accuracy {r['eval_accuracy']:.3f}, weights AUROC "
+                      f"{_fmt(r['weights_auroc'])}, margin AUROC {_fmt(r['margin_auroc'])}, {r['wall_s']} s", flush=True)
+        finally:
+            if args.workers > 1:
+                pool.shutdown(cancel_futures=True)
+    md = render(rows, conditions, methods, seeds, prov, args.quick, (time.perf_counter() - t0) / 60)
     with open(out + ".md", "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
+        f.write(md + "\n")
+    print(md)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -99,7 +99,8 @@ def source_rows(run: dict) -> tuple[list, Optional[str]]:
 
             s = d.get("synthetic", {})
             rows = make_synthetic_task(s.get("num_pairs", 2000), s.get("flip_fraction", 0.3), s.get("ambiguous_fraction", 0.0),
-                                       s.get("seed", 0), s.get("num_eval_pairs", 500)).train_rows
+                                       s.get("seed", 0), s.get("num_eval_pairs", 500),
+                                       oracle_labels=s.get("oracle_labels", False)).train_rows
         else:
             from .data.formats import load_rows
 
@@ -255,6 +256,11 @@ img { max-width: 100%; width: 720px; display: block; margin: 0.5em 0 1.5em; }
 <code>python -m metapo_fast.report RUN_DIR --export-suspects suspects.jsonl</code> writes the flagged rows in the input format, <code>--drop-suspects clean.jsonl</code> a copy of the data without them.</p>
 <h2>Run summary</h2>
 <table>{% for k, v in summary %}<tr><th>{{ k }}</th><td class="num">{{ v }}</td></tr>{% endfor %}</table>
+{% if coefs %}<h2>Learned coefficients</h2>
+<p>The linear meta-network's coefficients on the normalised features (w = softplus(v . s + b)): a positive coefficient raises the weight of pairs with a larger feature.</p>
+<table><tr><th>coefficient</th><th>final</th><th>after the first meta-update</th><th>min</th><th>max</th></tr>
+{% for n, f, a, lo, hi in coefs %}<tr><td>{{ n }}</td><td class="num">{{ "%+.4f"|format(f) }}</td><td class="num">{{ "%+.4f"|format(a) }}</td><td class="num">{{ "%+.4f"|format(lo) }}</td><td class="num">{{ "%+.4f"|format(hi) }}</td></tr>
+{% endfor %}</table>{% endif %}
 <h2>Plots</h2>
 {% for name, title in figs %}<h3>{{ title }}</h3><img src="{{ name }}" alt="{{ title }}">
 {% endfor %}
@@ -269,6 +275,19 @@ img { max-width: 100%; width: 720px; display: block; margin: 0.5em 0 1.5em; }
 {% endfor %}</table>{% endif %}<p>{{ shapley_note }}</p>
 </body></html>
 """
+
+
+def coefficient_table(run: dict) -> list[tuple[str, float, float, float, float]]:
+    """The linear meta-network's coefficients (on normalised features, and the bias): final value
+    (summary.json), value after the first meta-update and range over the run (metrics.jsonl);
+    empty when the run learned none."""
+    final = run["summary"].get("coefficients") or {}
+    rows = []
+    for name, f in final.items():
+        seq = [m[f"metapo/coef/{name}"] for m in run["metrics"] if f"metapo/coef/{name}" in m]
+        seq = seq or [f]
+        rows.append((name, float(f), float(seq[0]), float(min(seq + [f])), float(max(seq + [f]))))
+    return rows
 
 
 def build_report(run_dir: str, out: Optional[str] = None, top: int = 50) -> str:
@@ -299,6 +318,10 @@ def build_report(run_dir: str, out: Optional[str] = None, top: int = 50) -> str:
 
     summary = [(k, fmt_value(v)) for k, v in s.items() if not isinstance(v, (dict, list))]
     md += ["## Summary", "", "| key | value |", "|---|---|", *(f"| {k} | {v} |" for k, v in summary), ""]
+    coefs = coefficient_table(run)
+    if coefs:
+        md += ["## Learned coefficients", "", "| coefficient | final | after the first meta-update | min | max |",
+               "|---|---|---|---|---|", *(f"| {n} | {f:+.4f} | {a:+.4f} | {lo:+.4f} | {hi:+.4f} |" for n, f, a, lo, hi in coefs), ""]
     table9 = subset_table(run["p"], run["sigma"], run["w"], gamma)
     kept = [t for t in table9 if t[1] > 0]
     dropped = [t[0] for t in table9 if t[1] == 0]
@@ -347,7 +370,7 @@ def build_report(run_dir: str, out: Optional[str] = None, top: int = 50) -> str:
     page = jinja2.Environment(autoescape=True).from_string(_TEMPLATE).render(
         run_dir=os.path.abspath(run_dir), verdict=words, n_suspect=int(flag.sum()), n_pairs=len(flag),
         share=100 * flag.mean() if len(flag) else 0.0, rule=rule, rule_check=rule_check, texts_note=why, pairs=pairs,
-        has_flipped=fl is not None, summary=summary, figs=figs, subsets=kept, subsets_note=subsets_note, shapley=shapley,
+        has_flipped=fl is not None, summary=summary, coefs=coefs, figs=figs, subsets=kept, subsets_note=subsets_note, shapley=shapley,
         shapley_note=shapley_note)
     with open(os.path.join(out, "index.html"), "w") as f:
         f.write(page)

@@ -264,6 +264,8 @@ _MODE_CASES = {
     "loss.orpo_lambda": ("0.5", ["meta.enabled=false"], ["meta.enabled=false", "data.val_split=random", "loss.loss_type=orpo"]),
     "meta.mlp_hidden": ("16", [], ["meta.arch=mlp"]),
     "meta.kappa": ("3.0", [], ["meta.weighting=ema_margin"]),
+    "meta.filter_after_steps": ("50", [], ["meta.weighting=static_filter"]),
+    "meta.filter_fraction": ("0.3", ["meta.weighting=ema_margin"], ["meta.weighting=static_filter"]),
     "meta.interval": ("7", ["meta.weighting=ema_margin"], []),
     "meta.lambda_margin": ("0.2", ["meta.weighting=ema_margin"], []),
     "meta.entropy_coef": ("0.01", ["meta.weighting=ema_margin"], []),
@@ -319,3 +321,11 @@ def test_sft_warmup_with_user_data_is_refused_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "train.sft_warmup_steps=30" in err[0] and "data.path" in err[0]
     assert not out.exists()
+
+
+@pytest.mark.parametrize("override,match", [("meta.filter_fraction=1.0", "meta.filter_fraction"),
+                                            ("meta.filter_fraction=0", "meta.filter_fraction"),
+                                            ("meta.filter_after_steps=0", "meta.filter_after_steps")])
+def test_static_filter_settings_out_of_range_are_refused(override, match):
+    with pytest.raises(ConfigError, match=re.escape(match)):
+        load_config(None, ["meta.weighting=static_filter", override])

@@ -480,6 +480,25 @@ def test_synthetic_task_ground_truth_and_determinism(tmp_path):
     assert len(evaluation) == 50 and evaluation.extra["is_flipped"].sum() == 0
 
 
+def test_oracle_labels_are_the_same_pairs_with_their_true_labels(tmp_path):
+    """data.synthetic.oracle_labels: the clean-label upper bound trains on the same draws, flipped
+    pairs swapped back and ambiguous ones (no true label) removed; the cache key changes with it."""
+    noisy = make_synthetic_task(500, 0.3, 0.1, seed=3, num_eval_pairs=50)
+    oracle = make_synthetic_task(500, 0.3, 0.1, seed=3, num_eval_pairs=50, oracle_labels=True)
+    kept = [r for r in noisy.train_rows if not r["is_ambiguous"]]
+    assert len(oracle.train_rows) == len(kept) == 450 and oracle.eval_rows == noisy.eval_rows
+    for n, o in zip(kept, oracle.train_rows):
+        assert o["prompt"] == n["prompt"] and o["chosen"] == o["answer"] and not o["is_flipped"]
+        assert {o["chosen"], o["rejected"]} == {n["chosen"], n["rejected"]}
+    assert sum(n["chosen"] != o["chosen"] for n, o in zip(kept, oracle.train_rows)) == 150
+    c = cfg(tmp_path, synthetic=SyntheticConfig(num_pairs=200, flip_fraction=0.3, oracle_labels=True, num_eval_pairs=20),
+            max_length=16, max_prompt_length=8)
+    pairs = load_preference_data(c, TOK)
+    assert len(pairs) == 200 and pairs.extra["is_flipped"].sum() == 0
+    c.synthetic.oracle_labels = False
+    assert load_preference_data(c, TOK).extra["is_flipped"].sum() == 60  # not the cached oracle rows
+
+
 def test_char_tokenizer_and_chat_template():
     ids = TOK("3+4=\n<eos>", add_special_tokens=False)["input_ids"]
     assert len(ids) == 6 and ids[-1] == EOS and TOK.decode(ids) == "3+4=\n<eos>"

@@ -129,3 +129,32 @@ def test_margin_baseline_is_sigmoid_of_the_normalised_ema_margin():
     assert not any(p.requires_grad for p in net.parameters())
     with pytest.raises(ValueError, match="kappa"):
         MarginWeights(kappa=0.0)
+
+
+def test_static_filter_drops_exactly_the_lowest_margins():
+    """PairFilter (meta.weighting=static_filter, paper App. A.8): weight 1 until fitted, then the
+    round(fraction * n) lowest-margin pairs weigh 0 (ties: lower pair id dropped first), the rest
+    normalised to batch mean 1; the kept set is state (resumes)."""
+    from metapo_fast.metapo.weight_net import PairFilter
+
+    f = PairFilter(10, after_steps=3, fraction=0.3)
+    ids = torch.tensor([0, 3, 7, 9])
+    torch.testing.assert_close(f.pair_weights(ids), torch.ones(4), rtol=0, atol=0)
+    z = torch.tensor([0.5, -1.0, 2.0, 0.1, 0.1, 3.0, -2.0, 0.1, 1.0, 0.0])
+    assert f.fit(z) == 3
+    dropped = set(torch.nonzero(f.keep == 0).flatten().tolist())
+    assert dropped == {6, 1, 9} and bool(f.fitted)
+    # batch 0, 3, 7, 9: pair 9 dropped -> weights 0 and 4/3 for the three kept
+    torch.testing.assert_close(f.pair_weights(ids), torch.tensor([4 / 3, 4 / 3, 4 / 3, 0.0]))
+    torch.testing.assert_close(f.pair_weights(ids, normalize=False), torch.tensor([1.0, 1.0, 1.0, 0.0]))
+    g = PairFilter(10, after_steps=3, fraction=0.4, normalize="none")
+    g.fit(z)  # 4 dropped: -2, -1, 0.0 and the first of the three tied 0.1 (pair 3)
+    assert set(torch.nonzero(g.keep == 0).flatten().tolist()) == {6, 1, 9, 3}
+    torch.testing.assert_close(g.pair_weights(ids), torch.tensor([1.0, 0.0, 1.0, 0.0]))
+    h = PairFilter(10, after_steps=3, fraction=0.4)
+    h.load_state_dict(g.state_dict())
+    assert torch.equal(h.keep, g.keep) and bool(h.fitted)
+    with pytest.raises(ValueError, match=r"shape \(10,\)"):
+        f.fit(torch.zeros(9))
+    with pytest.raises(ValueError, match="fraction"):
+        PairFilter(10, 3, 1.0)

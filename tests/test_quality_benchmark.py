@@ -1,5 +1,7 @@
-"""The quality benchmark's reduced mode runs end to end (1 seed, 2 conditions, 3 methods)."""
+"""The quality benchmark: its reduced mode end to end, and the report's arithmetic."""
 import csv
+
+import pytest
 
 from benchmarks.quality import main
 
@@ -7,13 +9,40 @@ from benchmarks.quality import main
 def test_quality_quick_mode(tmp_path):
     main(["--quick", "--record", "--out-dir", str(tmp_path)])
     rows = list(csv.DictReader(open(tmp_path / "quality_quick.csv")))
-    assert {(r["condition"], r["method"]) for r in rows} == {(c, m) for c in ("flip0", "flip40") for m in ("dpo", "focalpo", "metapo")}
+    methods = ("dpo", "static_filter", "focalpo", "metapo")
+    assert {(r["condition"], r["method"]) for r in rows} == {(c, m) for c in ("flip0", "flip40") for m in methods}
     for r in rows:
         assert 0.0 <= float(r["eval_accuracy"]) <= 1.0
-        if r["method"] == "dpo":  # all weights 1: no separation
-            assert float(r["auroc_clean_vs_noisy"]) == 0.5 or r["condition"] == "flip0"
+        if r["method"] == "dpo" and r["condition"] == "flip40":  # all weights 1: no separation
+            assert float(r["weights_auroc"]) == 0.5 and 0.0 <= float(r["margin_auroc"]) <= 1.0
+    sf = next(r for r in rows if r["method"] == "static_filter" and r["condition"] == "flip40")
+    assert float(sf["w_clean"]) > 0 and float(sf["w_flipped"]) >= 0  # the filter ran (weights 0 / 1.4)
     md = (tmp_path / "quality_quick.md").read_text()
-    assert "| flip40 | metapo |" in md and "commit" in md
+    assert "| metapo |" in md and "commit" in md and "## Issue #13 item 3" in md
+
+
+def _rows(table):
+    """rows from {(condition, method): [accuracy per seed]}"""
+    return [{"condition": c, "method": m, "seed": s, "eval_accuracy": a}
+            for (c, m), accs in table.items() for s, a in enumerate(accs)]
+
+
+def test_paired_difference_gap_closed_and_criteria():
+    """The report's arithmetic on made-up rows: paired per-seed differences, the share of the
+    DPO -> oracle gap closed, and a criterion that fails when MetaPO loses."""
+    from benchmarks.quality import criteria, gap_closed, paired
+
+    rows = _rows({("flip40", "dpo"): [0.60, 0.70, 0.62, 0.58, 0.65], ("flip40", "dpo_oracle"): [0.90, 0.95, 0.92, 0.88, 0.95],
+                  ("flip40", "metapo"): [0.85, 0.85, 0.60, 0.80, 0.85], ("flip40", "cdpo"): [0.70] * 5})
+    d = paired(rows, "flip40", "metapo")
+    assert d == pytest.approx([0.25, 0.15, -0.02, 0.22, 0.20])
+    assert gap_closed(rows, "flip40", "metapo") == pytest.approx(sum(d) / sum([0.30, 0.25, 0.30, 0.30, 0.30]))
+    lines = criteria(rows, ["flip40"], ["dpo", "dpo_oracle", "cdpo", "metapo"])
+    assert any(l.startswith("- PASS: flip40: closes 55%") and "wins 4/5" in l for l in lines), lines
+    assert any(l.startswith("- PASS: flip40: not below the best baseline (cdpo") for l in lines), lines
+    rows = [r if r["method"] != "metapo" else {**r, "eval_accuracy": r["eval_accuracy"] - 0.15} for r in rows]
+    lines = criteria(rows, ["flip40"], ["dpo", "dpo_oracle", "cdpo", "metapo"])
+    assert any(l.startswith("- FAIL: flip40: closes") for l in lines) and any(l.startswith("- FAIL: flip40: not below") for l in lines)
 
 
 def test_benchmark_output_is_a_new_file_unless_recorded(tmp_path):

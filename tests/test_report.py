@@ -44,6 +44,27 @@ def test_report_builds_with_valid_pngs_and_escaped_texts(run_dir):
     assert weights == sorted(weights) and "+" in rows[0]  # texts of the synthetic task were found
 
 
+def test_learned_coefficients_table(run_dir):
+    """The report shows the learned coefficients (issue #13): final values equal summary.json's, the
+    first value is the first meta-update's logged one, and the range covers every logged value."""
+    import json
+
+    from metapo_fast.report import coefficient_table, load_run
+
+    run = load_run(run_dir)
+    rows = {n: (f, a, lo, hi) for n, f, a, lo, hi in coefficient_table(run)}
+    final = json.load(open(os.path.join(run_dir, "summary.json")))["coefficients"]
+    assert set(rows) == set(final) and "margin" in rows and "bias" in rows
+    logged = [m for m in run["metrics"] if "metapo/coef/margin" in m]
+    assert len(logged) == 3  # 9 steps, K = 3
+    for n, (f, a, lo, hi) in rows.items():
+        seq = [m[f"metapo/coef/{n}"] for m in logged]
+        assert f == final[n] and a == seq[0] and lo == min(seq + [f]) and hi == max(seq + [f])
+    assert any(abs(a) > 0 for n, (_, a, _, _) in rows.items() if n != "bias")  # the first update moved phi
+    md = open(os.path.join(os.path.dirname(build_report(run_dir, out=os.path.join(run_dir, "r3"))), "summary.md")).read()
+    assert "## Learned coefficients" in md and f"| margin | {final['margin']:+.4f} |" in md
+
+
 def test_html_escaping_of_pair_texts(run_dir, monkeypatch):
     import metapo_fast.report as R
 
@@ -179,7 +200,7 @@ def test_report_renders_in_a_headless_browser(run_dir, tmp_path):
     page = build_report(run_dir, out=str(tmp_path / "rep"), top=7)
     res = check(page, screenshot=str(tmp_path / "shot.png"))
     assert problems(res) == [], res
-    assert res["h2"][:4] == ["Verdict", "Suspect pairs", "Run summary", "Plots"] and res["tables"][0] == 7
+    assert res["h2"][:5] == ["Verdict", "Suspect pairs", "Run summary", "Learned coefficients", "Plots"] and res["tables"][0] == 7
     assert res["images"] == 5 and (tmp_path / "shot.png").read_bytes()[:8] == PNG_MAGIC
     os.remove(tmp_path / "rep" / "curves.png")  # a missing image is caught
     assert "images that did not load: ['curves.png']" in problems(check(page))

@@ -105,6 +105,36 @@ def test_ema_margin_baseline_weights_and_exact_resume(tmp_path):
     assert json.load(open(os.path.join(crashed, "summary.json")))["weight_std"] == pytest.approx(s["weight_std"], abs=1e-6)
 
 
+def test_static_filter_drops_the_lowest_margins_after_warmup_and_resumes(tmp_path):
+    """meta.weighting=static_filter: all weights 1 until meta.filter_after_steps, then the
+    filter_fraction of training pairs with the lowest margin weigh 0 for good; a resume after the
+    fit restores the kept set exactly (same losses)."""
+    import shutil
+
+    import numpy as np
+
+    args = ["meta.weighting=static_filter", "meta.filter_after_steps=2", "meta.filter_fraction=0.25",
+            "train.max_steps=6", "train.save_every=4"]
+    full = _run(tmp_path, "full", args, base=SMALL_NO_LEARNING)
+    s = json.load(open(os.path.join(full, "summary.json")))
+    assert s["meta_updates"] == 0 and "coefficients" not in s
+    rows = list(csv.DictReader(open(os.path.join(full, "pair_weights.csv"))))
+    w = np.array([float(r["weight"]) for r in rows])
+    n = len(rows)
+    assert (w == 0).sum() == round(0.25 * n) and np.allclose(w[w > 0], n / (n - round(0.25 * n)))
+    recs = _metrics(full)
+    assert all(r["metapo/weight_std"] == 0 for r in recs if "metapo/weight_std" in r and r["step"] <= 2)
+    assert any(r["metapo/weight_std"] > 0 for r in recs if "metapo/weight_std" in r and r["step"] > 2)
+    crashed = str(tmp_path / "crashed")
+    shutil.copytree(full, crashed)
+    shutil.rmtree(os.path.join(crashed, "checkpoints", "step_00000006"))
+    assert main([*SMALL_NO_LEARNING, f"train.output_dir={crashed}", *args, "train.resume=auto"]) == 0
+    for (_, la), (_, lb) in zip(_train_losses(full), _train_losses(crashed)):
+        assert la == pytest.approx(lb, abs=1e-6)
+    again = [float(r["weight"]) for r in csv.DictReader(open(os.path.join(crashed, "pair_weights.csv")))]
+    assert again == w.tolist()
+
+
 @pytest.mark.parametrize("loss", ["sigmoid", "ipo", "focal", "simpo", "orpo", "robust"])
 def test_every_loss_runs_with_the_meta_learner(tmp_path, loss):
     extra = [f"loss.loss_type={loss}", "train.max_steps=4"]

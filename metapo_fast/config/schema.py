@@ -118,6 +118,7 @@ class SyntheticConfig:
     flip_fraction: float = _f(0.3, "Fraction of training pairs whose chosen/rejected are swapped (label noise with known ground truth).")
     ambiguous_fraction: float = _f(0.0, "Fraction of training pairs whose two answers are both wrong (no preference signal); disjoint from the flipped ones.")
     seed: int = _f(0, "Generator seed.")
+    oracle_labels: bool = _f(False, "Train on the true labels of the same pairs: flipped pairs swapped back, ambiguous pairs (no true label) removed. The clean-label upper bound of a noisy condition (benchmarks.quality's dpo_oracle).")
     clean_validation: bool = _f(False, "Give the validation pairs their true labels (the task knows which are flipped). The paper's validation split is drawn from the same noisy data; this tests MetaPO when the validation set is clean.")
 
     def __post_init__(self) -> None:
@@ -242,8 +243,10 @@ class MetaConfig:
     lr: float = _f(0.03, "Meta learning rate on phi (its step is on dL_meta/dphi per unit of the lookahead's eta). The paper uses 1e-4, which math.md section 4 measured to leave phi unchanged; 0.03 learns.")
     optimizer: Literal["adam", "sgd"] = _f("adam", "Optimiser on phi: adam (per coordinate, the paper's) or sgd (momentum 0.9 on the L2-normalised meta-gradient: each update adds meta.lr along it to the momentum, so a feature that carries little of the signal moves little).")
     val_objective: Literal["log", "sigmoid"] = _f("log", "L_val's per-pair loss: log (-log sigma(z), the paper's) or sigmoid (sigma(-z), the expected ranking error: bounded, so confidently misranked, i.e. mislabelled, validation pairs do not dominate the meta-gradient).")
-    weighting: Literal["learned", "ema_margin"] = _f("learned", "learned: MetaPO's meta-network, updated every K steps; ema_margin: the learned-free baseline w = sigmoid(meta.kappa * normalised EMA of the margin), normalised to mean 1 (nothing is meta-learned).")
+    weighting: Literal["learned", "ema_margin", "static_filter"] = _f("learned", "learned: MetaPO's meta-network, updated every K steps; ema_margin: the learned-free baseline w = sigmoid(meta.kappa * normalised EMA of the margin), normalised to mean 1 (nothing is meta-learned); static_filter: paper App. A.8's static filtering, every pair weighs 1 until step meta.filter_after_steps, then the meta.filter_fraction of training pairs with the lowest policy margin are dropped (weight 0) for the rest of the run.")
     kappa: float = _f(2.0, "Sharpness of the ema_margin baseline's sigmoid, on the normalised EMA of the margin.")
+    filter_after_steps: int = _f(200, "static_filter: the step after which the margins of all training pairs are computed once and the lowest are dropped (a short DPO warm-up).")
+    filter_fraction: float = _f(0.2, "static_filter: fraction of training pairs dropped (those with the lowest margin), in (0, 1).")
     feature_norm: Literal["rms", "standardize"] = _f("rms", "Feature normalisation of the meta-network: rms (divide by the running RMS; keeps signs) or standardize (subtract the running mean, divide by the running standard deviation).")
     normalize: Literal["auto", "none", "batch_mean"] = _f("auto", "Weight normalisation: batch_mean divides by the batch mean; auto = batch_mean when train.optimizer is adaptive (adamw), none otherwise (math.md section 4).")
     inner_lr_for_lookahead: Optional[float] = _f(None, "eta of the one-step lookahead; null = train.lr.")
@@ -257,6 +260,8 @@ class MetaConfig:
         _check_range(p, self, "entropy_coef", lo=0.0)
         _check_range(p, self, "mlp_hidden", lo=1)
         _check_range(p, self, "lr", lo=0.0, lo_open=True)
+        _check_range(p, self, "filter_after_steps", lo=1)
+        _check_range(p, self, "filter_fraction", 0.0, 1.0, lo_open=True, hi_open=True)
         _check_range(p, self, "inner_lr_for_lookahead", lo=0.0, lo_open=True, optional=True)
         _check_range(p, self, "val_batch_size", lo=1)
         _check_range(p, self, "stats_momentum", 0.0, 1.0, hi_open=True)
@@ -428,6 +433,8 @@ MODE_DEPENDENT: dict[str, tuple[str, Any]] = {
     "loss.orpo_lambda": ("loss.loss_type='orpo'", lambda c: c.loss.loss_type == "orpo"),
     "meta.mlp_hidden": ("meta.arch='mlp'", lambda c: not c.meta.enabled or c.meta.arch == "mlp"),
     "meta.kappa": ("meta.weighting='ema_margin'", lambda c: not c.meta.enabled or c.meta.weighting == "ema_margin"),
+    **{f"meta.{k}": ("meta.weighting='static_filter'", lambda c: not c.meta.enabled or c.meta.weighting == "static_filter")
+       for k in ("filter_after_steps", "filter_fraction")},
     **{f"meta.{k}": ("meta.weighting='learned'", lambda c: not c.meta.enabled or c.meta.weighting == "learned")
        for k in ("interval", "lambda_margin", "entropy_coef", "arch", "lr", "optimizer", "val_objective",
                  "inner_lr_for_lookahead", "val_batch_size")},

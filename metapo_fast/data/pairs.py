@@ -301,10 +301,10 @@ def load_preference_data(c: DataConfig, tokenizer, which: str = "train",
             return None
         path, split = c.path, c.eval_split
     if rows is None and path is None:
-        from .synthetic import SYNTHETIC_VERSION, make_synthetic_task
+        from .synthetic import SYNTHETIC_VERSION, task_from_config
 
         s = c.synthetic
-        task = make_synthetic_task(s.num_pairs, s.flip_fraction, s.ambiguous_fraction, s.seed, s.num_eval_pairs)
+        task = task_from_config(s)
         rows = task.train_rows if which == "train" else task.eval_rows
         source = f"synthetic:{which}"
         source_id = {"synthetic": asdict(s), "which": which, "version": SYNTHETIC_VERSION}

@@ -34,6 +34,7 @@ __all__ = [
     "SyntheticTask",
     "build_char_tokenizer",
     "make_synthetic_task",
+    "task_from_config",
 ]
 
 # Bump when the generator's output changes: it is part of the tokenisation cache key.
@@ -146,14 +147,24 @@ def _pairs(rng: np.random.Generator, n: int, n_flip: int, n_amb: int) -> list[di
     return rows
 
 
+def _true_label(row: dict) -> dict:
+    if not row["is_flipped"]:
+        return row
+    return {**row, "chosen": row["rejected"], "rejected": row["chosen"], "is_flipped": False}
+
+
 def make_synthetic_task(
     num_pairs: int = 2000,
     flip_fraction: float = 0.3,
     ambiguous_fraction: float = 0.0,
     seed: int = 0,
     num_eval_pairs: int = 500,
+    oracle_labels: bool = False,
 ) -> SyntheticTask:
     """Generate the addition preference task.
+
+    ``oracle_labels``: the same pairs with their true labels, flipped pairs swapped back and
+    ambiguous pairs (no true label) removed: the clean-label upper bound of a noisy condition.
 
     Exactly ``round(flip_fraction * num_pairs)`` pairs are flipped and
     ``round(ambiguous_fraction * num_pairs)`` are ambiguous; the two sets are disjoint, so
@@ -174,6 +185,14 @@ def make_synthetic_task(
     n_flip = int(round(flip_fraction * num_pairs))
     n_amb = int(round(ambiguous_fraction * num_pairs))
     train = _pairs(train_rng, num_pairs, n_flip, n_amb)
+    if oracle_labels:  # the generator's draws do not depend on the flags: these are the same pairs
+        train = [_true_label(r) for r in train if not r["is_ambiguous"]]
     evaluation = _pairs(eval_rng, num_eval_pairs, 0, 0)
     sft = [{"prompt": f"{a}+{b}=", "completion": str(a + b)} for a in range(10) for b in range(10)]
     return SyntheticTask(train_rows=train, eval_rows=evaluation, sft_rows=sft)
+
+
+def task_from_config(s) -> SyntheticTask:
+    """The task of a ``data.synthetic`` config section (:class:`metapo_fast.config.schema.SyntheticConfig`)."""
+    return make_synthetic_task(s.num_pairs, s.flip_fraction, s.ambiguous_fraction, s.seed, s.num_eval_pairs,
+                               oracle_labels=s.oracle_labels)

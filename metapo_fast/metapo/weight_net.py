@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from ..comm import all_reduce_sum, world_size
 from ..ops.tracker_update import FEATURE_NAMES
 
-__all__ = ["MetaWeightNet", "MarginWeights", "SOFTPLUS_INV_ONE", "feature_subset", "global_mean"]
+__all__ = ["MetaWeightNet", "MarginWeights", "PairFilter", "SOFTPLUS_INV_ONE", "feature_subset", "global_mean"]
 
 SOFTPLUS_INV_ONE = math.log(math.e - 1.0)  # softplus(b) = 1
 
@@ -219,6 +219,60 @@ class MarginWeights(MetaWeightNet):
             self.b.zero_()
         self.requires_grad_(False)
         self.arch = "fixed"
+
+
+class PairFilter(nn.Module):
+    """Static filtering (paper App. A.8; ``meta.weighting=static_filter``): every pair weighs 1
+    until step ``after_steps``; then :meth:`fit` drops, for the rest of the run, the ``fraction`` of
+    training pairs with the lowest policy margin z (exactly ``round(fraction * n)`` pairs; ties
+    broken by pair id), i.e. weight 0, the others 1 (normalised like ``batch_mean`` when that is
+    the run's normalisation). The kept set is a buffer, so it resumes exactly. Nothing is learned.
+
+    Weights depend on the pair, not on its features: call :meth:`pair_weights` with pair ids.
+    """
+
+    arch = "filter"
+
+    def __init__(self, num_pairs: int, after_steps: int, fraction: float, normalize: str = "batch_mean"):
+        super().__init__()
+        if num_pairs < 1 or after_steps < 1 or not 0.0 < fraction < 1.0:
+            raise ValueError(f"PairFilter: need num_pairs >= 1, after_steps >= 1 and 0 < fraction < 1, "
+                             f"got {num_pairs}, {after_steps}, {fraction}")
+        if normalize not in ("none", "batch_mean"):
+            raise ValueError(f"PairFilter: normalize must be 'none' or 'batch_mean', got {normalize!r}")
+        self.after_steps, self.fraction, self.normalize = after_steps, fraction, normalize
+        self.register_buffer("keep", torch.ones(num_pairs))
+        self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
+
+    @torch.no_grad()
+    def fit(self, margins) -> int:
+        """Drop the ``fraction`` of pairs with the lowest ``margins`` (one per pair, in pair-id
+        order); returns how many were dropped. Deterministic: the same margins give the same set
+        on every rank."""
+        z = torch.as_tensor(margins, dtype=torch.float64).cpu()
+        if z.shape != self.keep.shape:
+            raise ValueError(f"PairFilter.fit: margins must have shape {tuple(self.keep.shape)} (one per training pair), "
+                             f"got {tuple(z.shape)}")
+        k = int(round(self.fraction * z.numel()))
+        order = torch.sort(z, stable=True).indices  # ties: the lower pair id first
+        keep = torch.ones_like(z)
+        keep[order[:k]] = 0.0
+        self.keep.copy_(keep.to(self.keep.dtype))
+        self.fitted.fill_(True)
+        return k
+
+    def pair_weights(self, pair_ids: torch.Tensor, normalize: bool = True, over_ranks: bool = True) -> torch.Tensor:
+        """Weights ``(B,)`` of the pairs ``pair_ids`` (0 = dropped)."""
+        w = self.keep[pair_ids]
+        if normalize and self.normalize == "batch_mean":
+            w = w / global_mean(w, over_ranks).clamp(min=1e-12)
+        return w
+
+    def update_stats(self, s: torch.Tensor) -> None:  # no feature statistics
+        return None
+
+    def extra_repr(self) -> str:
+        return f"after_steps={self.after_steps}, fraction={self.fraction}, normalize={self.normalize}"
 
 
 def global_mean(w: torch.Tensor, over_ranks: bool = True) -> torch.Tensor:

@@ -19,6 +19,7 @@ import contextlib
 import os
 import time
 
+import numpy as np
 import torch
 
 from ..comm import barrier
@@ -59,7 +60,8 @@ class Trainer:
         # (margin, KL) of each pair's last visit: with the tracker's history these give the exact
         # features the meta-network saw, for the pair-weights table (8 more bytes per pair).
         self.last_seen = torch.zeros(n, 2, dtype=torch.float32, device=self.device)
-        self.meta_net = make_meta_net(cfg, self.device) if m.enabled else None
+        self.meta_net = make_meta_net(cfg, self.device, n) if m.enabled else None
+        self.pair_filter = self.meta_net if m.enabled and m.weighting == "static_filter" else None
         learned = m.enabled and m.weighting == "learned"
         self.meta = make_meta_learner(cfg, self.meta_net) if learned else None
         self.sampler = PairSampler(n, t.per_device_batch_size, dist.world_size, dist.rank, seed=t.seed)
@@ -95,6 +97,8 @@ class Trainer:
         while self.step < self.total_steps:
             metrics = self._train_step(meta=self.meta is not None and (self.step + 1) % m.interval == 0)
             self.step += 1
+            if self.pair_filter is not None and self.step == self.pair_filter.after_steps:
+                self._fit_filter()
             extra, self.meta_log = self.meta_log, {}
             if self.step % t.log_every == 0 or self.step == self.total_steps or extra:
                 self.logger.log(self.step, outputs.step_record(self, metrics, extra))
@@ -113,6 +117,8 @@ class Trainer:
         per = t.per_device_batch_size
         stage = "plain PyTorch" if isinstance(self.eng, PlainEngine) else f"DeepSpeed ZeRO stage {self.eng.engine.zero_optimization_stage()}"
         weights = ("MetaPO weights, meta-update every K=%d steps" % m.interval if m.enabled and m.weighting == "learned"
+                   else f"static filter (drops {m.filter_fraction:.0%} of the pairs, lowest margin first, after step "
+                        f"{m.filter_after_steps})" if m.enabled and m.weighting == "static_filter"
                    else "ema_margin weights" if m.enabled else "no pair weights")
         return (f"training: steps {self.step + 1}-{self.total_steps} of {self.total_steps}; world size {ws}; "
                 f"{per} pairs per device x {ws} ranks x {self.grad_accum} micro-steps = {per * ws * self.grad_accum} pairs "
@@ -142,6 +148,8 @@ class Trainer:
 
             def weights_fn(stats, pair_ids=pair_ids, seen=seen):  # MetaPO: features from this step's margins
                 seen["features"] = self._track(pair_ids, stats)
+                if self.pair_filter is not None:
+                    return self.pair_filter.pair_weights(pair_ids, normalize=not step_norm)
                 return self.meta_net(seen["features"], normalize=not step_norm).detach()
 
             with contextlib.ExitStack() as stack:  # (ZeRO-3) holds the head's full weight through the backward
@@ -195,6 +203,18 @@ class Trainer:
             torch.cuda.synchronize(self.device)
         self.counters["train_time_s"] += time.perf_counter() - t0 - meta_s
         return metrics
+
+    def _fit_filter(self) -> None:
+        """Static filtering: the margins of every training pair under the current policy, once;
+        the lowest ``meta.filter_fraction`` are dropped for the rest of the run."""
+        t0 = time.perf_counter()
+        z, _ = self.fwd.margins(self.data.train, self.data.collator)
+        dropped = self.pair_filter.fit(z)
+        dt = time.perf_counter() - t0
+        self.counters["meta_time_s"] += dt  # overhead of the weighting, like a meta-update
+        if self.dist.is_main:
+            self.logger.info(f"step {self.step}: static filter dropped {dropped} of {len(z)} training pairs "
+                             f"(margin <= {float(np.sort(z)[max(dropped - 1, 0)]):.4g}) in {dt:.1f} s")
 
     def _pinned(self, batch: dict) -> dict:
         """On CUDA, the collated batch in pinned host memory, so that its copies to the device are

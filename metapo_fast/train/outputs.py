@@ -264,6 +264,8 @@ def pair_weights(tr):
     feats = np.stack([z, st[:, 0], np.sqrt(np.maximum(st[:, 4], 0) / count), st[:, 1], kl, st[:, 2]], 1)
     if tr.meta_net is None:
         w = np.ones(len(z))
+    elif getattr(tr, "pair_filter", None) is not None:
+        w = tr.pair_filter.pair_weights(torch.arange(len(z), device=tr.device), over_ranks=False).double().cpu().numpy()
     else:  # every rank holds every pair: normalised over them, without a collective (rank 0 alone may call this)
         with torch.no_grad():
             w = tr.meta_net(torch.as_tensor(feats, dtype=torch.float32, device=tr.device), over_ranks=False).double().cpu().numpy()

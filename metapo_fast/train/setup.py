@@ -74,10 +74,9 @@ def build_models(cfg: MetaPOConfig, dist, run_dir: str, resumed: bool) -> Models
     tok, model = build_tokenizer_and_model(cfg, device)
     task = None
     if cfg.data.path is None:
-        from ..data.synthetic import make_synthetic_task
+        from ..data.synthetic import task_from_config
 
-        s = cfg.data.synthetic
-        task = make_synthetic_task(s.num_pairs, s.flip_fraction, s.ambiguous_fraction, s.seed, s.num_eval_pairs)
+        task = task_from_config(cfg.data.synthetic)
     ref_dir = os.path.join(run_dir, "reference")
     warm = task is not None and t.sft_warmup_steps
     if warm and not resumed:
@@ -302,11 +301,13 @@ def build_engine(cfg: MetaPOConfig, dist, model: nn.Module, ref: Optional[nn.Mod
     return par
 
 
-def make_meta_net(cfg: MetaPOConfig, device: torch.device):
-    """The weights' network: MetaPO's meta-network, or the fixed ema_margin baseline."""
-    from ..metapo.weight_net import MarginWeights, MetaWeightNet
+def make_meta_net(cfg: MetaPOConfig, device: torch.device, num_pairs: int):
+    """The weights' network: MetaPO's meta-network, the fixed ema_margin baseline, or the static filter."""
+    from ..metapo.weight_net import MarginWeights, MetaWeightNet, PairFilter
 
     m = cfg.meta
+    if m.weighting == "static_filter":
+        return PairFilter(num_pairs, m.filter_after_steps, m.filter_fraction, cfg.meta_normalize).to(device)
     if m.weighting == "ema_margin":
         return MarginWeights(m.kappa, cfg.meta_normalize, m.stats_momentum, m.feature_norm).to(device)
     return MetaWeightNet(m.arch, m.features, cfg.meta_normalize, m.mlp_hidden, m.stats_momentum, m.feature_norm).to(device)
