@@ -291,7 +291,9 @@ def coefficient_table(run: dict) -> list[tuple[str, float, float, float, float]]
 
 
 def build_report(run_dir: str, out: Optional[str] = None, top: int = 50) -> str:
-    import jinja2
+    from .extras import require
+
+    jinja2 = require("jinja2")
 
     run = load_run(run_dir)
     out = out or os.path.join(run_dir, "report")
@@ -412,7 +414,9 @@ def main(argv=None) -> int:
         print(exc, file=sys.stderr)
         return 2
     except ImportError as exc:
-        if str(exc) != MATPLOTLIB_MISSING:
+        from .extras import MissingExtraError
+
+        if str(exc) != MATPLOTLIB_MISSING and not isinstance(exc, MissingExtraError):
             raise
         print(exc, file=sys.stderr)
         return 2

@@ -66,6 +66,9 @@ def use_rope(model: nn.Module, rope: Callable) -> int:
 def apply_liger_kernels(model: nn.Module) -> dict[str, int]:
     """Replace the RMSNorm and SwiGLU-MLP modules of ``model`` by Liger's and give its Llama
     attention layers Liger's RoPE; returns counts."""
+    from ..extras import require
+
+    require("liger_kernel")
     from liger_kernel.transformers.rms_norm import LigerRMSNorm
     from liger_kernel.transformers.rope import liger_rotary_pos_emb
     from liger_kernel.transformers.swiglu import LigerSwiGLUMLP

@@ -57,6 +57,17 @@ def main(argv=None) -> int:
         except (ConfigError, ValueError) as exc:
             print(f"metapo_fast.train: invalid configuration: {exc}", file=sys.stderr)
             return 2
+        from ..extras import MissingExtraError, require
+        from .parallel import uses_deepspeed
+
+        try:  # an optional package this configuration needs: say which extra, before anything runs
+            if uses_deepspeed(cfg, dist.world_size):
+                require("deepspeed")
+            if cfg.model.use_liger_kernels:
+                require("liger_kernel")
+        except MissingExtraError as exc:
+            print(f"metapo_fast.train: {exc}", file=sys.stderr)
+            return 2
         created = not os.path.exists(cfg.train.output_dir)
         try:
             Trainer(cfg, dist).train()

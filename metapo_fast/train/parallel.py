@@ -164,8 +164,9 @@ class DeepSpeedEngine:
     """
 
     def __init__(self, model: nn.Module, ds_config: dict, lr: float, weight_decay: float, lr_lambda: Callable[[int], float]):
-        import deepspeed
+        from ..extras import require
 
+        deepspeed = require("deepspeed")
         self._ds = deepspeed
         cfg = dict(ds_config)
         cfg.setdefault("optimizer", {"type": "AdamW", "params": {"lr": lr, "weight_decay": weight_decay, "betas": [0.9, 0.999],
@@ -258,8 +259,9 @@ class ShardedReference:
     """
 
     def __init__(self, ref: nn.Module, ds_config: dict, offload_cpu: bool):
-        import deepspeed
+        from ..extras import require
 
+        deepspeed = require("deepspeed")
         self._ds = deepspeed
         cfg = {k: v for k, v in ds_config.items() if k not in ("optimizer", "scheduler", "gradient_clipping")}
         zo = dict(cfg.get("zero_optimization", {}))
