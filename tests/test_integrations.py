@@ -76,6 +76,38 @@ def test_metapo_trainer_trains_and_keeps_pair_identity(tmp_path):
     assert batch["input_ids"][0, :len(first["prompt_ids"])].tolist() == first["prompt_ids"]
 
 
+def test_metrics_are_read_to_the_host_once_per_log_not_per_micro_batch(tmp_path, monkeypatch):
+    """#15 item 4: the integration's per-micro-batch metrics stay on the device; every host read
+    (.item / .tolist / float / bool of a tensor) made from metapo_fast/integrations/trl.py is
+    counted: one per log call, none per micro-batch."""
+    import metapo_fast.integrations.trl as M
+
+    tok, model, ds = _setup()
+    ref = copy.deepcopy(model).eval()
+    tr = MetaPOTrainer(model=model, ref_model=ref, args=_args(tmp_path, max_steps=6, logging_steps=3, metapo_interval=100),
+                       train_dataset=ds, processing_class=tok)
+    reads = []
+    here = os.path.abspath(M.__file__)
+    for name in ("item", "tolist", "__float__", "__bool__"):
+        real = getattr(torch.Tensor, name)
+
+        def counted(self, *a, _real=real, _name=name, **k):
+            if os.path.abspath(sys._getframe(1).f_code.co_filename) == here:
+                reads.append(_name)
+            return _real(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    micro = []
+    real_loss = tr._compute_loss
+    monkeypatch.setattr(tr, "_compute_loss", lambda *a, **k: (micro.append(1), real_loss(*a, **k))[1])
+    tr.train()
+    logged = [h for h in tr.state.log_history if "rewards/margins" in h]
+    assert len(micro) == 6 and len(logged) == 2
+    assert reads == ["tolist", "tolist"], reads  # one per log, none per micro-batch
+    for h in logged:
+        assert -1.0 <= h["rewards/accuracies"] <= 1.0 and h["metapo/weight_mean"] == pytest.approx(1.0)
+
+
 def test_loss_at_step_0_equals_trl_dpo_loss(tmp_path):
     """Meta off, weights 1: our fused loss on TRL's first batch equals TRL's own DPO loss."""
     tok, model, ds = _setup()

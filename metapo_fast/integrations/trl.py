@@ -113,6 +113,24 @@ class MetaPOTrainer(DPOTrainer):
             self._meta_val = self._prepare_dataset(meta_val_dataset, self.processing_class, args, "meta_val")
         self._meta_cursor = 0
         self._metapo_last_batch = None
+        self._metapo_pending = {"train": [], "eval": []}  # per micro-batch metric vectors, on the device
+
+    _METRIC_NAMES = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+                     "logps/rejected", "metapo/weight_mean", "metapo/weight_std", "metapo/kl")
+
+    def log(self, logs: dict, start_time=None) -> None:
+        """TRL's log, after moving the metrics gathered on the device since the last log into TRL's
+        lists: one host read per log instead of several per micro-batch."""
+        mode = "train" if self.model.training else "eval"
+        pending, self._metapo_pending[mode] = self._metapo_pending[mode], []
+        by_len: dict[int, list] = {}
+        for v in pending:
+            by_len.setdefault(v.numel(), []).append(v)
+        for vs in by_len.values():
+            for row in torch.stack(vs).cpu().tolist():  # the one host read
+                for name, x in zip(self._METRIC_NAMES, row):
+                    self._metrics[mode][name].append(x)
+        super().log(logs, start_time)
 
     def _metapo_loss(self) -> str:
         lt = self.args.loss_type
@@ -165,18 +183,14 @@ class MetaPOTrainer(DPOTrainer):
             if mode == "train" and pair_ids is not None:
                 kl = stats.kl if stats.kl is not None else torch.zeros_like(stats.margins)
                 self.metapo_tracker.update(pair_ids.to(hidden.device), stats.margins, kl)
-        m = self._metrics[mode]
-        gather = self.accelerator.gather
-        m["rewards/chosen"].append(gather(stats.chosen_rewards).mean().item())
-        m["rewards/rejected"].append(gather(stats.rejected_rewards).mean().item())
-        m["rewards/accuracies"].append(gather(stats.accuracies).mean().item())
-        m["rewards/margins"].append(gather(stats.margins).mean().item())
-        m["logps/chosen"].append(gather(stats.chosen_logps).mean().item())
-        m["logps/rejected"].append(gather(stats.rejected_logps).mean().item())
-        m["metapo/weight_mean"].append(w.mean().item())
-        m["metapo/weight_std"].append(w.std(unbiased=False).item())
-        if stats.kl is not None:
-            m["metapo/kl"].append(stats.kl.mean().item())
+        # TRL's metrics, kept on the device: one all-gather per micro-batch (sums and the pair count of
+        # every rank) and no host read; log() reads everything since the last log in one transfer
+        parts = [stats.chosen_rewards, stats.rejected_rewards, stats.accuracies, stats.margins, stats.chosen_logps,
+                 stats.rejected_logps]
+        sums = torch.stack([t.detach().float().sum() for t in parts] + [torch.ones_like(stats.margins).sum()])
+        sums = self.accelerator.gather(sums.reshape(1, -1)).reshape(-1, len(parts) + 1).sum(0)
+        local = [w.mean(), w.std(unbiased=False)] + ([stats.kl.mean()] if stats.kl is not None else [])
+        self._metapo_pending[mode].append(torch.cat([sums[:-1] / sums[-1], torch.stack(local).detach().float()]))
         return (out.loss, {"margins": out.margins}) if return_outputs else out.loss
 
     def training_step(self, model, inputs, *args, **kwargs):
