@@ -167,6 +167,41 @@ def test_low_precision_ghost_dots_against_float64(dtype, tol):
     assert rel < tol, f"{dtype}: relative error {float(rel):.2e}"
 
 
+def test_head_ghost_pass_makes_no_float64_copy_of_the_logits():
+    """#14 item 6: the LM-head ghost pass sums <dl/dlogits, G_W h> in float64 without a float64
+    [rows, V] tensor (at V = 128k that copy was ~8 GB per chunk); it still equals the float64 value."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from metapo_fast.metapo.ghost import head_ghost_dots
+
+    torch.manual_seed(0)
+    n2, t, h, v = 4, 7, 16, 300
+    hidden, w, gw = torch.randn(n2, t, h), torch.randn(v, h) * 0.1, torch.randn(v, h)
+    labels = torch.randint(0, v, (n2, t))
+    labels[:, :2] = -100
+    coef = torch.randn(n2)
+    seen = []
+
+    class Watch(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for o in (out if isinstance(out, (tuple, list)) else [out]):
+                if isinstance(o, torch.Tensor) and o.dtype == torch.float64:
+                    seen.append(o.numel())
+            return out
+
+    with Watch():
+        c = head_ghost_dots(hidden, w, None, labels, coef, gw, None, num_pairs=2, backend="torch")
+    assert max(seen) < v, f"a float64 tensor of {max(seen)} elements (logits-sized: {n2 * t * v})"
+    # float64 reference: sum over labelled tokens of coef_s * <onehot - softmax, G_W h>, sequences s and s+2 -> pair s % 2
+    h64, w64, g64 = hidden.double(), w.double(), gw.double()
+    logits = h64 @ w64.t()
+    grad = torch.nn.functional.one_hot(labels.clamp(min=0), v).double() - logits.softmax(-1)
+    per_tok = (grad * (h64 @ g64.t())).sum(-1) * (labels != -100) * coef.double()[:, None]
+    want = per_tok.sum(1).reshape(2, 2).sum(0)
+    torch.testing.assert_close(c, want, rtol=1e-4, atol=1e-6)
+
+
 def test_meta_learner_state_round_trip_gives_identical_next_update():
     model = tiny_llama(False)
     ref = copy.deepcopy(model)

@@ -144,5 +144,7 @@ def head_ghost_dots(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[t
         u = x @ G_w.to(x.dtype).t()
         if G_b is not None:
             u = u + G_b.to(u.dtype)
-        c.index_add_(0, ch.seq % num_pairs, (logits.to(torch.float64) * u.to(torch.float64)).sum(-1))
+        # in place into the chunk's own logits buffer, summed in float64: no [rows, V] float64 copies
+        # (two of them, 8 bytes x rows x V each, before)
+        c.index_add_(0, ch.seq % num_pairs, logits.mul_(u.to(logits.dtype)).sum(-1, dtype=torch.float64))
     return c
