@@ -73,6 +73,13 @@ METHODS = {  # name: function of (eps, warm-up steps) -> overrides
     "margin_weights": lambda eps, warm: ["meta.weighting=ema_margin"],
     "metapo": lambda eps, warm: [],
 }
+# candidates measured beside the shipped defaults (not in the default method list; --methods names them)
+CANDIDATES = {
+    "metapo_lr3e-3": lambda eps, warm: ["meta.lr=0.003"],  # the issue's best-separating meta lr (0.003 vs 0.03)
+    "metapo_cdpo": lambda eps, warm: [f"loss.label_smoothing={eps}"],  # MetaPO's weights on cDPO's loss
+    "metapo_mlp": lambda eps, warm: ["meta.arch=mlp"],  # a non-monotone weight function (6-32-1, paper App. A.11)
+}
+ALL_METHODS = {**METHODS, **CANDIDATES}
 BASE = ["data.synthetic.num_eval_pairs=500", "train.log_every=100000", "train.eval_every=0", "train.save_every=0"]
 QUICK = ["train.max_steps=60", "data.synthetic.num_eval_pairs=100"]
 
@@ -83,7 +90,7 @@ def cell_args(condition: str, method: str, seed: int, out: str, quick: bool) -> 
         n = 400
     epochs = max(1, round(STEPS_EPOCHS * 2000 / n))
     warm = 2 * max(1, int(n * 0.97) // 32)  # two epochs of DPO before the static filter
-    return [*BASE, *over, f"data.synthetic.num_pairs={n}", f"train.epochs={epochs}", *METHODS[method](eps, warm),
+    return [*BASE, *over, f"data.synthetic.num_pairs={n}", f"train.epochs={epochs}", *ALL_METHODS[method](eps, warm),
             *(QUICK if quick else []),
             f"data.synthetic.seed={seed}", f"train.seed={seed}", f"train.output_dir={out}"]
 
@@ -121,6 +128,7 @@ def read_run(out: str, method: str) -> dict:
 def _worker_init():
     import torch
 
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")  # as metapo_fast.train does on CPU (a Trainer built here too)
     torch.set_num_threads(1)  # two workers on two cores
 
 
@@ -173,22 +181,22 @@ def _fmt(x, pct=False):
     return f"{100 * x:.0f}%" if pct else f"{x:.3f}"
 
 
-def criteria(rows, conditions, methods) -> list[str]:
-    """#13 item 3, each criterion checked on these rows for ``metapo`` (PASS / FAIL / not measured)."""
+def criteria(rows, conditions, methods, who: str = "metapo") -> list[str]:
+    """#13 item 3, each criterion checked on these rows for ``who`` (PASS / FAIL / not measured)."""
     out = []
 
     def line(ok, text):
         out.append(f"- {'not measured' if ok is None else 'PASS' if ok else 'FAIL'}: {text}")
 
-    if "metapo" not in methods:
-        return ["- not measured: no metapo rows"]
+    if who not in methods:
+        return [f"- not measured: no {who} rows"]
     for c in ("flip20", "flip40"):
         if c in conditions:
-            w, z = _vals(rows, c, "metapo", "weights_auroc"), _vals(rows, c, "metapo", "margin_auroc")
+            w, z = _vals(rows, c, who, "weights_auroc"), _vals(rows, c, who, "margin_auroc")
             ok = None if not w else statistics.mean(w.values()) >= statistics.mean(z.values())
             line(ok, f"{c}: weights AUROC {mean_std(w.values())} >= margin-only AUROC {mean_std(z.values())}")
     if "mixed" in conditions:
-        wc, wa, wf = (_vals(rows, "mixed", "metapo", k) for k in ("w_clean", "w_ambiguous", "w_flipped"))
+        wc, wa, wf = (_vals(rows, "mixed", who, k) for k in ("w_clean", "w_ambiguous", "w_flipped"))
         means = [statistics.mean(v.values()) if v else None for v in (wc, wa, wf)]
         ok = None if None in means else means[0] > means[1] > means[2]
         line(ok, "mixed: mean weight clean > ambiguous > flipped (" + " / ".join(_fmt(x) for x in means) + ")")
@@ -196,26 +204,33 @@ def criteria(rows, conditions, methods) -> list[str]:
         if c not in conditions or "dpo_oracle" not in methods:
             continue
         gap = statistics.mean(paired(rows, c, "dpo_oracle")) if paired(rows, c, "dpo_oracle") else None
-        if gap is None or gap < 0.01:
+        if gap is None:
+            line(None, f"{c}: no dpo / dpo_oracle rows")
+            continue
+        if gap < 0.01:
             line(None, f"{c}: noise costs DPO {_fmt(gap)} (< 1 point): not a 'noise hurts' cell")
             continue
-        d = paired(rows, c, "metapo")
-        gc = gap_closed(rows, c, "metapo")
+        d = paired(rows, c, who)
+        if not d:
+            line(None, f"{c}: no {who} rows")
+            continue
+        gc = gap_closed(rows, c, who)
         wins = sum(x > 0 for x in d)
         line(None if gc is None else gc >= 0.5 and wins >= min(4, len(d)),
              f"{c}: closes {_fmt(gc, True)} of the DPO -> oracle gap ({_fmt(gap)}), >= 50% and winning >= 4 of 5 seeds "
              f"(wins {wins}/{len(d)})")
         base = [m for m in methods if m not in ("dpo", "dpo_oracle", "metapo") and not m.startswith("metapo")]
-        best = max(base, key=lambda m: statistics.mean(_vals(rows, c, m, "eval_accuracy").values() or [-1]), default=None)
+        base = [m for m in base if _vals(rows, c, m, "eval_accuracy")]
+        best = max(base, key=lambda m: statistics.mean(_vals(rows, c, m, "eval_accuracy").values()), default=None)
         if best:
-            a = statistics.mean(_vals(rows, c, "metapo", "eval_accuracy").values())
+            a = statistics.mean(_vals(rows, c, who, "eval_accuracy").values())
             b = statistics.mean(_vals(rows, c, best, "eval_accuracy").values())
-            line(a >= b, f"{c}: not below the best baseline ({best} {_fmt(b)}; metapo {_fmt(a)})")
+            line(a >= b, f"{c}: not below the best baseline ({best} {_fmt(b)}; {who} {_fmt(a)})")
     for c in ("flip0", "robust"):
         if c in conditions:
-            d = paired(rows, c, "metapo")
+            d = paired(rows, c, who)
             ok = None if not d else statistics.mean(d) >= -0.01
-            line(ok, f"{c}: do no harm, within 1 point of DPO (metapo - dpo {mean_std(d)})")
+            line(ok, f"{c}: do no harm, within 1 point of DPO ({who} - dpo {mean_std(d)})")
     return out
 
 
@@ -241,7 +256,7 @@ def render(rows, conditions, methods, seeds, prov, quick, wall_min) -> str:
              "0.500) and by the policy's own last margin in the same run (the margin-only detector).", ""]
     for c in conditions:
         over, eps, n = CONDITIONS[c]
-        lines += [f"## {c}: {' '.join(o.split('.')[-1] for o in over)}, {n if not quick else 400} pairs, eps {eps}", "",
+        lines += [f"## {c}: {' '.join(o.split('.', 2)[-1] for o in over)}, {n if not quick else 400} pairs, eps {eps}", "",
                   "| method | accuracy | delta vs DPO | wins | gap closed | weights AUROC | margin AUROC | "
                   "w clean / ambiguous / flipped | meta overhead % |", "|---|---|---|---|---|---|---|---|---|"]
         for m in methods:
@@ -251,8 +266,8 @@ def render(rows, conditions, methods, seeds, prov, quick, wall_min) -> str:
             d = paired(rows, c, m) if m != "dpo" else []
             wins = f"{sum(x > 0 for x in d)}/{len(d)}" if d else ""
             gc = _fmt(gap_closed(rows, c, m), True) if c in NOISY and m not in ("dpo", "dpo_oracle") else ""
-            wts = " / ".join(mean_std(_vals(rows, c, m, k).values()) for k in ("w_clean", "w_ambiguous", "w_flipped")
-                             if _vals(rows, c, m, k))
+            wts = " / ".join(mean_std(_vals(rows, c, m, k).values()) if _vals(rows, c, m, k) else "-"
+                             for k in ("w_clean", "w_ambiguous", "w_flipped"))
             lines.append(f"| {m} | {mean_std(acc.values())} | {mean_std(d) if d else ''} | {wins} | {gc} | "
                          f"{mean_std(_vals(rows, c, m, 'weights_auroc').values())} | "
                          f"{mean_std(_vals(rows, c, m, 'margin_auroc').values())} | {wts} | "
@@ -269,7 +284,8 @@ def render(rows, conditions, methods, seeds, prov, quick, wall_min) -> str:
             lines.append(f"| {c} | " + " | ".join(mean_std(_vals(rows, c, "metapo", "coef_" + k).values()) for k in keys) + " |")
             lines.append(f"| {c} sign | " + " | ".join(pats[c].get(k, "") for k in keys) + " |")
         lines.append("")
-    lines += ["## Issue #13 item 3, checked on these rows", "", *criteria(rows, conditions, methods), ""]
+    for who in [m for m in methods if m.startswith("metapo")] or ["metapo"]:
+        lines += [f"## Issue #13 item 3, checked on these rows ({who})", "", *criteria(rows, conditions, methods, who), ""]
     return "\n".join(lines)
 
 
@@ -278,13 +294,13 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="1 seed, flip0 and flip40, 4 methods, 60 steps of 400 pairs (CI)")
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--conditions", default=",".join(CONDITIONS), help="comma-separated subset of " + ",".join(CONDITIONS))
-    ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS))
+    ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(ALL_METHODS))
     ap.add_argument("--workers", type=int, default=2, help="runs in parallel, one torch thread each")
     ap.add_argument("--resume", action="store_true", help="keep the rows of <out>.csv and run only the missing ones")
     add_output_args(ap, "quality (quality_quick with --quick)")
     args = ap.parse_args(argv)
     conditions, methods = args.conditions.split(","), args.methods.split(",")
-    for name, given, known in (("--conditions", conditions, CONDITIONS), ("--methods", methods, METHODS)):
+    for name, given, known in (("--conditions", conditions, CONDITIONS), ("--methods", methods, ALL_METHODS)):
         bad = [x for x in given if x not in known]
         if bad:
             ap.error(f"{name}: unknown {bad}; choose from {list(known)}")
@@ -320,7 +336,11 @@ def main(argv=None):
         finally:
             if args.workers > 1:
                 pool.shutdown(cancel_futures=True)
-    md = render(rows, conditions, methods, seeds, prov, args.quick, (time.perf_counter() - t0) / 60)
+    # the report covers every row of the file (a --resume run adding a candidate shows it beside the rest)
+    shown_c = [c for c in CONDITIONS if c in conditions or any(r["condition"] == c for r in rows)]
+    shown_m = [m for m in ALL_METHODS if m in methods or any(r["method"] == m for r in rows)]
+    seeds = sorted({int(r["seed"]) for r in rows})
+    md = render(rows, shown_c, shown_m, seeds, prov, args.quick, (time.perf_counter() - t0) / 60)
     with open(out + ".md", "w") as f:
         f.write(md + "\n")
     print(md)

@@ -18,7 +18,7 @@ def test_quality_quick_mode(tmp_path):
     sf = next(r for r in rows if r["method"] == "static_filter" and r["condition"] == "flip40")
     assert float(sf["w_clean"]) > 0 and float(sf["w_flipped"]) >= 0  # the filter ran (weights 0 / 1.4)
     md = (tmp_path / "quality_quick.md").read_text()
-    assert "| metapo |" in md and "commit" in md and "## Issue #13 item 3" in md
+    assert "| metapo |" in md and "commit" in md and "## Issue #13 item 3, checked on these rows (metapo)" in md
 
 
 def _rows(table):
@@ -57,3 +57,30 @@ def test_benchmark_output_is_a_new_file_unless_recorded(tmp_path):
     assert trial.startswith(str(tmp_path / "tracker-")) and len(trial) == len(str(tmp_path / "tracker-20261201T061500"))
     assert output_path(ap.parse_args(["--out-dir", str(tmp_path), "--record"]), "tracker") == str(tmp_path / "tracker")
     assert output_path(ap.parse_args(["--out-dir", str(tmp_path), "--record", "--name", "x"]), "tracker") == str(tmp_path / "x")
+
+
+def test_weights_diagnosis_measures_prompt_concentration(tmp_path):
+    """eta^2 is the between-prompt share of variance, and analyse() reads a run's suppressed set:
+    its precision against the known flips and its concentration by prompt."""
+    import numpy as np
+
+    from benchmarks.weights_diagnosis import analyse, eta_squared
+    from metapo_fast.data.synthetic import make_synthetic_task
+
+    g = np.array([0, 0, 1, 1])
+    assert eta_squared(np.array([1.0, 1.0, 3.0, 3.0]), g) == pytest.approx(1.0)
+    assert eta_squared(np.array([1.0, 3.0, 1.0, 3.0]), g) == pytest.approx(0.0)
+    assert eta_squared(np.array([0.0, 2.0, 3.0, 3.0]), g) == pytest.approx(4 / 6)  # between 2*1 + 2*1, total 4+0+1+1
+    task = make_synthetic_task(2000, 0.2, 0.0, 3, 500)
+    prompts = sorted({r["prompt"] for r in task.train_rows})
+    worst = set(prompts[:20])  # suppress every pair of 20 prompts: difficulty, not label
+    rows = [{"source_row": i, "weight": 0.0 if r["prompt"] in worst else 1.0, "margin": 0.0 if r["prompt"] in worst else 1.0,
+             "is_flipped": int(r["is_flipped"])} for i, r in enumerate(task.train_rows)]
+    with open(tmp_path / "pair_weights.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    a = analyse(str(tmp_path), "flip20", 3)
+    assert a["chance"] == pytest.approx(0.2) and abs(a["precision"] - 0.2) < 0.08  # no better than chance
+    assert a["top10_prompt_share"] > 0.4 and a["prompts_half_suppressed"] >= 15
+    assert a["eta2_weight_clean"] == pytest.approx(1.0) and a["eta2_margin_clean"] == pytest.approx(1.0)
