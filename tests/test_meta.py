@@ -85,6 +85,40 @@ def test_ghost_dots_equal_exact_per_pair_gradients(tied, loss_type):
     assert all(p.grad is None for p in params)  # nothing leaks into the training step
 
 
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_meta_pass_keeps_gradient_checkpointing_and_turns_dropout_off(reentrant):
+    """#15 item 3: the meta pass (deterministic_mode) keeps transformers' gradient checkpointing on
+    (model.eval() turned it off) while dropout is off; the ghost dots are unchanged by it, and no
+    parameter gradient is written (reentrant checkpoints refuse autograd.grad: a full backward, then
+    the gradients are dropped)."""
+    from metapo_fast.metapo.bilevel import deterministic_mode
+
+    model, ref = policy_and_reference(False)
+    model.config.attention_dropout = 0.5  # would make c random if dropout stayed on
+    for layer in model.model.layers:
+        layer.self_attn.attention_dropout = 0.5
+    batch = make_batch(1)
+    G = {p: torch.randn_like(p) for p in model.parameters()}
+    model.eval()
+    plain = pair_gradient_dots(model, batch, G, "sigmoid", PARAMS, ref_model=ref, backend="torch")
+    model.train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    calls = {"n": 0}
+    for layer in model.model.layers:  # count this model's checkpointed layer calls
+        def counted(*a, _f=layer._gradient_checkpointing_func, **k):
+            calls["n"] += 1
+            return _f(*a, **k)
+
+        layer._gradient_checkpointing_func = counted
+    with deterministic_mode(model):
+        assert not model.model.layers[0].self_attn.training and model.model.layers[0].training
+        ckpt = pair_gradient_dots(model, batch, G, "sigmoid", PARAMS, ref_model=ref, backend="torch")
+    assert calls["n"] >= len(model.model.layers)  # every decoder layer was checkpointed
+    assert model.training and model.model.layers[0].self_attn.training  # restored
+    torch.testing.assert_close(ckpt, plain, rtol=1e-10, atol=1e-12)
+    assert all(p.grad is None for p in model.parameters())
+
+
 def test_uncovered_parameter_is_named():
     model = tiny_llama(False)
     model.model.extra = nn.Conv1d(2, 2, 1).double()  # a parameter kind with no ghost formula

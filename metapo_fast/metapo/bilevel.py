@@ -24,6 +24,7 @@ replica of the policy, refreshed from the gathered parameters (``train.setup.bui
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Optional
 
@@ -86,6 +87,40 @@ class _BatchInputs:
             self.ref_kw = reference_head_inputs(ref_model, rh, device)
 
 
+def _first_trainable(model: nn.Module) -> Optional[torch.Tensor]:
+    """The input embedding's weight when it is trained: every activation lies between it and the
+    last hidden state, so a backward to it reaches every ghost hook."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    w = getattr(emb, "weight", None)
+    return w if isinstance(w, torch.Tensor) and w.requires_grad else None
+
+
+def _reentrant_checkpointing(model: nn.Module) -> bool:
+    """Whether a layer checkpoints with torch's reentrant variant (or one we cannot tell)."""
+    for m in model.modules():
+        if getattr(m, "gradient_checkpointing", False) is True and m.training:
+            kw = getattr(getattr(m, "_gradient_checkpointing_func", None), "keywords", None) or {}
+            if kw.get("use_reentrant", True) is not False:
+                return True
+    return False
+
+
+@contextlib.contextmanager
+def deterministic_mode(model: nn.Module):
+    """Dropout off (eval mode) while gradient checkpointing stays on: transformers checkpoints a
+    layer only while that layer's ``training`` flag is set, so those layers keep it (they hold no
+    dropout of their own; their submodules are in eval mode)."""
+    was = model.training
+    model.eval()
+    for m in model.modules():
+        if getattr(m, "gradient_checkpointing", False) is True:
+            m.training = True
+    try:
+        yield
+    finally:
+        model.train(was)
+
+
 def pair_gradient_dots(model: nn.Module, batch: dict, direction: dict, loss_type: str, params: LossParams,
                        ref_model: Optional[nn.Module] = None, backend: str = "auto") -> torch.Tensor:
     """``c_i = <G, grad_theta l_i>`` (float64, ``(B,)``) for the pairs of ``batch``, by ghost dot
@@ -110,7 +145,13 @@ def pair_gradient_dots(model: nn.Module, batch: dict, direction: dict, loss_type
                                            sample_weights=torch.full((bsz,), float(bsz), device=device),  # L = sum_i l_i
                                            compute_kl=False, backend=backend)
         (g_h,) = torch.autograd.grad(out.loss, h_leaf)
-        hidden.backward(g_h)
+        # the hooks need the activations' gradients only: back to the first layer, and no parameter
+        # gradient is written (hidden.backward would fill every p.grad, only for it to be discarded)
+        first = _first_trainable(model)
+        if first is not None and not _reentrant_checkpointing(model):  # reentrant checkpoints refuse autograd.grad
+            torch.autograd.grad(hidden, [first], g_h, allow_unused=True)
+        else:
+            hidden.backward(g_h)
     missing = [names.get(id(p), "?") for p in gd.uncovered(direction) if p is not head.weight and p is not head.bias]
     if missing:
         raise GhostCoverageError(f"no ghost formula covers these parameters: {missing}")
@@ -242,11 +283,10 @@ class MetaLearner:
         ``per_unit_eta``: the lookahead term divided by eta (what :meth:`step` optimises; the
         entropy term is not scaled)."""
         batches = [train_batches] if isinstance(train_batches, dict) else list(train_batches)
-        was_training = model.training
-        model.eval()  # no dropout: the lookahead is about the deterministic gradient
-        G, diag = self.meta_gradient(model, val_batch, ref_model)
-        c = torch.cat([pair_gradient_dots(model, b, G, self.loss_type, self.params, ref_model, self.backend) for b in batches])
-        model.train(was_training)
+        with deterministic_mode(model):  # no dropout: the lookahead is about the deterministic gradient
+            G, diag = self.meta_gradient(model, val_batch, ref_model)
+            c = torch.cat([pair_gradient_dots(model, b, G, self.loss_type, self.params, ref_model, self.backend)
+                           for b in batches])
         if features.shape[0] != c.shape[0]:
             raise ValueError(f"MetaLearner: {features.shape[0]} feature rows for {c.shape[0]} training pairs")
         b_global = c.shape[0] * world_size()
