@@ -245,10 +245,20 @@ def sign_pattern(rows, c) -> dict:
     return pat
 
 
+def _invocations(rows) -> list[tuple[tuple[str, str], int]]:
+    counts: dict[tuple[str, str], int] = {}
+    for r in rows:
+        key = (r.get("command", "?"), r.get("commit", "?"))
+        counts[key] = counts.get(key, 0) + 1
+    return list(counts.items())
+
+
 def render(rows, conditions, methods, seeds, prov, quick, wall_min) -> str:
     lines = [f"# Quality benchmark: noisy-label synthetic task ({'quick' if quick else 'full'})", "",
              f"device: {prov['device']}; torch {prov['torch']}, triton {prov['triton']}; commit {prov['commit']}; {prov['date']}",
              f"command: `{prov['command']}`; seeds: {seeds}; wall time {wall_min:.1f} min", "",
+             "Rows by invocation (a --resume run adds rows to the file):", "",
+             *[f"- {n} rows: `{cmd}` at {commit}" for (cmd, commit), n in _invocations(rows)], "",
              "Protocol: issue #13 (benchmarks/quality.py docstring). Accuracy = clean held-out preference accuracy "
              "(500 clean pairs). Delta = paired per-seed difference to DPO (same data and seed), wins = seeds "
              "where the method is above DPO. Gap closed = mean(method - DPO) / mean(oracle - DPO). AUROC: "
