@@ -107,6 +107,14 @@ def md_table(rows: list[dict], keys: list[str] | None = None) -> str:
     return "\n".join(lines)
 
 
+def write_report(stem: str, lines: list[str]) -> None:
+    """Write ``<stem>.md`` (a benchmark's own Markdown lines) and print it."""
+    text = "\n".join(lines)
+    with open(stem + ".md", "w") as f:
+        f.write(text + "\n")
+    print(text)
+
+
 def write_csv(name: str, rows: list[dict]) -> str:
     path = name if os.path.isabs(name) else os.path.join(RESULTS, name)
     os.makedirs(os.path.dirname(path), exist_ok=True)

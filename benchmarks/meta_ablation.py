@@ -27,7 +27,7 @@ import sys
 import tempfile
 import time
 
-from .common import add_output_args, mean_std, output_path, provenance, write_csv
+from .common import add_output_args, mean_std, output_path, provenance, write_csv, write_report
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VARIANTS = {
@@ -132,9 +132,7 @@ def main(argv=None) -> int:
              + "; ".join(f"{v}: {' '.join(VARIANTS[v]) or '(defaults)'}" for v in args.variants)
              + (f"; before: MetaPO defaults at {args.before}" if args.before else ""), "",
              *table(rows, variants, seeds)]
-    with open(out + ".md", "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_report(out, lines)
     return 0
 
 

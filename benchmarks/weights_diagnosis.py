@@ -35,7 +35,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 
 import numpy as np
 
-from .common import add_output_args, mean_std, output_path, provenance, write_csv
+from .common import add_output_args, mean_std, output_path, provenance, write_csv, write_report
 from .quality import CONDITIONS, _worker_init, run_one
 
 
@@ -180,9 +180,7 @@ def main(argv=None):
             for step in sorted({r["step"] for r in traj if r["condition"] == c}):
                 rs = [r for r in traj if r["condition"] == c and r["step"] == step]
                 lines.append(f"| {c} | {step} | " + " | ".join(mean_std([r[k] for r in rs]) for k in tkeys) + " |")
-    with open(out + ".md", "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_report(out, lines)
     return 0
 
 

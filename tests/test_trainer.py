@@ -35,6 +35,20 @@ def _run(tmp_path, name, extra, base=SMALL):
 SMALL_NO_LEARNING = [a for a in SMALL if not a.startswith(("meta.interval=", "meta.val_batch_size="))]
 
 
+def _crash_before_the_end_and_resume(tmp_path, full, args, base=SMALL_NO_LEARNING):
+    """A copy of the 6-step run ``full`` without its final checkpoint, resumed from its last earlier
+    one: the losses must equal the uninterrupted run's (1e-6). Returns the resumed run's directory."""
+    import shutil
+
+    crashed = str(tmp_path / "crashed")
+    shutil.copytree(full, crashed)
+    shutil.rmtree(os.path.join(crashed, "checkpoints", "step_00000006"))
+    assert main([*base, f"train.output_dir={crashed}", *args, "train.resume=auto"]) == 0
+    for (_, la), (_, lb) in zip(_train_losses(full), _train_losses(crashed)):
+        assert la == pytest.approx(lb, abs=1e-6)
+    return crashed
+
+
 def test_default_config_is_the_embedded_tiny_run():
     cfg = load_config(_default_config())
     assert cfg.model.name_or_path is None and cfg.data.path is None and cfg.meta.enabled
@@ -90,18 +104,11 @@ def test_metapo_run_outputs_and_exact_resume(tmp_path):
 def test_ema_margin_baseline_weights_and_exact_resume(tmp_path):
     """meta.weighting=ema_margin: weights spread from 1 with no meta-update, and a resume from the
     step-3 checkpoint (its feature statistics restored) reproduces the run."""
-    import shutil
-
     args = ["meta.weighting=ema_margin", "meta.kappa=3.0", "train.max_steps=6", "train.save_every=3"]
     full = _run(tmp_path, "full", args, base=SMALL_NO_LEARNING)
     s = json.load(open(os.path.join(full, "summary.json")))
     assert s["meta_updates"] == 0 and s["weight_std"] > 0.01 and "coefficients" not in s
-    crashed = str(tmp_path / "crashed")
-    shutil.copytree(full, crashed)
-    shutil.rmtree(os.path.join(crashed, "checkpoints", "step_00000006"))
-    assert main([*SMALL_NO_LEARNING, f"train.output_dir={crashed}", *args, "train.resume=auto"]) == 0
-    for (_, la), (_, lb) in zip(_train_losses(full), _train_losses(crashed)):
-        assert la == pytest.approx(lb, abs=1e-6)
+    crashed = _crash_before_the_end_and_resume(tmp_path, full, args)
     assert json.load(open(os.path.join(crashed, "summary.json")))["weight_std"] == pytest.approx(s["weight_std"], abs=1e-6)
 
 
@@ -109,8 +116,6 @@ def test_static_filter_drops_the_lowest_margins_after_warmup_and_resumes(tmp_pat
     """meta.weighting=static_filter: all weights 1 until meta.filter_after_steps, then the
     filter_fraction of training pairs with the lowest margin weigh 0 for good; a resume after the
     fit restores the kept set exactly (same losses)."""
-    import shutil
-
     import numpy as np
 
     args = ["meta.weighting=static_filter", "meta.filter_after_steps=2", "meta.filter_fraction=0.25",
@@ -125,12 +130,7 @@ def test_static_filter_drops_the_lowest_margins_after_warmup_and_resumes(tmp_pat
     recs = _metrics(full)
     assert all(r["metapo/weight_std"] == 0 for r in recs if "metapo/weight_std" in r and r["step"] <= 2)
     assert any(r["metapo/weight_std"] > 0 for r in recs if "metapo/weight_std" in r and r["step"] > 2)
-    crashed = str(tmp_path / "crashed")
-    shutil.copytree(full, crashed)
-    shutil.rmtree(os.path.join(crashed, "checkpoints", "step_00000006"))
-    assert main([*SMALL_NO_LEARNING, f"train.output_dir={crashed}", *args, "train.resume=auto"]) == 0
-    for (_, la), (_, lb) in zip(_train_losses(full), _train_losses(crashed)):
-        assert la == pytest.approx(lb, abs=1e-6)
+    crashed = _crash_before_the_end_and_resume(tmp_path, full, args)
     again = [float(r["weight"]) for r in csv.DictReader(open(os.path.join(crashed, "pair_weights.csv")))]
     assert again == w.tolist()
 
