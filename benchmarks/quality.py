@@ -78,9 +78,9 @@ CANDIDATES = {
     "metapo_lr3e-3": lambda eps, warm: ["meta.lr=0.003"],  # the best-separating meta lr (0.003 vs 0.03)
     "metapo_cdpo": lambda eps, warm: [f"loss.label_smoothing={eps}"],  # MetaPO's weights on cDPO's loss
     "metapo_mlp": lambda eps, warm: ["meta.arch=mlp"],  # a non-monotone weight function (6-32-1, paper App. A.11)
-    # the static filter after 8 of 12 epochs instead of 2 (weights_diagnosis: the margin flags flipped
-    # pairs at AUROC 0.66 at step 120, 0.92 at step 480 at 20% flips)
-    "static_filter_late": lambda eps, warm: ["meta.weighting=static_filter", f"meta.filter_after_steps={4 * warm}",
+    # the static filter after two thirds of the run instead of two epochs (weights_diagnosis: the margin
+    # flags flipped pairs at AUROC 0.66 at step 120, 0.92 at step 480 at 20% flips)
+    "static_filter_late": lambda eps, warm: ["meta.weighting=static_filter", f"meta.filter_after_steps={warm}",
                                              f"meta.filter_fraction={eps}"],
 }
 ALL_METHODS = {**METHODS, **CANDIDATES}
@@ -94,6 +94,8 @@ def cell_args(condition: str, method: str, seed: int, out: str, quick: bool) -> 
         n = 400
     epochs = max(1, round(STEPS_EPOCHS * 2000 / n))
     warm = 2 * max(1, int(n * 0.97) // 32)  # two epochs of DPO before the static filter
+    if method == "static_filter_late":  # after two thirds of the run: 8 of 12 epochs of 2000 pairs, 8/3 of 4 of 6000
+        warm = max(1, round(warm * epochs / 3))
     return [*BASE, *over, f"data.synthetic.num_pairs={n}", f"train.epochs={epochs}", *ALL_METHODS[method](eps, warm),
             *(QUICK if quick else []),
             f"data.synthetic.seed={seed}", f"train.seed={seed}", f"train.output_dir={out}"]
