@@ -62,25 +62,26 @@ CONDITIONS = {  # name: (overrides, noise rate eps given to the baselines that n
 }
 NOISY = ("flip20", "flip40", "mixed", "robust")
 FOCAL_GAMMA = 0.05
-METHODS = {  # name: function of (eps, warm-up steps) -> overrides
-    "dpo": lambda eps, warm: ["meta.enabled=false"],
-    "dpo_oracle": lambda eps, warm: ["meta.enabled=false", "data.synthetic.oracle_labels=true"],
-    "cdpo": lambda eps, warm: ["meta.enabled=false", f"loss.label_smoothing={eps}"],
-    "rdpo": lambda eps, warm: ["meta.enabled=false", "loss.loss_type=robust", f"loss.label_smoothing={eps}"],
-    "focalpo": lambda eps, warm: ["meta.enabled=false", "loss.loss_type=focal", f"loss.focal_gamma={FOCAL_GAMMA}"],
-    "static_filter": lambda eps, warm: ["meta.weighting=static_filter", f"meta.filter_after_steps={warm}",
+METHODS = {  # name: function of (eps, warm-up steps, total steps) -> overrides
+    "dpo": lambda eps, warm, total: ["meta.enabled=false"],
+    "dpo_oracle": lambda eps, warm, total: ["meta.enabled=false", "data.synthetic.oracle_labels=true"],
+    "cdpo": lambda eps, warm, total: ["meta.enabled=false", f"loss.label_smoothing={eps}"],
+    "rdpo": lambda eps, warm, total: ["meta.enabled=false", "loss.loss_type=robust", f"loss.label_smoothing={eps}"],
+    "focalpo": lambda eps, warm, total: ["meta.enabled=false", "loss.loss_type=focal", f"loss.focal_gamma={FOCAL_GAMMA}"],
+    "static_filter": lambda eps, warm, total: ["meta.weighting=static_filter", f"meta.filter_after_steps={warm}",
                                         f"meta.filter_fraction={eps}"],
-    "margin_weights": lambda eps, warm: ["meta.weighting=ema_margin"],
-    "metapo": lambda eps, warm: [],
+    "margin_weights": lambda eps, warm, total: ["meta.weighting=ema_margin"],
+    "metapo": lambda eps, warm, total: [],
 }
 # candidates measured beside the shipped defaults (not in the default method list; --methods names them)
 CANDIDATES = {
-    "metapo_lr3e-3": lambda eps, warm: ["meta.lr=0.003"],  # the best-separating meta lr (0.003 vs 0.03)
-    "metapo_cdpo": lambda eps, warm: [f"loss.label_smoothing={eps}"],  # MetaPO's weights on cDPO's loss
-    "metapo_mlp": lambda eps, warm: ["meta.arch=mlp"],  # a non-monotone weight function (6-32-1, paper App. A.11)
+    "metapo_lr3e-3": lambda eps, warm, total: ["meta.lr=0.003"],  # the best-separating meta lr (0.003 vs 0.03)
+    "metapo_cdpo": lambda eps, warm, total: [f"loss.label_smoothing={eps}"],  # MetaPO's weights on cDPO's loss
+    "metapo_mlp": lambda eps, warm, total: ["meta.arch=mlp"],  # a non-monotone weight function (6-32-1, paper App. A.11)
     # the static filter after two thirds of the run instead of two epochs (weights_diagnosis: the margin
     # flags flipped pairs at AUROC 0.66 at step 120, 0.92 at step 480 at 20% flips)
-    "static_filter_late": lambda eps, warm: ["meta.weighting=static_filter", f"meta.filter_after_steps={warm}",
+    "static_filter_late": lambda eps, warm, total: ["meta.weighting=static_filter",
+                                                    f"meta.filter_after_steps={round(2 * total / 3)}",
                                              f"meta.filter_fraction={eps}"],
 }
 ALL_METHODS = {**METHODS, **CANDIDATES}
@@ -93,10 +94,9 @@ def cell_args(condition: str, method: str, seed: int, out: str, quick: bool) -> 
     if quick:
         n = 400
     epochs = max(1, round(STEPS_EPOCHS * 2000 / n))
-    warm = 2 * max(1, int(n * 0.97) // 32)  # two epochs of DPO before the static filter
-    if method == "static_filter_late":  # after two thirds of the run: 8 of 12 epochs of 2000 pairs, 8/3 of 4 of 6000
-        warm = max(1, round(warm * epochs / 3))
-    return [*BASE, *over, f"data.synthetic.num_pairs={n}", f"train.epochs={epochs}", *ALL_METHODS[method](eps, warm),
+    per_epoch = max(1, int(n * 0.97) // 32)  # optimiser steps per epoch (3% validation split, 32 pairs per step)
+    warm = 2 * per_epoch  # two epochs of DPO before the static filter
+    return [*BASE, *over, f"data.synthetic.num_pairs={n}", f"train.epochs={epochs}", *ALL_METHODS[method](eps, warm, epochs * per_epoch),
             *(QUICK if quick else []),
             f"data.synthetic.seed={seed}", f"train.seed={seed}", f"train.output_dir={out}"]
 

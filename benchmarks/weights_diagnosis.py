@@ -49,13 +49,20 @@ def eta_squared(values: np.ndarray, groups: np.ndarray) -> float:
     return float(between / total)
 
 
-def analyse(run_dir: str, condition: str, seed: int) -> dict:
-    from metapo_fast.data.synthetic import make_synthetic_task
+def _task(condition: str, seed: int):
+    """The synthetic task of a benchmarks.quality cell, from the same overrides as its runs."""
+    from metapo_fast.config import load_config
+    from metapo_fast.data.synthetic import task_from_config
+    from metapo_fast.train.cli import _default_config
 
-    over, eps, n = CONDITIONS[condition]
-    flip = float(next(o for o in over if "flip_fraction" in o).split("=")[1])
-    amb = float(next((o for o in over if "ambiguous_fraction" in o), "x=0").split("=")[1])
-    task = make_synthetic_task(n, flip, amb, seed, 500)
+    from .quality import cell_args
+
+    return task_from_config(load_config(_default_config(), cell_args(condition, "dpo", seed, "unused", False)).data.synthetic)
+
+
+def analyse(run_dir: str, condition: str, seed: int) -> dict:
+    eps = CONDITIONS[condition][1]
+    task = _task(condition, seed)
     with open(os.path.join(run_dir, "pair_weights.csv")) as f:
         rows = list(csv.DictReader(f))
     prompt = np.array([task.train_rows[int(r["source_row"])]["prompt"] for r in rows])
@@ -81,7 +88,7 @@ def trajectory(condition: str, seed: int, every: int, workdir: str) -> list[dict
     import torch
 
     from metapo_fast.config import load_config
-    from metapo_fast.data.synthetic import make_synthetic_task
+    from metapo_fast.data.synthetic import task_from_config
     from metapo_fast.train.cli import _default_config
     from metapo_fast.train.loop import Trainer
     from metapo_fast.train.outputs import auroc
@@ -89,12 +96,11 @@ def trajectory(condition: str, seed: int, every: int, workdir: str) -> list[dict
 
     from .quality import cell_args
 
-    over, eps, n = CONDITIONS[condition]
+    eps = CONDITIONS[condition][1]
     out = os.path.join(workdir, f"traj-{condition}-{seed}")
     cfg = load_config(_default_config(), cell_args(condition, "dpo", seed, out, False))
     tr = Trainer(cfg, DistInfo(0, 1, 0, torch.device("cpu")))
-    flip = float(next(o for o in over if "flip_fraction" in o).split("=")[1])
-    task = make_synthetic_task(n, flip, 0.0, seed, 500)
+    task = task_from_config(cfg.data.synthetic)
     ds = tr.data.train
     prompt = np.array([task.train_rows[int(r)]["prompt"] for r in ds.source_rows])
     flipped = ds.column("is_flipped") == 1

@@ -4,9 +4,8 @@ with that name, not a bare ``ModuleNotFoundError``, when it is missing."""
 from __future__ import annotations
 
 import importlib
-import importlib.util
 
-__all__ = ["EXTRAS", "MissingExtraError", "require", "available"]
+__all__ = ["EXTRAS", "MissingExtraError", "require"]
 
 # module -> (pip extra, what needs it)
 EXTRAS = {
@@ -20,10 +19,6 @@ EXTRAS = {
 
 class MissingExtraError(ImportError):
     """A feature's optional package is not installed; the message names the pip extra."""
-
-
-def available(module: str) -> bool:
-    return importlib.util.find_spec(module) is not None
 
 
 def require(module: str):

@@ -242,7 +242,6 @@ class PairFilter(nn.Module):
             raise ValueError(f"PairFilter: normalize must be 'none' or 'batch_mean', got {normalize!r}")
         self.after_steps, self.fraction, self.normalize = after_steps, fraction, normalize
         self.register_buffer("keep", torch.ones(num_pairs))
-        self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
 
     @torch.no_grad()
     def fit(self, margins) -> int:
@@ -258,7 +257,6 @@ class PairFilter(nn.Module):
         keep = torch.ones_like(z)
         keep[order[:k]] = 0.0
         self.keep.copy_(keep.to(self.keep.dtype))
-        self.fitted.fill_(True)
         return k
 
     def pair_weights(self, pair_ids: torch.Tensor, normalize: bool = True, over_ranks: bool = True) -> torch.Tensor:

@@ -52,10 +52,12 @@ class PairForward:
     def _to_device(self, batch: dict):
         return (batch[k].to(self.device, non_blocking=True) for k in BATCH_KEYS)
 
-    def __call__(self, batch: dict, weights_fn: Optional[Callable] = None, *, stack: contextlib.ExitStack
+    def __call__(self, batch: dict, weights_fn: Optional[Callable] = None, *, stack: contextlib.ExitStack,
+                 weights: Optional[torch.Tensor] = None
                  ) -> tuple[PreferenceLossOutput, PreferenceLossOutput, Optional[torch.Tensor]]:
         """``(out, stats, w)``: the loss to differentiate, the per-pair statistics (margins, KL,
-        log-probs; the same object as ``out`` without ``weights_fn``) and the weights (or None)."""
+        log-probs; the same object as ``out`` without ``weights_fn``) and the weights (or None).
+        ``weights`` known before the forward (the static filter) take the single pass."""
         ids, mask, labels = self._to_device(batch)
         plan = pack_plan(self.model, batch["attention_mask"], self.device)  # from the CPU mask: no sync
         self.eng.begin_forward()
@@ -66,8 +68,9 @@ class PairForward:
         with self._ref_head():
             ref_kw = reference_head_inputs(self.ref, ref_hidden, self.device)
             if weights_fn is None:
-                out = fused_linear_preference_loss(hidden, head.weight, labels, bias=head.bias, **ref_kw, **self.loss_kw)
-                return out, out, None
+                out = fused_linear_preference_loss(hidden, head.weight, labels, bias=head.bias, **ref_kw, **self.loss_kw,
+                                                   sample_weights=weights)
+                return out, out, weights
             with torch.no_grad():
                 stats = fused_linear_preference_loss(hidden.detach(), head.weight, labels, bias=head.bias, **ref_kw,
                                                      **self.loss_kw)

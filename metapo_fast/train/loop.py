@@ -148,14 +148,16 @@ class Trainer:
 
             def weights_fn(stats, pair_ids=pair_ids, seen=seen):  # MetaPO: features from this step's margins
                 seen["features"] = self._track(pair_ids, stats)
-                if self.pair_filter is not None:
-                    return self.pair_filter.pair_weights(pair_ids, normalize=not step_norm)
                 return self.meta_net(seen["features"], normalize=not step_norm).detach()
 
+            # the static filter's weights are known before the forward: one fused-loss pass
+            fixed = None if self.pair_filter is None else self.pair_filter.pair_weights(pair_ids, normalize=not step_norm)
             with contextlib.ExitStack() as stack:  # (ZeRO-3) holds the head's full weight through the backward
-                out, stats, w = self.fwd(batch, weights_fn if self.meta_net is not None else None, stack=stack)
-                if w is None:
+                wfn = weights_fn if self.meta_net is not None and fixed is None else None
+                out, stats, w = self.fwd(batch, wfn, stack=stack, weights=fixed)
+                if wfn is None:
                     seen["features"] = self._track(pair_ids, stats)
+                if w is None:
                     w = torch.ones_like(stats.margins)
                 ok = True if isinstance(self.eng, PlainEngine) else self.eng.loss_finite(out.loss)
                 if ok:
