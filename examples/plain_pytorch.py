@@ -31,7 +31,7 @@ collate = PreferenceCollator(tok.pad_token_id)
 
 tracker = TemporalTracker(len(train), alpha=0.9)                 # 24 bytes of history per pair
 net = MetaWeightNet(normalize="batch_mean")                       # all weights exactly 1 at start
-meta = MetaLearner(net, lr=0.03, interval=args.K, inner_lr=3e-4)
+meta = MetaLearner(net, lr=0.003, interval=args.K, inner_lr=3e-4)
 opt = torch.optim.AdamW(model.parameters(), lr=3e-4)
 
 

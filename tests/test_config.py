@@ -178,12 +178,12 @@ def test_shipped_configs_load(path, monkeypatch):
         cfg.validate(world_size=8)
         assert cfg.train.resolved_global_batch(8) == 32
         text = open(path).read()
-        assert "0.03" in text and "math.md section 4" in text  # the note about our default meta lr
+        assert "0.003" in text and "math.md section 4" in text  # the note about our default meta lr
     elif path.endswith("paper.yaml"):  # the tiny run with the paper's MetaPO settings
         assert cfg.data.path is None and cfg.meta.interval == 100 and cfg.meta.lr == 1e-4 and cfg.meta.optimizer == "adam"
         assert cfg.meta.val_objective == "log" and cfg.data.val_fraction == 0.03 and cfg.data.val_split == "stratified"
     else:
-        assert cfg.data.path is None and cfg.meta.lr == 0.03
+        assert cfg.data.path is None and cfg.meta.lr == 0.003
 
 
 def test_paper_configs_name_the_paper_models_and_data():

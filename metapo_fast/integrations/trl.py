@@ -51,7 +51,7 @@ class MetaPOTRLConfig(DPOConfig):
     metapo_alpha: float = field(default=0.9, metadata={"help": "EMA decay of the temporal features, in (0, 1)."})
     metapo_interval: int = field(default=100, metadata={"help": "K: a meta-update every K training steps."})
     metapo_lambda_margin: float = field(default=0.1, metadata={"help": "lambda of L_meta = L_val + lambda L_margin."})
-    metapo_lr: float = field(default=0.03, metadata={"help": "Adam lr of the meta-network (the paper's 1e-4 does not move it)."})
+    metapo_lr: float = field(default=0.003, metadata={"help": "Adam lr of the meta-network (the paper's 1e-4 does not move it; 0.003 is the trainer's default, see quality.md)."})
     metapo_features: str = field(default="all", metadata={"help": "Feature subset: all, no_margin, no_volatility, no_reference, no_temporal."})
     metapo_arch: str = field(default="linear", metadata={"help": "linear (7 parameters) or mlp (6-32-1)."})
     metapo_val_fraction: float = field(default=0.03, metadata={"help": "Share of the train set held out for L_meta when no meta_val_dataset is given."})
