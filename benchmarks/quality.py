@@ -3,6 +3,8 @@ does that beat DPO and the robust-DPO baselines a user would otherwise pick?
 
     python -m benchmarks.quality --record          # full: 5 conditions x 9 methods x 5 seeds, 2 workers
     python -m benchmarks.quality --quick           # CI: 1 seed, 2 conditions, 4 methods, 60 steps
+    python -m benchmarks.quality --record --epochs 24 --conditions flip20,flip40 --methods dpo,dpo_oracle,metapo
+                                                   # the convergence check: twice as long (quality_e24.md)
 
 Task: the embedded synthetic addition task (100 prompts "a+b=", known ground truth), tiny Llama
 (2 layers, hidden 64), 30 SFT steps of reference warm-up, AdamW lr 3e-4, 32 pairs per step.
@@ -75,6 +77,8 @@ METHODS = {  # name: function of (eps, warm-up steps, total steps) -> overrides
 }
 # candidates measured beside the shipped defaults (not in the default method list; --methods names them)
 CANDIDATES = {
+    # the shipped default before 20a219f (rows recorded as "metapo" before that commit carry this name)
+    "metapo_lr3e-2": lambda eps, warm, total: ["meta.lr=0.03"],
     "metapo_lr3e-3": lambda eps, warm, total: ["meta.lr=0.003"],  # the issue's best-separating meta lr (0.003 vs 0.03)
     "metapo_cdpo": lambda eps, warm, total: [f"loss.label_smoothing={eps}"],  # MetaPO's weights on cDPO's loss
     "metapo_mlp": lambda eps, warm, total: ["meta.arch=mlp"],  # a non-monotone weight function (6-32-1, paper App. A.11)
@@ -89,11 +93,11 @@ BASE = ["data.synthetic.num_eval_pairs=500", "train.log_every=100000", "train.ev
 QUICK = ["train.max_steps=60", "data.synthetic.num_eval_pairs=100"]
 
 
-def cell_args(condition: str, method: str, seed: int, out: str, quick: bool) -> list[str]:
+def cell_args(condition: str, method: str, seed: int, out: str, quick: bool, epochs_of_2000: int = STEPS_EPOCHS) -> list[str]:
     over, eps, n = CONDITIONS[condition]
     if quick:
         n = 400
-    epochs = max(1, round(STEPS_EPOCHS * 2000 / n))
+    epochs = max(1, round(epochs_of_2000 * 2000 / n))
     per_epoch = max(1, int(n * 0.97) // 32)  # optimiser steps per epoch (3% validation split, 32 pairs per step)
     warm = 2 * per_epoch  # two epochs of DPO before the static filter
     return [*BASE, *over, f"data.synthetic.num_pairs={n}", f"train.epochs={epochs}", *ALL_METHODS[method](eps, warm, epochs * per_epoch),
@@ -138,11 +142,11 @@ def _worker_init():
     torch.set_num_threads(1)  # two workers on two cores
 
 
-def run_one(condition: str, method: str, seed: int, workdir: str, quick: bool) -> dict:
+def run_one(condition: str, method: str, seed: int, workdir: str, quick: bool, epochs_of_2000: int = STEPS_EPOCHS) -> dict:
     from metapo_fast.train.cli import main
 
     out = os.path.join(workdir, f"{condition}-{method}-{seed}")
-    args = cell_args(condition, method, seed, out, quick)
+    args = cell_args(condition, method, seed, out, quick, epochs_of_2000)
     t0 = time.perf_counter()
     import contextlib
     import io
@@ -259,8 +263,9 @@ def _invocations(rows) -> list[tuple[tuple[str, str], int]]:
     return list(counts.items())
 
 
-def render(rows, conditions, methods, seeds, prov, quick, wall_min) -> str:
-    lines = [f"# Quality benchmark: noisy-label synthetic task ({'quick' if quick else 'full'})", "",
+def render(rows, conditions, methods, seeds, prov, quick, wall_min, epochs: int = STEPS_EPOCHS) -> str:
+    length = "" if epochs == STEPS_EPOCHS else f", {epochs} epochs of 2000 pairs (the protocol's {STEPS_EPOCHS} x {epochs / STEPS_EPOCHS:g})"
+    lines = [f"# Quality benchmark: noisy-label synthetic task ({'quick' if quick else 'full'}{length})", "",
              f"device: {prov['device']}; torch {prov['torch']}, triton {prov['triton']}; commit {prov['commit']}; {prov['date']}",
              f"command: `{prov['command']}`; seeds: {seeds}; wall time {wall_min:.1f} min", "",
              "Rows by invocation (a --resume run adds rows to the file):", "",
@@ -312,6 +317,9 @@ def main(argv=None):
     ap.add_argument("--conditions", default=",".join(CONDITIONS), help="comma-separated subset of " + ",".join(CONDITIONS))
     ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(ALL_METHODS))
     ap.add_argument("--workers", type=int, default=2, help="runs in parallel, one torch thread each")
+    ap.add_argument("--epochs", type=int, default=STEPS_EPOCHS,
+                    help="training length in epochs of 2000 pairs (conditions with more pairs train as many steps); "
+                         f"other than {STEPS_EPOCHS}, the results go to quality_e<epochs>.md/.csv")
     ap.add_argument("--resume", action="store_true", help="keep the rows of <out>.csv and run only the missing ones")
     add_output_args(ap, "quality (quality_quick with --quick)")
     args = ap.parse_args(argv)
@@ -323,7 +331,10 @@ def main(argv=None):
     seeds = list(range(args.seeds))
     if args.quick:
         conditions, methods, seeds = ["flip0", "flip40"], ["dpo", "static_filter", "focalpo", "metapo"], [0]
-    out = output_path(args, "quality_quick" if args.quick else "quality")
+    if args.epochs < 1:
+        ap.error(f"--epochs must be >= 1, got {args.epochs}")
+    stem = "quality" if args.epochs == STEPS_EPOCHS else f"quality_e{args.epochs}"
+    out = output_path(args, "quality_quick" if args.quick else stem)
     prov = provenance("cpu", "benchmarks.quality")
     rows = []
     if args.resume and os.path.exists(out + ".csv"):
@@ -334,12 +345,12 @@ def main(argv=None):
     print(f"quality: {len(todo)} runs ({len(done)} already in {out}.csv), {args.workers} workers", flush=True)
     with tempfile.TemporaryDirectory() as work:
         if args.workers <= 1:
-            results = (run_one(*t, work, args.quick) for t in todo)
+            results = (run_one(*t, work, args.quick, args.epochs) for t in todo)
         else:
             import multiprocessing as mp
 
             pool = ProcessPoolExecutor(args.workers, mp_context=mp.get_context("spawn"), initializer=_worker_init)
-            futures = [pool.submit(run_one, *t, work, args.quick) for t in todo]
+            futures = [pool.submit(run_one, *t, work, args.quick, args.epochs) for t in todo]
             results = (f.result() for f in as_completed(futures))
         try:
             for k, r in enumerate(results, 1):
@@ -356,7 +367,7 @@ def main(argv=None):
     shown_c = [c for c in CONDITIONS if c in conditions or any(r["condition"] == c for r in rows)]
     shown_m = [m for m in ALL_METHODS if m in methods or any(r["method"] == m for r in rows)]
     seeds = sorted({int(r["seed"]) for r in rows})
-    md = render(rows, shown_c, shown_m, seeds, prov, args.quick, (time.perf_counter() - t0) / 60)
+    md = render(rows, shown_c, shown_m, seeds, prov, args.quick, (time.perf_counter() - t0) / 60, args.epochs)
     with open(out + ".md", "w") as f:
         f.write(md + "\n")
     print(md)
