@@ -21,7 +21,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from ..ops.chunking import ChunkSchedule
+from ..ops.chunking import ChunkSchedule, compact_rows
 from ..ops.lce_epilogue import lce_epilogue_backward_, lce_epilogue_forward
 
 __all__ = ["GhostCoverageError", "GhostDots", "head_ghost_dots"]
@@ -131,7 +131,7 @@ def head_ghost_dots(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[t
     flat_h, flat_l = hidden.reshape(-1, h), labels.reshape(-1)
     mask = flat_l != ignore_index
     targets = torch.where(mask, flat_l, torch.zeros_like(flat_l))
-    compact = hidden.device.type == "cpu" if compact is None else compact
+    compact = compact_rows(hidden.device) if compact is None else compact
     schedule = ChunkSchedule(mask, n2, t, rows_per_chunk, compact=compact)
     c = torch.zeros(num_pairs, dtype=torch.float64, device=hidden.device)
     for ch in schedule.token_chunks():

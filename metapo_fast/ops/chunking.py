@@ -18,12 +18,34 @@ reference else 1))`` rows of logits. Two schedules:
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 
-__all__ = ["DEFAULT_CHUNK_BYTES", "Chunk", "ChunkSchedule"]
+__all__ = ["DEFAULT_CHUNK_BYTES", "Chunk", "ChunkSchedule", "compact_rows", "force_row_rule"]
+
+_FORCED_COMPACT: Optional[bool] = None
+
+
+def compact_rows(device: torch.device) -> bool:
+    """The row rule for tensors on ``device``: drop unlabelled rows on CPU, keep them on CUDA
+    (unless :func:`force_row_rule` is active)."""
+    return device.type == "cpu" if _FORCED_COMPACT is None else _FORCED_COMPACT
+
+
+@contextlib.contextmanager
+def force_row_rule(compact: bool):
+    """Run the LM-head ops with one row rule whatever the device: ``compact=False`` runs the CUDA
+    row path (every row through the GEMMs, zero coefficient on unlabelled rows) on CPU, for tests
+    and ``benchmarks.counters``."""
+    global _FORCED_COMPACT
+    old, _FORCED_COMPACT = _FORCED_COMPACT, bool(compact)
+    try:
+        yield
+    finally:
+        _FORCED_COMPACT = old
 
 # Logits budget per chunk (policy + reference logits together). 256 MiB holds 1024 rows of fp32
 # V=32000 logits with a reference: 2 pairs of T=256 per chunk, GEMMs of 1024 rows that run at full

@@ -26,7 +26,7 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import nn
 
-from .chunking import DEFAULT_CHUNK_BYTES, ChunkSchedule
+from .chunking import DEFAULT_CHUNK_BYTES, ChunkSchedule, compact_rows
 from .dispatch import BACKENDS
 from ..losses import LossParams, get_loss, sequence_coefficients
 from .lce_epilogue import compute_dtype, lce_epilogue_backward_, lce_epilogue_forward
@@ -178,7 +178,7 @@ class _Chunker:
             self.grad_weight = torch.zeros(weight.shape, dtype=torch.float32 if self.cd == torch.float32 else self.cd, device=dev)
             self.grad_bias = None if bias is None else torch.zeros(self.v, dtype=self.grad_weight.dtype, device=dev)
         rows = ChunkSchedule.rows_for(chunk_bytes, self.v, hidden.element_size(), self.has_ref_logits)
-        self.schedule = ChunkSchedule(self.mask, self.b2, self.t, rows, compact=hidden.device.type == "cpu")
+        self.schedule = ChunkSchedule(self.mask, self.b2, self.t, rows, compact=compact_rows(hidden.device))
 
     def _logits(self, h, w, b):
         return torch.addmm(b, h, w.t()) if b is not None else h @ w.t()
