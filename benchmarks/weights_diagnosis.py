@@ -21,7 +21,10 @@ Second part, ``--trajectory``: plain DPO runs of the same setting, stopped every
 to compute the margin of every training pair (the pass the static filter makes once): the margin's
 AUROC clean vs flipped, eta^2 of the clean pairs' margin by prompt, and the prompt concentration of
 the eps lowest margins, over training. This is when a margin-based weight could tell a flipped pair
-from a hard clean one.
+from a hard clean one. Beside the margin, two other detectors of the same pass: the margin centred on
+its prompt's mean margin (``centred_auroc``: what is left once prompt difficulty is removed; it needs
+prompt groups, which real preference data mostly lacks) and the margin's change since the previous
+pass (``trend_auroc``: a flipped pair's margin falls while the prompt's other pairs teach the opposite).
 """
 from __future__ import annotations
 
@@ -105,14 +108,19 @@ def trajectory(condition: str, seed: int, every: int, workdir: str) -> list[dict
     prompt = np.array([task.train_rows[int(r)]["prompt"] for r in ds.source_rows])
     flipped = ds.column("is_flipped") == 1
     k = int(round(eps * len(ds)))
-    rows = []
+    rows, z_prev = [], None
+    groups = np.unique(prompt, return_inverse=True)[1]
     while True:
         if tr.step % every == 0 or tr.step == tr.total_steps:
             z, _ = tr.fwd.margins(ds, tr.data.collator)
             low = np.zeros(len(z), bool)
             low[np.argsort(z, kind="stable")[:k]] = True
             counts = sorted((int(low[prompt == p].sum()) for p in np.unique(prompt)), reverse=True)
+            centred = z - (np.bincount(groups, weights=z) / np.bincount(groups))[groups]
+            trend = z - z_prev if z_prev is not None else np.zeros_like(z)
+            z_prev = z
             rows.append({"condition": condition, "seed": seed, "step": tr.step, "margin_auroc": auroc(z, ~flipped),
+                         "centred_auroc": auroc(centred, ~flipped), "trend_auroc": auroc(trend, ~flipped),
                          "precision_lowest": float(flipped[low].mean()), "top10_prompt_share": sum(counts[:10]) / max(k, 1),
                          "eta2_margin_clean": eta_squared(z[~flipped], prompt[~flipped])})
         if tr.step >= tr.total_steps:
@@ -166,21 +174,25 @@ def main(argv=None):
             "eta2_weight_clean", "eta2_margin_clean"]
     lines = ["# Where the weights' signal is lost: prompt difficulty versus label noise", "",
              f"device: {prov['device']}; torch {prov['torch']}; commit {prov['commit']}; {prov['date']}",
-             f"command: `{prov['command']}`; seeds 0-{args.seeds - 1}; {(time.perf_counter() - t0) / 60:.1f} min", "",
-             "Runs as in benchmarks.quality (12 epochs of 2000 pairs). Suppressed = the static filter's dropped set, or "
-             "MetaPO's same number of lowest final weights (eps of the pairs). precision = flipped share of them "
-             "(chance = the flip rate); top10_prompt_share = share of them in the 10 prompts (of 100) that lose the most "
-             "(0.10 if even); prompts_half_suppressed = prompts losing at least half their pairs; eta2 = between-prompt "
-             "share of the variance of the clean pairs' final weight / final margin.", "",
-             "| condition | method | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]
-    for c in args.conditions.split(","):
+             f"command: `{prov['command']}`; seeds 0-{args.seeds - 1}; {(time.perf_counter() - t0) / 60:.1f} min", ""]
+    if rows:
+        lines += ["Runs as in benchmarks.quality (12 epochs of 2000 pairs). Suppressed = the static filter's dropped set, or "
+                  "MetaPO's same number of lowest final weights (eps of the pairs). precision = flipped share of them "
+                  "(chance = the flip rate); top10_prompt_share = share of them in the 10 prompts (of 100) that lose the most "
+                  "(0.10 if even); prompts_half_suppressed = prompts losing at least half their pairs; eta2 = between-prompt "
+                  "share of the variance of the clean pairs' final weight / final margin.", "",
+                  "| condition | method | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]
+    for c in args.conditions.split(",") if rows else []:
         for m in methods:
             rs = [r for r in rows if r["condition"] == c and r["method"] == m]
             lines.append(f"| {c} | {m} | " + " | ".join(mean_std([r[k] for r in rs]) for k in keys) + " |")
     if traj:
-        tkeys = ["margin_auroc", "precision_lowest", "top10_prompt_share", "eta2_margin_clean"]
+        tkeys = [k for k in ("margin_auroc", "centred_auroc", "trend_auroc", "precision_lowest", "top10_prompt_share",
+                             "eta2_margin_clean") if k in traj[0]]
         lines += ["", "## DPO's margin over training (every training pair, the pass a static filter makes)", "",
-                  "precision_lowest = flipped share of the eps lowest margins (chance = the flip rate).", "",
+                  "precision_lowest = flipped share of the eps lowest margins (chance = the flip rate); centred_auroc: "
+                  "the margin minus its prompt's mean margin; trend_auroc: the margin's change since the previous "
+                  "pass (0.5 at the first).", "",
                   "| condition | step | " + " | ".join(tkeys) + " |", "|---|---|" + "---|" * len(tkeys)]
         for c in args.conditions.split(","):
             for step in sorted({r["step"] for r in traj if r["condition"] == c}):
