@@ -278,3 +278,143 @@ def test_zero3_fetch_trace_completes_when_the_decoder_is_called_directly(tmp_pat
     for rank in range(2):
         r = json.load(open(os.path.join(tmp_path, f"trace{rank}.json")))
         assert r == {"False": [False, False], "True": [True, True]}, r
+
+
+# ------------------------------------------------------------------ non-finite steps under DeepSpeed
+_DS_ARGS = ["data.synthetic.num_pairs=160", "data.synthetic.num_eval_pairs=40", "data.val_fraction=0.1",
+            "train.sft_warmup_steps=3", "train.log_every=1", "train.eval_every=0", "train.save_every=0", "meta.interval=2",
+            "meta.val_batch_size=8", "train.per_device_batch_size=4", "train.lr_scheduler=constant", "train.warmup_ratio=0",
+            "train.max_steps=4"]
+
+
+class _HostReads:
+    """Counts the host reads of tensors (.item, .tolist, bool, float, int) made from metapo_fast's own
+    code and from DeepSpeed's while active (a CPU stand-in for CUDA's sync debug mode)."""
+
+    NAMES = ("item", "tolist", "__bool__", "__float__", "__int__")
+
+    def __init__(self):
+        self.ours, self.deepspeed, self.on = [], 0, False
+        self.saved = {n: getattr(torch.Tensor, n) for n in self.NAMES}
+        for n in self.NAMES:
+            setattr(torch.Tensor, n, self._wrap(n, self.saved[n]))
+
+    def _wrap(self, name, real):
+        import sys
+
+        def counted(t, *a, **k):
+            if self.on:
+                f = sys._getframe(1).f_code.co_filename
+                if os.sep + "metapo_fast" + os.sep in f:
+                    self.ours.append(f"{os.path.basename(f)}:{sys._getframe(1).f_lineno} {name}")
+                elif os.sep + "deepspeed" + os.sep in f:
+                    self.deepspeed += 1
+            return real(t, *a, **k)
+        return counted
+
+    def close(self):
+        for n, real in self.saved.items():
+            setattr(torch.Tensor, n, real)
+
+
+def _nonfinite_worker(rank, world, port, out):
+    """Four optimiser steps of 2 ranks x accumulation 2 (DeepSpeed ZeRO-3), twice in the same
+    processes: "nan": rank 1's second micro-batch of step 2 has a NaN loss; "drop": step 2's batches
+    are drawn and not trained."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
+    _init(rank, world, port)
+    import json as _json
+
+    import metapo_fast.train.forward as F
+    from metapo_fast.config import load_config
+    from metapo_fast.train.cli import _default_config
+    from metapo_fast.train.loop import Trainer
+    from metapo_fast.train.parallel import DistInfo
+
+    real, calls = F.fused_linear_preference_loss, {"n": 0, "mode": None}
+
+    def poisoned(*a, **k):
+        res = real(*a, **k)
+        if torch.is_grad_enabled() and res.loss.requires_grad:
+            calls["n"] += 1
+            if calls["mode"] == "nan" and rank == 1 and calls["n"] == 4:  # step 2, micro-batch 2
+                res.loss = res.loss * float("nan")
+        return res
+
+    F.fused_linear_preference_loss = poisoned
+    reads = _HostReads()
+    try:
+        for mode in ("nan", "drop"):
+            calls.update(n=0, mode=mode)
+            cfg = load_config(_default_config(), [*_DS_ARGS, f"train.output_dir={out}/{mode}",
+                                                  f"train.global_batch_size={4 * world * 2}"])
+            tr = Trainer(cfg, DistInfo(rank, world, rank, torch.device("cpu")))
+            assert tr.grad_accum == 2 and tr.eng.engine.zero_optimization_stage() == 3
+            logged = []
+            real_info = tr.logger.info
+            tr.logger.info = lambda msg, *a, _l=logged, _r=real_info, **k: (_l.append(msg), _r(msg, *a, **k))
+            reads.ours, reads.deepspeed, skips = [], 0, {}
+            for s in range(4):
+                meta = (tr.step + 1) % cfg.meta.interval == 0
+                if mode == "drop" and s == 1:
+                    it = iter(tr.sampler)
+                    for _ in range(tr.grad_accum):
+                        next(it)
+                else:
+                    reads.on = s == 2  # a step without meta-update or logging: its host reads
+                    tr._train_step(meta=meta)
+                    reads.on = False
+                tr.step += 1
+                skips[s] = tr.counters["nonfinite_skips"]
+            e = tr.eng.engine
+            with tr.eng._gathered_all():
+                full = {n: p.detach().clone() for n, p in tr.model.named_parameters()}
+            torch.save({"params": full, "tracker": tr.tracker.state.clone(), "last_seen": tr.last_seen.clone(),
+                        "phi": {k: v.clone() for k, v in tr.meta_net.state_dict().items()}}, os.path.join(out, f"{mode}{rank}.pt"))
+            with open(os.path.join(out, f"{mode}{rank}.json"), "w") as f:
+                _json.dump({"micro_steps": e.micro_steps, "global_steps": e.global_steps, "global_samples": e.global_samples,
+                            "skipped_steps": e.skipped_steps, "skips": tr.counters["nonfinite_skips"],
+                            "meta_updates": tr.counters["meta_updates"], "sched_epoch": tr.eng.scheduler.last_epoch,
+                            "logged": logged, "reads_ours": reads.ours, "reads_deepspeed": reads.deepspeed, "skips_by_step": skips}, f)
+            tr.logger.close()
+    finally:
+        reads.close()
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_a_nan_on_one_rank_skips_the_whole_deepspeed_step_on_every_rank(tmp_path):
+    """ZeRO-3, 2 ranks x accumulation 2: a NaN loss in rank 1's second micro-batch of step 2 skips
+    step 2 on both ranks (no optimiser update, tracker rows restored, no meta-update), DeepSpeed's
+    counters stay aligned (its boundary stays at the trainer's step ends), the step is logged with
+    the pair ids of both ranks' micro-batches, and the run then equals one where step 2's batches
+    were drawn and not trained (weights, tracker, phi). A normal step reads the host once."""
+    import json
+
+    mp.spawn(_nonfinite_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    r = {(m, k): json.load(open(tmp_path / f"{m}{k}.json")) for m in ("nan", "drop") for k in range(2)}
+    t = {(m, k): torch.load(tmp_path / f"{m}{k}.pt") for m in ("nan", "drop") for k in range(2)}
+    for k in range(2):
+        nan, drop = r["nan", k], r["drop", k]
+        assert nan["skips"] == 1 and nan["skips_by_step"] == {"0": 0, "1": 1, "2": 1, "3": 1}
+        # 8 micro-steps, 4 boundaries (one skipped, as DeepSpeed counts its own overflow skips); the
+        # scheduler counts the skipped step too (as on the plain engine)
+        assert (nan["micro_steps"], nan["global_steps"], nan["skipped_steps"], nan["sched_epoch"]) == (8, 4, 1, 4)
+        assert (drop["micro_steps"], drop["global_steps"], drop["skipped_steps"], drop["sched_epoch"]) == (6, 3, 0, 3)
+        assert nan["global_samples"] == 4 * 16 and nan["meta_updates"] == drop["meta_updates"] == 1
+        # one host read in a normal step from the trainer's code: the all-reduced finite flag
+        assert len(nan["reads_ours"]) == 1 and "parallel.py" in nan["reads_ours"][0], nan["reads_ours"]
+    line = [m for m in r["nan", 0]["logged"] if "non-finite" in m]
+    assert len(line) == 1 and line[0].startswith("step 2: non-finite loss or gradient, step skipped on every rank (pairs [")
+    ids = [int(x) for x in line[0].split("(pairs [")[1].split("]")[0].split(",")]
+    assert len(ids) == 16 == len(set(ids))  # 2 ranks x 2 micro-batches x 4 pairs
+    for k in range(2):
+        a, b = t["nan", k], t["drop", k]
+        for n in a["params"]:
+            assert torch.isfinite(a["params"][n]).all(), n
+            torch.testing.assert_close(a["params"][n], b["params"][n], rtol=1e-6, atol=1e-7, msg=n)
+        for key in ("tracker", "last_seen"):
+            torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+        for n in a["phi"]:
+            torch.testing.assert_close(a["phi"][n], b["phi"][n], rtol=1e-6, atol=1e-7)
+    assert torch.equal(t["nan", 0]["tracker"], t["nan", 1]["tracker"])

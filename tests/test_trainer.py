@@ -183,7 +183,7 @@ def test_nonfinite_steps_are_skipped_then_the_run_stops(tmp_path, monkeypatch, c
     trainer._train_step(); trainer.step += 1  # inf: skipped
     with pytest.raises(T.NonFiniteError, match="3 consecutive non-finite steps"):
         trainer._train_step()
-    assert "non-finite loss or gradient, step skipped (pairs [" in capsys.readouterr().out
+    assert "non-finite loss or gradient, step skipped on every rank (pairs [" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("override,match", [
@@ -433,3 +433,23 @@ def test_phase_lines_and_resume_line(tmp_path, caplog):
     assert any(m.startswith("resuming from ") and "step_00000002" in m for m in said), said
     assert "resumed at step 2 of 4" in said
     assert not any("SFT warm-up" in m for m in said)  # the resumed run loads the saved reference
+
+
+def test_a_training_step_reads_the_host_once(tmp_path):
+    """One host read per optimiser step from the trainer's code (the finite flag of the whole step),
+    counted on CPU over every .item/.tolist/bool/float/int of a tensor made from metapo_fast: MetaPO
+    weights, 2 micro-batches. (Logging and meta-update steps read more; the GPU test checks syncs.)"""
+    from tests.test_distributed import _HostReads
+
+    tr = _trainer(tmp_path, "reads", ["train.per_device_batch_size=4", "train.global_batch_size=8", "meta.interval=1000"])
+    assert tr.grad_accum == 2
+    tr._train_step()  # warm-up
+    reads = _HostReads()
+    try:
+        reads.on = True
+        tr._train_step()
+        tr._train_step()
+        reads.on = False
+    finally:
+        reads.close()
+    assert len(reads.ours) == 2 and all("parallel.py" in r for r in reads.ours), reads.ours

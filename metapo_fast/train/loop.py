@@ -131,7 +131,7 @@ class Trainer:
         t0 = time.perf_counter()
         agg: dict[str, list] = {}
         snapshots, micro = [], []  # tracker rows to restore on a skip; (batch, features) for the meta-update
-        skipped_micro = False
+        losses_finite = torch.ones((), dtype=torch.bool, device=self.device)  # every micro-batch's loss, on the device
         # batch_mean on the plain engine: raw weights here, the step's gradient divided by their mean below
         step_norm = self.meta_net is not None and self.meta_net.normalize == "batch_mean" and isinstance(self.eng, PlainEngine)
         w_sum = torch.zeros((), dtype=torch.float64, device=self.device)
@@ -143,11 +143,10 @@ class Trainer:
                 idx = next(iter(self.sampler))
             batch = self._pinned(self.data.collator([self.data.train[i] for i in idx]))
             pair_ids = batch["pair_ids"].to(self.device, non_blocking=True)
-            snapshots.append((pair_ids, self.tracker.state[pair_ids].clone()))
             seen = {}
 
             def weights_fn(stats, pair_ids=pair_ids, seen=seen):  # MetaPO: features from this step's margins
-                seen["features"] = self._track(pair_ids, stats)
+                seen["features"] = self._track(pair_ids, stats, snapshots)
                 return self.meta_net(seen["features"], normalize=not step_norm).detach()
 
             # the static filter's weights are known before the forward: one fused-loss pass
@@ -156,21 +155,15 @@ class Trainer:
                 wfn = weights_fn if self.meta_net is not None and fixed is None else None
                 out, stats, w = self.fwd(batch, wfn, stack=stack, weights=fixed)
                 if wfn is None:
-                    seen["features"] = self._track(pair_ids, stats)
+                    seen["features"] = self._track(pair_ids, stats, snapshots)
                 if w is None:
                     w = torch.ones_like(stats.margins)
-                ok = True if isinstance(self.eng, PlainEngine) else self.eng.loss_finite(out.loss)
-                if ok:
-                    self.eng.backward(out.loss, self.grad_accum)
-            if meta and j == self.grad_accum - 1 and self.meta_replica is not None:
-                t_copy = time.perf_counter()
-                self.eng.full_copy_into(self.meta_replica)  # theta_t: DeepSpeed steps inside the last micro-step
-                copy_s = time.perf_counter() - t_copy  # meta-update time, not training time
-                self.counters["meta_time_s"] += copy_s
-            if ok:
-                self.eng.micro_step()
-            else:
-                skipped_micro = True
+                losses_finite &= torch.isfinite(out.loss.detach())
+                # always: a non-finite micro-batch is dropped with the whole step below, on every rank
+                # alike, and ZeRO's gradient reduction in the backward is collective
+                self.eng.backward(out.loss, self.grad_accum)
+            if j < self.grad_accum - 1:
+                self.eng.micro_step()  # DeepSpeed: a non-boundary micro-step; the boundary is step() or skip()
             last = None
             if meta:  # the meta-update's ghost pass reuses this micro-batch's reference log-probs
                 last = dict(batch)
@@ -179,7 +172,7 @@ class Trainer:
             micro.append((last, seen["features"]))
             w_sum += w.sum()
             w_count += w.numel()
-            self.counters["tokens"] += int(batch["attention_mask"].sum())
+            self.counters["tokens"] += int(batch["attention_mask"].numpy().sum())  # host tensor: no device read
             for k, v in outputs.batch_metrics(out, stats, w).items():
                 agg.setdefault(k, []).append(v)
         metrics = {k: torch.stack(v).mean() for k, v in agg.items()}
@@ -188,16 +181,24 @@ class Trainer:
             grad_scale = (w_count / w_sum.clamp(min=1e-12)).float()
             for k in ("loss", "metapo/weight_mean", "metapo/weight_std"):
                 metrics[k] = metrics[k] * grad_scale
-        gnorm, finite = self.eng.clip_and_check(metrics["loss"], grad_scale)
+        # the step's one host read: every loss and the gradient norm finite, on every rank (all-reduced)
+        gnorm, finite = self.eng.clip_and_check(losses_finite, grad_scale)
         meta_s = copy_s
-        if finite and not skipped_micro:
+        if finite:
             if meta:
+                if self.meta_replica is not None:
+                    t_copy = time.perf_counter()
+                    self.eng.full_copy_into(self.meta_replica)  # theta_t: DeepSpeed's step is not taken yet
+                    copy_s = time.perf_counter() - t_copy  # meta-update time, not training time
+                    self.counters["meta_time_s"] += copy_s
+                    meta_s += copy_s
                 meta_s += self._meta_update(micro, groups=None if step_norm else [f.shape[0] for _, f in micro])
             if self.meta_net is not None:  # the step's features join the statistics after the step used them
                 self.meta_net.update_stats(torch.cat([f for _, f in micro]))
             self.eng.step()
             self.counters["consecutive_nonfinite"] = 0
         else:
+            self.eng.skip()  # every rank: the decision was all-reduced
             self._skip_step(snapshots)
         self.eng.end_step()
         metrics["grad_norm"] = gnorm
@@ -226,8 +227,10 @@ class Trainer:
         copied = ("input_ids", "attention_mask", "labels", "pair_ids")  # what the step moves to the device
         return {k: v.pin_memory() if k in copied else v for k, v in batch.items()}
 
-    def _track(self, pair_ids: torch.Tensor, stats) -> torch.Tensor:
-        """Update the tracker with this micro-batch's margins and KL; return the pairs' features."""
+    def _track(self, pair_ids: torch.Tensor, stats, snapshots: list) -> torch.Tensor:
+        """Update the tracker with this micro-batch's margins and KL; return the pairs' features.
+        The rows it changes (every rank's pairs: the tracker is a replica) are appended to
+        ``snapshots`` first, so that a skipped step can restore them on every rank."""
         kl = kl_or_zeros(stats)
         ids, seen = pair_ids, torch.stack([stats.margins.float(), kl.float()], 1)
         if self.dist.world_size > 1:  # every rank keeps every pair's last visit, like the tracker replica
@@ -238,17 +241,20 @@ class Trainer:
             tdist.all_gather(parts, packed)
             allp = torch.cat(parts)
             ids, seen = allp[:, 0].long(), allp[:, 1:].float()
+        snapshots.append((ids, self.tracker.state[ids].clone(), self.last_seen[ids].clone()))
         self.last_seen[ids] = seen
         return self.tracker.update(pair_ids, stats.margins, kl)
 
     def _skip_step(self, snapshots: list) -> None:
-        """A non-finite loss or gradient: undo the step's tracker updates, count, stop after too many."""
-        for ids, rows in reversed(snapshots):
+        """A non-finite loss or gradient on some rank: undo the step's tracker updates (every rank's
+        pairs), count, log the step's pair ids (all ranks'), stop after too many."""
+        for ids, rows, last in reversed(snapshots):
             self.tracker.state[ids] = rows
+            self.last_seen[ids] = last
         self.counters["nonfinite_skips"] += 1
         self.counters["consecutive_nonfinite"] += 1
-        bad = torch.cat([ids for ids, _ in snapshots]).tolist()
-        self.logger.info(f"step {self.step + 1}: non-finite loss or gradient, step skipped (pairs {bad})")
+        bad = sorted(torch.cat([ids for ids, _, _ in snapshots]).tolist())
+        self.logger.info(f"step {self.step + 1}: non-finite loss or gradient, step skipped on every rank (pairs {bad})")
         if self.counters["consecutive_nonfinite"] >= self.cfg.train.max_consecutive_nonfinite:
             raise NonFiniteError(f"{self.counters['consecutive_nonfinite']} consecutive non-finite steps (last at step "
                                  f"{self.step + 1}, pairs {bad}); stopping. Lower train.lr or check the data.")

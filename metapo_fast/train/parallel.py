@@ -115,14 +115,15 @@ class PlainEngine:
     def micro_step(self) -> None:  # DeepSpeed steps per micro-batch; plain PyTorch once per step
         pass
 
-    def clip_and_check(self, loss: torch.Tensor, grad_scale: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, bool]:
+    def clip_and_check(self, losses_finite: torch.Tensor, grad_scale: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, bool]:
         """Scale the accumulated gradients by ``grad_scale`` (a device scalar: the step-wide weight
-        normalisation), clip them, and read whether loss and gradient norm are finite."""
+        normalisation), clip them, and read whether every micro-batch's loss (``losses_finite``, a
+        device boolean) and the gradient norm are finite: the one host read of a step."""
         if grad_scale is not None:
             grads = [p.grad for p in self.module.parameters() if p.grad is not None]
             torch._foreach_mul_(grads, grad_scale.to(grads[0].dtype))
         gnorm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.max_grad_norm or float("inf"))
-        return gnorm, bool(torch.isfinite(gnorm) & torch.isfinite(loss))  # the one host sync of a step
+        return gnorm, bool(torch.isfinite(gnorm) & losses_finite)  # the one host sync of a step
 
     def step(self) -> None:
         self.optimizer.step()
@@ -160,7 +161,17 @@ class DeepSpeedEngine:
 
     The optimiser is DeepSpeed's AdamW with ``torch_adam`` (the same update as torch.optim.AdamW),
     the schedule is the trainer's LambdaLR, gradient clipping comes from ``train.max_grad_norm``.
-    Non-finite steps are detected from the loss (all-reduced) before the backward and skipped.
+
+    One optimiser step: ``backward`` on every micro-batch (always: ZeRO's gradient reduction is
+    collective), ``micro_step`` after each but the last (DeepSpeed's non-boundary ``engine.step()``,
+    which only counts), then ``clip_and_check`` decides once for the whole step, on every rank alike,
+    whether every micro-batch's loss on every rank and the accumulated gradient norm are finite (one
+    all-reduced flag, one host read), and ``step`` takes DeepSpeed's boundary ``engine.step()`` or
+    ``skip`` takes it with the optimiser's update replaced by discarding the accumulated gradients,
+    DeepSpeed's own overflow path: micro_steps, global_steps, global_samples and skipped_steps
+    advance on every rank as after a skipped fp16 step, the next step starts a fresh accumulation
+    window, and the learning-rate schedule advances as on the plain engine (it counts steps,
+    skipped ones too).
     """
 
     def __init__(self, model: nn.Module, ds_config: dict, lr: float, weight_decay: float, lr_lambda: Callable[[int], float]):
@@ -193,25 +204,98 @@ class DeepSpeedEngine:
         self.engine.backward(loss)  # DeepSpeed divides by gradient_accumulation_steps itself
 
     def micro_step(self) -> None:
-        self.engine.step()  # steps the optimiser and scheduler at accumulation boundaries, clips, zeroes grads
+        """After a micro-batch that is not the step's last: DeepSpeed's micro-step count."""
+        if self.engine.is_gradient_accumulation_boundary():
+            raise RuntimeError(f"DeepSpeed is at its accumulation boundary at micro-step {self.engine.micro_steps}, "
+                               "before the trainer's step ends: their counts disagree")
+        self.engine.step()  # not a boundary: counts the micro-step, nothing else
 
-    def loss_finite(self, loss: torch.Tensor) -> bool:
-        flag = torch.isfinite(loss.detach()).float().reshape(1)
-        if self.world_size > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-        return bool(flag.item())
+    def _grad_norm(self) -> torch.Tensor:
+        """The global 2-norm of the step's accumulated gradients, as a device tensor, computed the way
+        DeepSpeed's optimiser step computes it (collective: every rank calls it). Non-finite (or
+        DeepSpeed's -1 sentinel for one) when any gradient is non-finite."""
+        opt, stage = self.engine.optimizer, self.engine.zero_optimization_stage()
+        if stage == 3:
+            from deepspeed.runtime.utils import combine_grad_norm_groups
 
-    def clip_and_check(self, loss: torch.Tensor, grad_scale: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, bool]:
+            return combine_grad_norm_groups(opt._get_norm_groups()).reshape(())
+        if stage in (1, 2):
+            return opt.scaled_global_norm().reshape(()) / opt.loss_scale
+        grads = [p.grad for p in self.module.parameters() if p.grad is not None]  # stage 0: all-reduced at the boundary
+        if not grads:
+            raise RuntimeError("DeepSpeed (ZeRO stage 0): no gradients to check at the accumulation boundary")
+        return torch.nn.utils.get_total_norm(grads)
+
+    def clip_and_check(self, losses_finite: torch.Tensor, grad_scale: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, bool]:
+        """(gradient norm before clipping, whether this step is finite on every rank). DeepSpeed clips
+        in its step; this decides, before it, from every micro-batch's loss on every rank
+        (``losses_finite``, this rank's device boolean) and the global gradient norm."""
         if grad_scale is not None:
             raise ValueError("DeepSpeedEngine: the step-wide weight normalisation is applied per micro-batch over the ranks")
-        gn = self.engine.get_global_grad_norm()
-        return torch.tensor(float(gn) if gn is not None else float("nan")), True
+        if not self.engine.is_gradient_accumulation_boundary():
+            raise RuntimeError(f"DeepSpeed is not at its accumulation boundary at micro-step {self.engine.micro_steps}, "
+                               "where the trainer's step ends: their counts disagree")
+        gnorm = self._grad_norm().float()
+        flag = (losses_finite & torch.isfinite(gnorm) & (gnorm >= 0)).to(torch.float32).reshape(1)
+        if self.world_size > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)  # the norm is global already; the losses are per rank
+        return gnorm, bool(flag)  # the one host read of a step
 
     def step(self) -> None:
-        pass
+        """DeepSpeed's boundary step: clip, optimiser and scheduler step, gradients cleared."""
+        self.engine.step()
 
     def skip(self) -> None:
-        pass
+        """DeepSpeed's boundary step with the update replaced by discarding the accumulated gradients
+        (on every rank: the decision is all-reduced). ``engine.step()`` still runs, so DeepSpeed's
+        counters advance exactly as after its own skipped (fp16 overflow) step; then the schedule."""
+        opt = self.engine.optimizer
+        had_overflow = "overflow" in vars(opt)
+        prev = getattr(opt, "overflow", False)
+
+        def discard(*args, **kwargs):
+            self._discard_accumulated()
+            opt.overflow = True  # read by engine._take_model_step: counts a skipped step, no scheduler step
+
+        opt.step = discard  # an instance attribute: shadows the optimiser's step for this one call
+        try:
+            self.engine.step()
+        finally:
+            del opt.step
+            if had_overflow:
+                opt.overflow = prev
+            else:
+                opt.__dict__.pop("overflow", None)
+        self.scheduler.step()
+
+    def _discard_accumulated(self) -> None:
+        """The accumulated gradients dropped as the ZeRO optimisers drop them on an overflow."""
+        opt, stage = self.engine.optimizer, self.engine.zero_optimization_stage()
+        if stage == 3:
+            opt._pre_step()  # micro-step id, epilogue flag, fetch coordinator, gradient buckets
+            opt._partition_all_parameters()
+            opt._overflow_clean_up(opt.loss_scale)  # parameter grads, partitioned (or offloaded) accumulators
+            opt._global_grad_norm = float("nan")
+        elif stage in (1, 2):
+            from deepspeed.runtime.zero.stage_1_and_2 import INITIAL_MICRO_STEP_ID
+
+            opt.micro_step_id = INITIAL_MICRO_STEP_ID
+            opt._wait_for_offload_copies()
+            opt.zero_grad(set_to_none=True)
+            opt._release_preflattened_grad_buffers()
+            if opt.cpu_offload:
+                opt._offload_accumulated_param_ids = set()
+                opt.reset_cpu_buffers()
+            else:
+                for k in opt.averaged_gradients.keys():
+                    opt.averaged_gradients[k] = None
+                    opt.all_grad_tensors[k] = None
+            opt._global_grad_norm = float("nan")
+        else:
+            if hasattr(opt, "clear_hp_grads"):  # bf16 without ZeRO: fp32 gradient accumulators
+                opt.clear_hp_grads()
+            for p in self.module.parameters():
+                p.grad = None
 
     def end_step(self) -> None:
         pass
