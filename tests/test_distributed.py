@@ -259,7 +259,7 @@ def _trace_worker(rank, world, port, out):
             with torch.no_grad():
                 last_hidden_states(ref.module, ids)
             pol.backward(h.square().mean(), 1)
-            pol.micro_step()
+            pol.step()  # accumulation 1: every micro-step is the boundary
         result[str(reset)] = [e.optimizer.parameter_offload.get_param_coordinator().is_complete_trace()
                               if hasattr(e.optimizer, "parameter_offload") else e.optimizer.get_param_coordinator().is_complete_trace()
                               for e in (pol.engine, ref.engine)]
