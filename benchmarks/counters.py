@@ -19,6 +19,10 @@ are both divided by ``--scale`` (4; ``--quick`` 16): the same decisions with far
 How each number is taken (one ``TorchDispatchMode`` over the measured call, the custom op's
 Python body run under it too):
 
+Row rules: ``cpu`` drops prompt and padding rows on the device (CPU); ``cuda`` runs the CUDA code
+path (no device-side compaction), given the host's copy of the labels as the trainer gives it;
+``bare`` is the CUDA path without that copy (every row through the GEMMs).
+
 * ``flops_per_n_loss_hv``: 2mnk of every mm/addmm/bmm/matmul with V among its dimensions (the LM
   head's GEMMs; the decoder's are left out), over ``N_loss * H * V`` with ``N_loss`` the number of
   tokens that carry a label. 8.0 is the floor (policy, reference, grad_h, grad_W).
@@ -236,7 +240,7 @@ def _metapo_weights(stats) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------ rows
-def op_row(path: str, t: int, b: int, h: int, v: int, chunk_bytes: int, backend: str) -> dict:
+def op_row(path: str, t: int, b: int, h: int, v: int, chunk_bytes: int, backend: str, host_labels: bool = False) -> dict:
     """The fused op alone (forward + backward): ``dpo`` = sigmoid loss with reference hidden
     states; ``metapo`` = the trainer's MetaPO sequence of fused-op calls (see :func:`step_row`)."""
     hidden, weight, labels, rh, rw = make_batch(b, t, h, v)
@@ -244,6 +248,8 @@ def op_row(path: str, t: int, b: int, h: int, v: int, chunk_bytes: int, backend:
     weight.requires_grad_()
     n_loss = int((labels != -100).sum())
     kw = dict(chunk_bytes=chunk_bytes, backend=backend)
+    if host_labels:  # the trainer's call on CUDA: the collated labels' host copy
+        kw["host_labels"] = labels.clone()
 
     def run():
         if path == "dpo":
@@ -256,12 +262,11 @@ def op_row(path: str, t: int, b: int, h: int, v: int, chunk_bytes: int, backend:
 
 
 def _metapo_op_call(hidden, weight, labels, rh, rw, kw):
-    """What ``PairForward`` does for MetaPO, on the op (no model)."""
+    """What ``PairForward`` does for MetaPO, on the op (no model): the single pass with a per-chunk
+    weights callback where the op has one, else the no-grad pass then the gradient pass."""
     import inspect
 
-    from metapo_fast.train import forward as fwd_mod
-
-    if "weights_fn" in inspect.signature(_pl.fused_linear_preference_loss).parameters and getattr(fwd_mod, "SINGLE_PASS_METAPO", False):
+    if "weights_fn" in inspect.signature(_pl.fused_linear_preference_loss).parameters:
         return _pl.fused_linear_preference_loss(hidden, weight, labels, ref_hidden=rh, ref_weight=rw,
                                                 weights_fn=lambda pairs, st: _metapo_weights(st), **kw)
     with torch.no_grad():
@@ -276,6 +281,8 @@ def step_row(path: str, t: int, b: int, h: int, v: int, chunk_bytes: int, backen
     real V) and the backward of its loss, DPO or MetaPO (``weights_fn``: a per-pair function of
     the margin standing in for the meta-network). Only the LM head's GEMMs are counted as FLOPs;
     ops, syncs and memory include the decoder's (small at this H)."""
+    import inspect
+
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from metapo_fast.losses import LossParams
@@ -301,7 +308,10 @@ def step_row(path: str, t: int, b: int, h: int, v: int, chunk_bytes: int, backen
 
     def run():
         with contextlib.ExitStack() as stack:
-            out, _, _ = fwd(batch, _metapo_weights if path == "metapo" else None, stack=stack)
+            if path == "metapo" and "chunk_weights_fn" in inspect.signature(fwd.__call__).parameters:
+                out, _, _ = fwd(batch, stack=stack, chunk_weights_fn=lambda pairs, st: _metapo_weights(st))
+            else:
+                out, _, _ = fwd(batch, _metapo_weights if path == "metapo" else None, stack=stack)
             out.loss.backward()
 
     return {**measure(run, v, n_loss, h), "n_loss": n_loss, "rows": 2 * b * t}
@@ -356,9 +366,11 @@ def collect(quick: bool = False, tiny: bool = False, backend: str = "auto", step
     for t in (only_t or ts):
         b = 2 if t * scale <= 4096 else 1  # pairs per micro-batch: 2 up to T=4k, then 1
         jobs = []
+        jobs.append(("op", "dpo", "bare", False, lambda: op_row("dpo", t, b, h, v, chunk_bytes, backend)))
         for rule, compact in (("cpu", True), ("cuda", False)):
             for path in ("dpo", "metapo"):
-                jobs.append(("op", path, rule, compact, lambda p=path: op_row(p, t, b, h, v, chunk_bytes, backend)))
+                jobs.append(("op", path, rule, compact,
+                             lambda p=path, c=compact: op_row(p, t, b, h, v, chunk_bytes, backend, host_labels=not c)))
             if steps:
                 for path in ("dpo", "metapo"):
                     jobs.append(("step", path, rule, compact, lambda p=path: step_row(p, t, b, h, v, chunk_bytes, backend)))

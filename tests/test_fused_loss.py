@@ -6,9 +6,12 @@ weights / bias, with a fully masked response, on odd shapes, in fp32 and bf16, f
 backend (torch reference, Triton under the interpreter, C++), through both chunking paths
 (whole pairs per chunk, and the two-phase token-chunked path).
 """
+import contextlib
+
 import pytest
 import torch
 
+from metapo_fast.ops.chunking import force_row_rule
 from metapo_fast.ops.dispatch import cpp_compiler_present
 from metapo_fast.ops.preference_loss import FusedLinearPreferenceLoss, fused_linear_preference_loss
 from metapo_fast.losses import LOSSES, LossParams, PairBatch, pair_loss
@@ -16,8 +19,9 @@ from tests.naive import sequence_logps
 
 B, T, H, V = 3, 47, 31, 123
 BACKENDS = ["torch", "triton", pytest.param("cpp", marks=pytest.mark.skipif(not cpp_compiler_present(), reason="no C++ compiler on PATH"))]
-# chunk budgets: the default (whole pairs, single pass) and 40 rows of logits (two-phase path)
-PATHS = {"single": 256 * 1024 * 1024, "two_phase": 40 * V * 4 * 2}
+# chunk budgets: the default (whole pairs, single pass) and 40 rows of logits (a pair has 2T=94 rows:
+# the streamed-pair path)
+PATHS = {"single": 256 * 1024 * 1024, "streamed": 40 * V * 4 * 2}
 
 
 def make_inputs(dtype, seed=0, bias=False, ref="hidden", weights=False, b=B, t=T, h=H, v=V):
@@ -60,17 +64,21 @@ def naive(hidden, weight, labels, loss_type, params, **kw):
     return loss, per_pair, z, s.logps, ref, kl
 
 
-def run_both(dtype, loss_type, backend, path, **mk):
+def run_both(dtype, loss_type, backend, path, row_rule=None, **mk):
+    """Ours (``row_rule``: None = the device's; "row" = the CUDA row path, every row through the
+    GEMMs; "row_host" = the CUDA path given the host's labels) and the float64 naive truth."""
     hid, w, labels, kw = make_inputs(dtype, **mk)
     params = LossParams(beta=0.3, label_smoothing=0.1 if loss_type == "sigmoid" else 0.0, focal_gamma=1.5)
     leaves = {"hidden": hid.clone().requires_grad_(), "weight": w.clone().requires_grad_()}
     if "bias" in kw:
         leaves["bias"] = kw["bias"].clone().requires_grad_()
     other = {k: x for k, x in kw.items() if k != "bias"}
-    out = fused_linear_preference_loss(leaves["hidden"], leaves["weight"], labels, bias=leaves.get("bias"), **other,
-                                       loss_type=loss_type, beta=params.beta, label_smoothing=params.label_smoothing,
-                                       focal_gamma=params.focal_gamma, backend=backend, chunk_bytes=PATHS[path])
-    out.loss.backward()
+    with force_row_rule(row_rule is None) if row_rule else contextlib.nullcontext():
+        out = fused_linear_preference_loss(leaves["hidden"], leaves["weight"], labels, bias=leaves.get("bias"), **other,
+                                           loss_type=loss_type, beta=params.beta, label_smoothing=params.label_smoothing,
+                                           focal_gamma=params.focal_gamma, backend=backend, chunk_bytes=PATHS[path],
+                                           host_labels=labels.clone() if row_rule == "row_host" else None)
+        out.loss.backward()
     got_grads = {k: x.grad for k, x in leaves.items()}
     # float64 truth from the same (rounded) inputs
     l64 = {k: x.detach().double().requires_grad_() for k, x in leaves.items()}
@@ -105,6 +113,97 @@ def test_fp32_matches_float64_reference(loss_type, path, backend):
         _close(out.kl, t_kl, tol, "kl")
     for k in tgrads:
         _close(grads[k], tgrads[k], tol, f"grad {k}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("path", list(PATHS))
+@pytest.mark.parametrize("row_rule", ["row", "row_host"])
+def test_cuda_row_path_forced_on_cpu(row_rule, path, backend):
+    """The CUDA code path (no device-side row compaction) on CPU tensors: every row through the
+    GEMMs with a zero coefficient on prompt/padding rows, or rows chosen on the host."""
+    out, grads, truth, tgrads, ctx = run_both(torch.float32, "sigmoid", backend, path, row_rule=row_rule, weights=True, bias=True)
+    tol = 2e-5
+    _close(out.loss.detach(), truth[0].detach(), tol, "loss")
+    _close(out.kl, truth[5], tol, "kl")
+    for k in tgrads:
+        _close(grads[k], tgrads[k], tol, f"grad {k}")
+
+
+@pytest.mark.parametrize("v,backend", [(9000, "torch"), (9000, "triton"), (32003, "cpp"), (32003, "triton"),
+                                       (128256, "cpp"), (128256, "torch")])
+@pytest.mark.parametrize("path", ["single", "streamed"])
+def test_large_odd_vocabularies(v, backend, path):
+    """The whole op at V = 9000, 32003 (odd) and Llama-3's 128256 (small H): the log-sum-exp runs
+    over many vocabulary blocks in every backend. fp32 vs float64: relative 1e-4 (sums of
+    ~20 log-probs of magnitude log V ~ 12)."""
+    if backend == "cpp" and not cpp_compiler_present():
+        pytest.skip("no C++ compiler on PATH")
+    b, t, h = 2, 9, 8
+    hid, w, labels, kw = make_inputs(torch.float32, seed=3, b=b, t=t, h=h, v=v, weights=True)
+    budget = 256 * 1024 * 1024 if path == "single" else 5 * v * 4 * 2
+    leaves = [hid.clone().requires_grad_(), w.clone().requires_grad_()]
+    out = fused_linear_preference_loss(*leaves, labels, **kw, backend=backend, chunk_bytes=budget)
+    out.loss.backward()
+    l64 = [x.detach().double().requires_grad_() for x in leaves]
+    t_loss, _, t_z, t_seq, _, t_kl = naive(*l64, labels, "sigmoid", LossParams(), **{k: x.double() for k, x in kw.items()})
+    t_loss.backward()
+    tol = 1e-4
+    _close(out.loss.detach(), t_loss.detach(), tol, "loss")
+    _close(torch.cat([out.chosen_logps, out.rejected_logps]), t_seq.detach(), tol, "logps")
+    _close(out.kl, t_kl.detach(), tol, "kl")
+    for g, t_ in zip(leaves, l64):
+        _close(g.grad, t_.grad, tol, "grad")
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+@pytest.mark.parametrize("row_rule", [None, "row", "row_host"])
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "orpo"])
+def test_weights_fn_single_pass_equals_two_passes(loss_type, row_rule, path):
+    """MetaPO's per-chunk weights callback (one pass, 8NHV) gives the values and gradients of the
+    two-pass form (a no-grad pass for the statistics, weights from them, then the gradient pass),
+    in float64; the callback sees each pair once, with that pair's statistics."""
+    ref = "hidden" if LOSSES[loss_type].needs_reference else None
+    hid, w, labels, kw = make_inputs(torch.float64, seed=5, bias=True, ref=ref)
+    bias = kw.pop("bias")
+
+    def wfn_batch(st):  # a per-pair function of the statistics (margin, KL, log-probs)
+        kl = st.kl if st.kl is not None else torch.zeros_like(st.margins)
+        return torch.sigmoid(-st.margins) + 0.5 * kl + 0.01 * st.chosen_logps.tanh()
+
+    seen = []
+
+    def wfn(pairs, st):
+        seen.append(pairs.clone())
+        assert st.margins.shape == pairs.shape
+        return wfn_batch(st)
+
+    ctx = force_row_rule(row_rule is None) if row_rule else contextlib.nullcontext()
+    host = labels.clone() if row_rule == "row_host" else None
+    common = dict(loss_type=loss_type, backend="torch", chunk_bytes=PATHS[path] * 2, host_labels=host)
+    with ctx:
+        a = [x.clone().requires_grad_() for x in (hid, w, bias)]
+        one = fused_linear_preference_loss(a[0], a[1], labels, bias=a[2], **kw, weights_fn=wfn, **common)
+        one.loss.backward()
+        b = [x.clone().requires_grad_() for x in (hid, w, bias)]
+        with torch.no_grad():
+            stats = fused_linear_preference_loss(b[0], b[1], labels, bias=b[2], **kw, **common)
+        ws = wfn_batch(stats)
+        two = fused_linear_preference_loss(b[0], b[1], labels, bias=b[2], **kw, sample_weights=ws, **common)
+        two.loss.backward()
+    assert torch.equal(torch.cat(seen).sort().values, torch.arange(B))
+    torch.testing.assert_close(one.sample_weights, ws, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(one.loss, two.loss, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(one.margins, two.margins, rtol=1e-12, atol=1e-12)
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x.grad, y.grad, rtol=1e-10, atol=1e-12)
+    # and the weights matter: unweighted gradients differ
+    assert not torch.allclose(ws, torch.ones_like(ws))
+
+
+def test_weights_fn_refuses_sample_weights_too():
+    hid, w, labels, kw = make_inputs(torch.float32, weights=True)
+    with pytest.raises(ValueError, match="not both"):
+        fused_linear_preference_loss(hid, w, labels, **kw, weights_fn=lambda p, s: torch.ones_like(s.margins))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

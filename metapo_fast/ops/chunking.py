@@ -2,19 +2,22 @@
 each chunk's GEMM reads. Used by the fused preference loss (``preference_loss.py``) and the ghost
 pass over the LM head (``metapo/ghost.py``), so the memory rule and the row rule are written once.
 
-Rows: sequence ``s`` (the B chosen rows, then the B rejected) owns rows ``s*T .. s*T+T-1``. On CPU
-the rows that carry no label (prompt, padding: ``ignore_index``) are dropped before the GEMMs
-(a data-dependent size, free on the host); on CUDA they are kept (dropping them would need a
-host sync) and callers give them a zero coefficient.
+Rows: sequence ``s`` (the B chosen rows, then the B rejected) owns rows ``s*T .. s*T+T-1``. The
+rows that carry no label (prompt, padding: ``ignore_index``) are dropped before the GEMMs on CPU (a
+data-dependent size, free on the host) and, on CUDA, when the caller passes the host's copy of the
+mask (``host_mask``: the collated labels are on the host first; the trainer passes them); without
+it, CUDA keeps every row (dropping them would need a host sync) with a zero coefficient.
 
 Memory rule: a chunk holds at most ``rows_per_chunk = chunk_bytes // (V * itemsize * (2 with a
-reference else 1))`` rows of logits. Two schedules:
+reference else 1))`` rows of logits; on CUDA :func:`pair_rows_on_device` raises it to one whole pair
+when that pair fits the device's free memory. Schedules:
 
 * :meth:`ChunkSchedule.pair_chunks`: whole pairs per chunk (both responses' rows), as many as fit,
   at least one; used when one pair's ``2T`` rows fit.
+* :meth:`ChunkSchedule.seq_chunks`: one sequence's rows in blocks, for a pair that does not fit
+  (the fused loss's streamed-pair path).
 * :meth:`ChunkSchedule.token_chunks`: blocks of ``rows_per_chunk`` rows over all sequences, for
-  a pair that does not fit (the fused loss's two-phase path) and for per-token work that needs no
-  pair grouping (the ghost pass).
+  per-token work that needs no pair grouping (the ghost pass).
 """
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ from typing import Iterator, Optional
 
 import torch
 
-__all__ = ["DEFAULT_CHUNK_BYTES", "Chunk", "ChunkSchedule", "compact_rows", "force_row_rule"]
+__all__ = ["DEFAULT_CHUNK_BYTES", "Chunk", "ChunkSchedule", "compact_rows", "force_row_rule", "pair_rows_on_device"]
 
 _FORCED_COMPACT: Optional[bool] = None
 
@@ -76,12 +79,29 @@ class ChunkSchedule:
         seq_len: T.
         rows_per_chunk: the memory rule's row budget (see :func:`rows_per_chunk`).
         compact: drop the rows without a label (CPU); keep every row (CUDA: no host sync).
+        host_mask: optional CPU copy of ``labels_mask`` (the collated batch's labels are on the host
+            before they are copied to the GPU). With it the rows without a label are dropped on
+            any device: the row indices are computed on the host and copied to the device
+            (``non_blocking``), so the GEMMs see only labelled rows and nothing syncs.
     """
 
-    def __init__(self, labels_mask: torch.Tensor, num_seqs: int, seq_len: int, rows_per_chunk: int, compact: bool):
+    def __init__(self, labels_mask: torch.Tensor, num_seqs: int, seq_len: int, rows_per_chunk: int, compact: bool,
+                 host_mask: Optional[torch.Tensor] = None):
         self.mask, self.b2, self.t = labels_mask, num_seqs, seq_len
         self.bsz = num_seqs // 2
-        self.rows_per_chunk, self.compact = max(1, int(rows_per_chunk)), compact
+        self.rows_per_chunk = max(1, int(rows_per_chunk))
+        self.device = labels_mask.device
+        if host_mask is not None and not compact:  # the CUDA row rule, made exact by the host's copy
+            self._rule_mask, self._where, self.compact = host_mask.reshape(-1).bool(), torch.device("cpu"), True
+        else:
+            self._rule_mask, self._where, self.compact = labels_mask, self.device, compact
+
+    def index(self, values) -> torch.Tensor:
+        """``values`` as an int64 index tensor on the schedule's device."""
+        return torch.tensor(values, dtype=torch.long).to(self.device, non_blocking=True)
+
+    def _to_device(self, x: torch.Tensor) -> torch.Tensor:
+        return x if x.device == self.device else x.to(self.device, non_blocking=True)
 
     @staticmethod
     def rows_for(chunk_bytes: int, vocab: int, itemsize: int, with_reference: bool) -> int:
@@ -94,26 +114,48 @@ class ChunkSchedule:
         return 2 * self.t <= self.rows_per_chunk
 
     def rows_of(self, seqs: torch.Tensor) -> torch.Tensor:
-        """Flat rows of the sequences ``seqs`` (labelled rows only when compacting)."""
-        rows = (seqs.unsqueeze(1) * self.t + torch.arange(self.t, device=seqs.device)).reshape(-1)
-        return rows[self.mask[rows]] if self.compact else rows
+        """Flat rows of the sequences ``seqs`` (labelled rows only when compacting), computed where
+        the rule's mask lives (the host with ``host_mask``); not yet moved to the device."""
+        seqs = seqs.to(self._where)
+        rows = (seqs.unsqueeze(1) * self.t + torch.arange(self.t, device=self._where)).reshape(-1)
+        return rows[self._rule_mask[rows]] if self.compact else rows
 
     def pair_chunks(self) -> Iterator[Chunk]:
         """Whole pairs per chunk (requires :attr:`pairs_fit`)."""
-        dev = self.mask.device
         step = max(1, self.rows_per_chunk // (2 * self.t))
         for i0 in range(0, self.bsz, step):
             i1 = min(i0 + step, self.bsz)
             n = i1 - i0
-            pairs = torch.arange(i0, i1, device=dev)
+            pairs = torch.arange(i0, i1, device=self._where)
             seqs = torch.cat([pairs, pairs + self.bsz])
             rows = self.rows_of(seqs)
             seq = torch.div(rows, self.t, rounding_mode="floor")
             seq_local = torch.where(seq >= self.bsz, seq - self.bsz + n, seq) - i0
-            yield Chunk(rows, seq, pairs, seqs, seq_local)
+            yield Chunk(*(self._to_device(x) for x in (rows, seq, pairs, seqs, seq_local)))
+
+    def seq_chunks(self, s: int) -> list[torch.Tensor]:
+        """The rows of sequence ``s`` in blocks of at most ``rows_per_chunk`` (device tensors)."""
+        rows = self.rows_of(torch.tensor([s], dtype=torch.long))
+        return [self._to_device(r) for r in rows.split(self.rows_per_chunk)] if rows.numel() else []
 
     def token_chunks(self) -> list[Chunk]:
-        """Blocks of at most ``rows_per_chunk`` rows over all sequences (a list: two-phase callers
-        walk it twice)."""
-        all_rows = self.rows_of(torch.arange(self.b2, device=self.mask.device))
-        return [Chunk(rows, torch.div(rows, self.t, rounding_mode="floor")) for rows in all_rows.split(self.rows_per_chunk)]
+        """Blocks of at most ``rows_per_chunk`` rows over all sequences (per-token work that needs
+        no pair grouping: the ghost pass)."""
+        all_rows = self.rows_of(torch.arange(self.b2, device=self._where))
+        return [Chunk(self._to_device(rows), self._to_device(torch.div(rows, self.t, rounding_mode="floor")))
+                for rows in all_rows.split(self.rows_per_chunk)]
+
+
+def pair_rows_on_device(rows: int, seq_len: int, vocab: int, itemsize: int, with_reference: bool,
+                        device: torch.device, headroom: float = 0.5) -> int:
+    """The chunk policy: ``rows`` (from the ``chunk_bytes`` budget), raised on CUDA to one whole
+    pair (``2T`` rows) when the budget is smaller but that pair's logits fit in ``headroom`` of the
+    device's free memory (``torch.cuda.mem_get_info``: a driver query, no stream sync). The budget
+    caps the memory of whole-pair chunks; it never causes recomputation: a pair that fits neither
+    takes the streamed-pair path (still 8NHV, plus two V x H accumulators)."""
+    need = 2 * seq_len
+    if rows >= need or device.type != "cuda":
+        return rows
+    free, _ = torch.cuda.mem_get_info(device)
+    pair_bytes = need * vocab * itemsize * (2 if with_reference else 1)
+    return need if pair_bytes <= headroom * free else rows

@@ -21,12 +21,12 @@ autograd), then the public function, ``fused_sequence_logps`` and the ``nn.Modul
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
-from .chunking import DEFAULT_CHUNK_BYTES, ChunkSchedule, compact_rows
+from .chunking import DEFAULT_CHUNK_BYTES, ChunkSchedule, compact_rows, pair_rows_on_device
 from .dispatch import BACKENDS
 from ..losses import LossParams, get_loss, sequence_coefficients
 from .lce_epilogue import compute_dtype, lce_epilogue_backward_, lce_epilogue_forward
@@ -60,6 +60,7 @@ class PreferenceLossOutput:
     ref_rejected_logps: Optional[torch.Tensor]
     kl: Optional[torch.Tensor]
     beta: float
+    sample_weights: Optional[torch.Tensor] = None  # the weights used (given, or from weights_fn)
 
     @property
     def chosen_avg_logps(self) -> torch.Tensor:
@@ -148,7 +149,8 @@ def _shape(x):
 # ---------------------------------------------------------------------------------------------
 class _Chunker:
     def __init__(self, hidden, weight, labels, bias, ref_hidden, ref_weight, ref_bias, ref_seq, sample_weights,
-                 spec, params, ignore_index, compute_kl, chunk_bytes, backend, compute_grad):
+                 spec, params, ignore_index, compute_kl, chunk_bytes, backend, compute_grad, host_mask=None,
+                 weights_fn=None):
         self.b2, self.t, self.h = hidden.shape
         self.bsz = self.b2 // 2
         self.v = weight.shape[0]
@@ -161,7 +163,7 @@ class _Chunker:
         self.spec, self.params, self.backend = spec, params, backend
         self.has_ref_logits = ref_hidden is not None
         self.compute_kl = compute_kl and self.has_ref_logits
-        self.weights = sample_weights
+        self.weights, self.weights_fn = sample_weights, weights_fn
         self.compute_grad = compute_grad
         self.cd = compute_dtype(hidden.dtype)
         dev = hidden.device
@@ -173,55 +175,84 @@ class _Chunker:
         self.per_pair = torch.zeros(self.bsz, dtype=self.cd, device=dev)
         self.logit = torch.zeros(self.bsz, dtype=self.cd, device=dev)
         self.loss = torch.zeros((), dtype=self.cd, device=dev)
+        self.pair_weights = torch.ones(self.bsz, dtype=self.cd, device=dev) if weights_fn is not None else None
         if compute_grad:
             self.grad_hidden = torch.zeros_like(self.hidden)
             self.grad_weight = torch.zeros(weight.shape, dtype=torch.float32 if self.cd == torch.float32 else self.cd, device=dev)
             self.grad_bias = None if bias is None else torch.zeros(self.v, dtype=self.grad_weight.dtype, device=dev)
         rows = ChunkSchedule.rows_for(chunk_bytes, self.v, hidden.element_size(), self.has_ref_logits)
-        self.schedule = ChunkSchedule(self.mask, self.b2, self.t, rows, compact=compact_rows(hidden.device))
+        rows = pair_rows_on_device(rows, self.t, self.v, hidden.element_size(), self.has_ref_logits, dev)
+        self.schedule = ChunkSchedule(self.mask, self.b2, self.t, rows, compact=compact_rows(dev), host_mask=host_mask)
 
     def _logits(self, h, w, b):
         return torch.addmm(b, h, w.t()) if b is not None else h @ w.t()
 
-    def _forward_rows(self, rows: torch.Tensor, seq_local: torch.Tensor, nseq: int, keep_logits: bool):
-        """Epilogue forward over `rows`; returns (logits or None, lse, per-seq sums (logp, ref, kl))."""
+    def _forward_rows(self, rows: torch.Tensor, seq_local: Optional[torch.Tensor], nseq: int, keep_logits: bool):
+        """Epilogue forward over `rows`; returns (logits or None, lse, h, tgt, mask, per-seq sums
+        (logp, ref, kl)). ``seq_local=None``: every row belongs to one sequence (sums of shape (1,))."""
         h = self.hidden.index_select(0, rows)
         logits = self._logits(h, self.weight, self.bias)
         ref_logits = None
         if self.has_ref_logits:
             ref_logits = self._logits(self.ref_hidden.index_select(0, rows), self.ref_weight, self.ref_bias)
         tgt = self.targets.index_select(0, rows)
-        lse, logp, ref_logp, kl = lce_epilogue_forward(logits, tgt, ref_logits if (self.compute_kl or self.has_ref_logits) else None,
-                                                        backend=self.backend)
+        lse, logp, ref_logp, kl = lce_epilogue_forward(logits, tgt, ref_logits, backend=self.backend)
         del ref_logits
         m = self.mask.index_select(0, rows).to(self.cd)
-        sums = [torch.zeros(nseq, dtype=self.cd, device=rows.device).index_add_(0, seq_local, x.to(self.cd) * m)
-                for x in (logp, ref_logp if self.has_ref_logits else None, kl if self.compute_kl else None) if x is not None]
+        xs = [x for x in (logp, ref_logp if self.has_ref_logits else None, kl if self.compute_kl else None) if x is not None]
+        if seq_local is None:  # one sequence: a dot product per statistic
+            sums = [(x.to(self.cd) @ m).reshape(1) for x in xs]
+        else:
+            sums = [torch.zeros(nseq, dtype=self.cd, device=rows.device).index_add_(0, seq_local, x.to(self.cd) * m)
+                    for x in xs]
         return (logits if keep_logits else None), lse, h, tgt, m, sums
+
+    def _pair_stats(self, pairs: torch.Tensor, per_pair: torch.Tensor, logit: torch.Tensor) -> "PreferenceLossOutput":
+        """The statistics of ``pairs`` a weights callback sees (detached, shape (n,))."""
+        other = pairs + self.bsz
+        kl = None
+        if self.kl_sum is not None:
+            kl = (self.kl_sum[pairs] + self.kl_sum[other]) / (self.counts[pairs] + self.counts[other]).clamp(min=1)
+        ref = self.ref_seq
+        return PreferenceLossOutput(
+            loss=None, per_pair_loss=per_pair, margins=logit, chosen_logps=self.seq_logps[pairs],
+            rejected_logps=self.seq_logps[other], chosen_counts=self.counts[pairs], rejected_counts=self.counts[other],
+            ref_chosen_logps=None if ref is None else ref[pairs], ref_rejected_logps=None if ref is None else ref[other],
+            kl=kl, beta=self.params.beta)
 
     def _coefficients(self, pairs: torch.Tensor) -> torch.Tensor:
         """Per-sequence ``dL/dlogp_s`` for the given pairs (chosen seqs then rejected seqs), and
         record their loss, per-pair loss and logit. Any registered loss works: its gradient comes
-        from autograd on these (2n,)-sized tensors, not from hand-written derivatives."""
+        from autograd on these (2n,)-sized tensors, not from hand-written derivatives. The pair
+        weights (``sample_weights``, or ``weights_fn`` of these pairs' statistics) scale them:
+        ``L = sum_i w_i l_i / B`` with w detached, so ``dL/dlogp_s = w_i dl_i/dlogp_s / B``."""
         seqs = torch.cat([pairs, pairs + self.bsz])
         ref = None if self.ref_seq is None else self.ref_seq[seqs]
-        w = None if self.weights is None else self.weights[pairs].to(self.cd)
         # A custom op's body runs with autograd (and torch.func, under torch.compile) excluded from
         # dispatch; this (2n,)-sized loss is differentiated with the default dispatch TLS.
         with torch._C._ForceDispatchKeyGuard(*_DEFAULT_DISPATCH_TLS):
             loss, per_pair, logit, coef = sequence_coefficients(self.spec, self.params, self.seq_logps[seqs], self.counts[seqs],
-                                                                ref, w, denom=self.bsz, need_grad=self.compute_grad)
+                                                                ref, None, denom=self.bsz, need_grad=self.compute_grad)
+        w = None
+        if self.weights_fn is not None:
+            w = self.weights_fn(pairs, self._pair_stats(pairs, per_pair, logit)).detach().to(self.cd).reshape(-1)
+            self.pair_weights[pairs] = w
+        elif self.weights is not None:
+            w = self.weights[pairs].to(self.cd)
+        if w is not None:
+            loss = (w * per_pair).sum() / self.bsz
+            coef = None if coef is None else coef * w.repeat(2)
         self.per_pair[pairs] = per_pair
         self.logit[pairs] = logit
         self.loss += loss
         return coef
 
-    def _backward_rows(self, logits, lse, h, tgt, m, coef_rows, rows):
-        lce_epilogue_backward_(logits, lse, tgt, coef_rows * m, backend=self.backend)
+    def _backward_rows(self, logits, lse, h, tgt, m, coef_rows, rows, grad_weight):
+        lce_epilogue_backward_(logits, lse, tgt, m if coef_rows is None else coef_rows * m, backend=self.backend)
         self.grad_hidden.index_copy_(0, rows, (logits @ self.weight).to(self.grad_hidden.dtype))
-        self.grad_weight.add_(logits.t() @ h)
-        if self.grad_bias is not None:
-            self.grad_bias.add_(logits.sum(0, dtype=self.grad_bias.dtype))
+        _add_mm_(grad_weight[0], logits.t(), h)
+        if grad_weight[1] is not None:
+            grad_weight[1].add_(logits.sum(0, dtype=grad_weight[1].dtype))
 
     def run(self):
         if self.schedule.pairs_fit:
@@ -231,9 +262,10 @@ class _Chunker:
                 self._store_sums(ch.seqs, sums)
                 coef = self._coefficients(ch.pairs)
                 if self.compute_grad:
-                    self._backward_rows(logits, lse, h, tgt, m, coef[ch.seq_local], ch.rows)
+                    self._backward_rows(logits, lse, h, tgt, m, coef[ch.seq_local], ch.rows, (self.grad_weight, self.grad_bias))
+                del logits
         else:
-            self._two_phase()
+            self._streamed_pairs()
         return self
 
     def _store_sums(self, seqs, sums):
@@ -245,22 +277,53 @@ class _Chunker:
         if self.compute_kl:
             self.kl_sum[seqs] += sums[k]
 
-    def _two_phase(self):
-        chunks = self.schedule.token_chunks()
-        lses = []
-        for ch in chunks:  # phase 1: sums over token chunks, keep only lse per row
-            _, lse, *_rest, sums = self._forward_rows(ch.rows, ch.seq, self.b2, keep_logits=False)
-            lses.append(lse)
-            self._store_sums(torch.arange(self.b2, device=ch.rows.device), sums)
-        coef = self._coefficients(torch.arange(self.bsz, device=self.hidden.device))
-        if not self.compute_grad:
+    def _streamed_pairs(self):
+        """A pair whose rows do not fit one chunk: its two sequences in token chunks, one pair at a
+        time, each logits chunk computed once (8NHV). The coefficient ``c_s`` of a sequence is known
+        only after its last chunk, and the gradient is linear in it: each chunk's backward runs with
+        coefficient 1, ``grad_h`` rows are scaled by ``c_s`` in place afterwards, and ``grad_W``
+        collects ``sum_r (onehot_r - softmax_r)^T h_r`` per sequence in one of two V x H
+        accumulators, added as ``c_w A_w + c_l A_l`` when the pair is done."""
+        acc = []
+        if self.compute_grad:
+            acc = [(torch.zeros_like(self.grad_weight), None if self.grad_bias is None else torch.zeros_like(self.grad_bias))
+                   for _ in range(2)]
+        gh = self.grad_hidden.view(self.b2, self.t, self.h) if self.compute_grad else None
+        for i in range(self.bsz):
+            seqs = (i, i + self.bsz)
+            for k, s in enumerate(seqs):
+                for rows in self.schedule.seq_chunks(s):
+                    logits, lse, h, tgt, m, sums = self._forward_rows(rows, None, 1, keep_logits=self.compute_grad)
+                    self._store_sums(self.schedule.index([s]), sums)
+                    if self.compute_grad:
+                        self._backward_rows(logits, lse, h, tgt, m, None, rows, acc[k])
+                    del logits
+            coef = self._coefficients(self.schedule.index([i]))
+            if not self.compute_grad:
+                continue
+            for k, s in enumerate(seqs):
+                c = coef[k]
+                gh[s].mul_(c.to(gh.dtype))
+                self.grad_weight.addcmul_(acc[k][0], c.to(self.grad_weight.dtype))
+                acc[k][0].zero_()
+                if self.grad_bias is not None:
+                    self.grad_bias.addcmul_(acc[k][1], c.to(self.grad_bias.dtype))
+                    acc[k][1].zero_()
+
+
+def _add_mm_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``out += a @ b`` without a temporary of out's size when the dtypes allow: in place for equal
+    dtypes; on CUDA bf16/fp16 operands accumulate into the fp32 ``out`` through ``out_dtype``."""
+    if a.dtype == out.dtype:
+        out.addmm_(a, b)
+        return
+    if out.is_cuda:
+        try:
+            torch.addmm(out, a, b, out_dtype=out.dtype, out=out)
             return
-        for ch, lse in zip(chunks, lses):  # phase 2: recompute policy logits for the gradient
-            h = self.hidden.index_select(0, ch.rows)
-            logits = self._logits(h, self.weight, self.bias)
-            tgt = self.targets.index_select(0, ch.rows)
-            m = self.mask.index_select(0, ch.rows).to(self.cd)
-            self._backward_rows(logits, lse, h, tgt, m, coef[ch.seq], ch.rows)
+        except (RuntimeError, TypeError):
+            pass
+    out.add_(a @ b)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -269,18 +332,15 @@ class _Chunker:
 _EMPTY = (0,)
 
 
-@torch.library.custom_op("metapo_fast::fused_linear_preference_loss", mutates_args=())
-def _fused_op(
-    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, bias: Optional[torch.Tensor],
-    ref_hidden: Optional[torch.Tensor], ref_weight: Optional[torch.Tensor], ref_bias: Optional[torch.Tensor],
-    ref_logps: Optional[torch.Tensor], sample_weights: Optional[torch.Tensor],
-    loss_type: str, beta: float, label_smoothing: float, focal_gamma: float, simpo_gamma: float, orpo_lambda: float,
-    ignore_index: int, compute_kl: bool, chunk_bytes: int, backend: str, compute_grad: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-           torch.Tensor, torch.Tensor, torch.Tensor]:
+def _run(hidden, weight, labels, bias, ref_hidden, ref_weight, ref_bias, ref_logps, sample_weights, loss_type, beta,
+         label_smoothing, focal_gamma, simpo_gamma, orpo_lambda, ignore_index, compute_kl, chunk_bytes, backend,
+         compute_grad, host_mask=None, weights_fn=None):
+    """The op's computation: its ten outputs, and the chunker (for the weights a callback gave)."""
     params = LossParams(beta, label_smoothing, focal_gamma, simpo_gamma, orpo_lambda)
     c = _Chunker(hidden, weight, labels, bias, ref_hidden, ref_weight, ref_bias, ref_logps, sample_weights,
-                 get_loss(loss_type), params, ignore_index, compute_kl, chunk_bytes, backend, compute_grad).run()
+                 get_loss(loss_type), params, ignore_index, compute_kl, chunk_bytes, backend, compute_grad,
+                 host_mask=host_mask, weights_fn=weights_fn).run()
+
     def empty():  # one fresh tensor per absent output: outputs may not alias each other
         return hidden.new_empty(_EMPTY, dtype=c.cd)
 
@@ -293,13 +353,28 @@ def _fused_op(
     else:
         gh, gw, gb = empty(), empty(), empty()
     # ref_logps (an input) must not be returned as an output alias
-    return c.loss, c.per_pair, c.logit, c.seq_logps, c.counts, ref.clone() if ref is ref_logps else ref, kl, gh, gw, gb
+    return (c.loss, c.per_pair, c.logit, c.seq_logps, c.counts, ref.clone() if ref is ref_logps else ref, kl, gh, gw, gb), c
+
+
+@torch.library.custom_op("metapo_fast::fused_linear_preference_loss", mutates_args=())
+def _fused_op(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, bias: Optional[torch.Tensor],
+    ref_hidden: Optional[torch.Tensor], ref_weight: Optional[torch.Tensor], ref_bias: Optional[torch.Tensor],
+    ref_logps: Optional[torch.Tensor], sample_weights: Optional[torch.Tensor],
+    loss_type: str, beta: float, label_smoothing: float, focal_gamma: float, simpo_gamma: float, orpo_lambda: float,
+    ignore_index: int, compute_kl: bool, chunk_bytes: int, backend: str, compute_grad: bool,
+    host_mask: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+           torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _run(hidden, weight, labels, bias, ref_hidden, ref_weight, ref_bias, ref_logps, sample_weights, loss_type,
+                beta, label_smoothing, focal_gamma, simpo_gamma, orpo_lambda, ignore_index, compute_kl, chunk_bytes,
+                backend, compute_grad, host_mask)[0]
 
 
 @_fused_op.register_fake
 def _fused_op_fake(hidden, weight, labels, bias, ref_hidden, ref_weight, ref_bias, ref_logps, sample_weights,
                    loss_type, beta, label_smoothing, focal_gamma, simpo_gamma, orpo_lambda, ignore_index,
-                   compute_kl, chunk_bytes, backend, compute_grad):
+                   compute_kl, chunk_bytes, backend, compute_grad, host_mask=None):
     cd = compute_dtype(hidden.dtype)
     b2 = hidden.shape[0]
     new = lambda *s, dtype=cd: hidden.new_empty(s, dtype=dtype)  # noqa: E731
@@ -317,7 +392,7 @@ def _fused_op_fake(hidden, weight, labels, bias, ref_hidden, ref_weight, ref_bia
 
 _OP_INPUTS = ("hidden", "weight", "labels", "bias", "ref_hidden", "ref_weight", "ref_bias", "ref_logps",
               "sample_weights", "loss_type", "beta", "label_smoothing", "focal_gamma", "simpo_gamma", "orpo_lambda",
-              "ignore_index", "compute_kl", "chunk_bytes", "backend", "compute_grad")
+              "ignore_index", "compute_kl", "chunk_bytes", "backend", "compute_grad", "host_mask")
 
 
 def _setup_context(ctx, inputs, output):
@@ -342,6 +417,23 @@ def _backward(ctx, grad_loss, *_unused):
 
 
 torch.library.register_autograd("metapo_fast::fused_linear_preference_loss", _backward, setup_context=_setup_context)
+
+
+class _FusedWithWeightsFn(torch.autograd.Function):
+    """The op with a per-chunk weights callback (a Python callable, so eager only; the custom op
+    above is what torch.compile sees). Same computation and the same backward."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, args, weights_fn):
+        outs, c = _run(hidden, weight, args[0], bias, *args[1:], weights_fn=weights_fn)
+        _setup_context(ctx, (hidden, weight, None, bias), outs)
+        ctx.mark_non_differentiable(*outs[1:], c.pair_weights)
+        return (*outs, c.pair_weights)
+
+    @staticmethod
+    def backward(ctx, grad_loss, *_unused):
+        grads = dict(zip(_OP_INPUTS, _backward(ctx, grad_loss)))
+        return grads["hidden"], grads["weight"], grads["bias"], None, None
 
 
 def _as_seq_ref(ref_logps) -> Optional[torch.Tensor]:
@@ -373,6 +465,8 @@ def fused_linear_preference_loss(
     compute_kl: bool = True,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     backend: str = "auto",
+    host_labels: Optional[torch.Tensor] = None,
+    weights_fn: Optional[Callable] = None,
 ) -> PreferenceLossOutput:
     """Weighted pairwise preference loss from the LM head's inputs, fused and chunked.
 
@@ -394,6 +488,18 @@ def fused_linear_preference_loss(
         compute_kl: compute the per-pair mean token KL (needs ``ref_hidden``).
         chunk_bytes: memory budget for one chunk's policy + reference logits.
         backend: epilogue implementation: ``auto`` | ``torch`` | ``triton`` | ``cpp``.
+        host_labels: optional CPU copy of ``labels`` (the collated batch before its copy to the
+            GPU). On CUDA it lets the op drop prompt and padding rows before the GEMMs without a
+            host sync (row indices computed on the host); ignored for CPU tensors.
+        weights_fn: optional per-pair weights known only from this pass's statistics (MetaPO):
+            ``weights_fn(pairs, stats) -> (n,)`` is called once per chunk, after the chunk's
+            forward and before its gradient, with the indices of the chunk's pairs and their
+            :class:`PreferenceLossOutput` (margins, log-probs, KL; ``loss`` None); its detached
+            result weights those pairs. The policy logits are still computed once (8NHV; the
+            alternative, a no-grad pass for the margins then a gradient pass, costs 10NHV). It may
+            be called several times per batch, so it must be a per-pair function (no batch
+            normalisation, no collectives). Eager only (a Python callable); excludes
+            ``sample_weights``. The weights used are in the output's ``sample_weights``.
 
     Gradients flow to ``hidden``, ``weight`` and ``bias`` (the weight gradient is accumulated in
     fp32 across chunks). Returns a :class:`PreferenceLossOutput`.
@@ -410,13 +516,27 @@ def fused_linear_preference_loss(
         raise ValueError(f"chunk_bytes must be positive, got {chunk_bytes}")
     compute_grad = torch.is_grad_enabled() and any(
         x is not None and x.requires_grad for x in (hidden, weight, bias))
-    out = _fused_op(
-        hidden.contiguous(), weight.contiguous(), labels.contiguous(), bias, None if ref_hidden is None else ref_hidden.detach().contiguous(),
-        None if ref_weight is None else ref_weight.detach().contiguous(), None if ref_bias is None else ref_bias.detach(),
-        None if ref_seq is None else ref_seq.detach(), None if sample_weights is None else sample_weights.detach(),
-        loss_type, params.beta, params.label_smoothing, params.focal_gamma, params.simpo_gamma, params.orpo_lambda,
-        ignore_index, compute_kl, int(chunk_bytes), backend, compute_grad,
-    )
+    host_mask = None
+    if host_labels is not None:
+        if host_labels.shape != labels.shape or host_labels.device.type != "cpu":
+            raise ValueError(f"host_labels must be a CPU copy of labels {tuple(labels.shape)}, got "
+                             f"{tuple(host_labels.shape)} on {host_labels.device}")
+        host_mask = host_labels != ignore_index
+    args = (labels.contiguous(), None if ref_hidden is None else ref_hidden.detach().contiguous(),
+            None if ref_weight is None else ref_weight.detach().contiguous(), None if ref_bias is None else ref_bias.detach(),
+            None if ref_seq is None else ref_seq.detach(), None if sample_weights is None else sample_weights.detach(),
+            loss_type, params.beta, params.label_smoothing, params.focal_gamma, params.simpo_gamma, params.orpo_lambda,
+            ignore_index, compute_kl, int(chunk_bytes), backend, compute_grad, host_mask)
+    used_weights = sample_weights
+    if weights_fn is not None:
+        if sample_weights is not None:
+            raise ValueError("give either sample_weights or weights_fn, not both")
+        if torch.compiler.is_compiling():
+            raise ValueError("weights_fn (a Python callable) runs in eager mode only; under torch.compile pass sample_weights")
+        out = _FusedWithWeightsFn.apply(hidden.contiguous(), weight.contiguous(), bias, args, weights_fn)
+        used_weights = out[10].detach()
+    else:
+        out = _fused_op(hidden.contiguous(), weight.contiguous(), args[0], bias, *args[1:])
     loss, per_pair, logit, seq, counts, ref, kl_sum = out[:7]
     bsz = hidden.shape[0] // 2
     has_ref = ref.numel() > 0
@@ -428,7 +548,7 @@ def fused_linear_preference_loss(
         loss=loss, per_pair_loss=per_pair.detach(), margins=logit.detach(),
         chosen_logps=seq[:bsz], rejected_logps=seq[bsz:], chosen_counts=counts[:bsz], rejected_counts=counts[bsz:],
         ref_chosen_logps=ref[:bsz].detach() if has_ref else None, ref_rejected_logps=ref[bsz:].detach() if has_ref else None,
-        kl=kl, beta=params.beta,
+        kl=kl, beta=params.beta, sample_weights=used_weights,
     )
 
 

@@ -1,10 +1,14 @@
 """One micro-batch's forward, the same for training, evaluation and the meta-update's validation
 batch: the policy's and the reference's last hidden states, then the fused loss.
 
-With a weights function (MetaPO) the forward is two fused-loss passes: a no-grad pass gives this
-step's margins z and KL, ``weights_fn(stats)`` the weights, and the gradient pass reuses the
-reference log-probs of the first pass. The LM head's policy logits are then computed twice
-(10NHV instead of the fused loss's 8NHV floor); plain DPO/FocalPO/SimPO take the single pass.
+MetaPO's weights depend on this step's margins. With a per-pair weights function
+(``chunk_weights_fn(pairs, stats)``) the fused loss calls it chunk by chunk, between each chunk's
+forward and its gradient: one pass, the LM head's 8NHV floor. With a whole-batch ``weights_fn(stats)``
+(one that normalises over the batch or talks to other ranks) the forward is two fused-loss passes:
+a no-grad pass gives the margins z and KL, ``weights_fn(stats)`` the weights, and the gradient pass
+reuses the reference log-probs of the first pass (10NHV). Plain DPO/FocalPO/SimPO take the single
+pass. On CUDA the fused loss also gets the host's copy of the labels, so prompt and padding rows
+never enter the LM-head GEMMs (no host sync).
 
 Under ZeRO-3 the LM heads are gathered only after both decoder forwards: with tied embeddings the
 embedding's post-forward hook would release a head gathered earlier. The policy head stays
@@ -53,12 +57,16 @@ class PairForward:
         return (batch[k].to(self.device, non_blocking=True) for k in BATCH_KEYS)
 
     def __call__(self, batch: dict, weights_fn: Optional[Callable] = None, *, stack: contextlib.ExitStack,
-                 weights: Optional[torch.Tensor] = None
+                 weights: Optional[torch.Tensor] = None, chunk_weights_fn: Optional[Callable] = None
                  ) -> tuple[PreferenceLossOutput, PreferenceLossOutput, Optional[torch.Tensor]]:
         """``(out, stats, w)``: the loss to differentiate, the per-pair statistics (margins, KL,
         log-probs; the same object as ``out`` without ``weights_fn``) and the weights (or None).
-        ``weights`` known before the forward (the static filter) take the single pass."""
+        ``weights`` known before the forward (the static filter) and ``chunk_weights_fn(pairs,
+        stats) -> (n,)`` (per-pair weights from the pairs' own statistics, called once per chunk;
+        see ``fused_linear_preference_loss(weights_fn=)``) take the single pass; ``weights_fn``
+        (whole batch) the two passes."""
         ids, mask, labels = self._to_device(batch)
+        host_labels = batch["labels"] if batch["labels"].device.type == "cpu" else None
         plan = pack_plan(self.model, batch["attention_mask"], self.device)  # from the CPU mask: no sync
         self.eng.begin_forward()
         hidden = last_hidden_states(self.model, ids, mask, plan=plan)
@@ -69,16 +77,17 @@ class PairForward:
             ref_kw = reference_head_inputs(self.ref, ref_hidden, self.device)
             if weights_fn is None:
                 out = fused_linear_preference_loss(hidden, head.weight, labels, bias=head.bias, **ref_kw, **self.loss_kw,
-                                                   sample_weights=weights)
-                return out, out, weights
+                                                   sample_weights=weights, weights_fn=chunk_weights_fn,
+                                                   host_labels=host_labels)
+                return out, out, out.sample_weights
             with torch.no_grad():
                 stats = fused_linear_preference_loss(hidden.detach(), head.weight, labels, bias=head.bias, **ref_kw,
-                                                     **self.loss_kw)
+                                                     **self.loss_kw, host_labels=host_labels)
             del ref_kw
         w = weights_fn(stats)
         ref_logps = None if stats.ref_chosen_logps is None else (stats.ref_chosen_logps, stats.ref_rejected_logps)
         out = fused_linear_preference_loss(hidden, head.weight, labels, bias=head.bias, ref_logps=ref_logps,
-                                           sample_weights=w, **{**self.loss_kw, "compute_kl": False})
+                                           sample_weights=w, **{**self.loss_kw, "compute_kl": False}, host_labels=host_labels)
         return out, stats, w
 
     @torch.no_grad()
