@@ -27,10 +27,20 @@ def test_json_rows_have_the_keys(capsys):
         assert KEYS <= set(r), KEYS - set(r)
 
 
-def test_single_pass_dpo_is_8_nhv_on_cpu(rows):
-    """T=16 (T_llama=256): one pair fits the budget; compacted rows: exactly the 8NHV floor."""
-    for what in ("op", "step"):
-        assert _row(rows, what, "dpo", "cpu", 16)["flops_per_n_loss_hv"] == pytest.approx(8.0, rel=0.02)
+@pytest.mark.parametrize("t", [16, 64])  # T_llama 256 (a pair fits a chunk) and 1024 (it does not: streamed)
+@pytest.mark.parametrize("rule", ["cpu", "cuda"])
+@pytest.mark.parametrize("path", ["dpo", "metapo"])
+@pytest.mark.parametrize("what", ["op", "step"])
+def test_lm_head_is_8_nhv(rows, what, path, rule, t):
+    """The LM head's GEMMs cost the 8NHV floor in N_loss (labelled tokens): no recomputation (MetaPO
+    in one pass, long pairs streamed), no prompt/padding rows (CUDA path with the host's labels)."""
+    assert _row(rows, what, path, rule, t)["flops_per_n_loss_hv"] == pytest.approx(8.0, rel=0.02)
+
+
+def test_bare_row_path_pays_for_unlabelled_rows(rows):
+    """Without the host's labels the CUDA path multiplies every row: the counter sees it."""
+    r = _row(rows, "op", "dpo", "bare", 64)
+    assert r["flops_per_n_loss_hv"] == pytest.approx(8.0 * r["rows"] / r["n_loss"], rel=0.02)
 
 
 def test_no_host_sync_inside_the_op_or_the_ghost_pass(rows):
@@ -45,3 +55,11 @@ def test_peak_transient_memory_is_bounded_by_the_budget(rows):
     for r in rows:
         if r["what"] == "op":
             assert r["peak_transient_mb"] <= 2.5 * budget_mb, r
+
+
+def test_peak_transient_memory_does_not_grow_with_t(rows):
+    """T=64 has 4.5x the labelled rows of T=16; the temporaries (one chunk) stay within 2x."""
+    budget_mb = rows[0]["chunk_rows"] * rows[0]["V"] * 4 * 2 / 2**20
+    for path in ("dpo", "metapo"):
+        small, large = (_row(rows, "op", path, "cuda", t)["peak_transient_mb"] for t in (16, 64))
+        assert large <= max(2 * small, budget_mb), (path, small, large)
