@@ -369,3 +369,26 @@ def test_step_gradient_is_the_lookahead_per_unit_eta_plus_the_entropy_term():
     combined, _ = grads(coef, True)
     torch.testing.assert_close(combined, lookahead / eta + entropy, rtol=1e-5, atol=1e-7)
     assert entropy.abs().max() > 1e-4 and lookahead.abs().max() > 0
+
+
+def test_meta_gradient_holds_one_model_sized_copy():
+    """#15 item 3: the validation backward's gradients become g_meta without a copy. Peak bytes of the
+    tensors the meta-gradient creates, in units of the model's parameter bytes, on a model whose
+    decoder layers hold most parameters (as an LLM's do): ~1 (its gradients) plus activations and
+    the fused head's [V, H] gradient buffers; cloning the gradients (as before) made it ~2."""
+    from benchmarks.counters import Counters
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=V, hidden_size=64, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=32)
+    model = LlamaForCausalLM(cfg)
+    ref = copy.deepcopy(model)
+    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    learner = MetaLearner(MetaWeightNet(), lr=0.01, interval=1, inner_lr=1e-3, loss_params=PARAMS, backend="torch")
+    with Counters(vocab=V) as c:
+        G, _ = learner.meta_gradient(model, make_batch(1, b=2, t=6), ref)  # few tokens: activations << parameters
+        peak = c.peak
+    assert sum(g.numel() * g.element_size() for g in G.values()) == param_bytes
+    assert all(p.grad is None for p in model.parameters())
+    assert peak < 1.3 * param_bytes, f"meta-gradient peak {peak / param_bytes:.2f} x the parameter bytes"

@@ -21,6 +21,12 @@ objective (per-rank gradients all-reduced, ``|P|`` of L_margin counted over all 
 computes ``c_i`` of its own training pairs, and the phi gradient is all-reduced, so every rank
 applies the same update. Under DeepSpeed ZeRO-3 the trainer runs the meta-update on a full
 replica of the policy, refreshed from the gathered parameters (``train.setup.build_engine``).
+
+Memory: ``g_meta`` is the validation backward's own gradient tensors (taken from ``p.grad``, not
+copied), so the meta pass holds one model-sized set of gradients beyond the training step's, plus
+the activations of one validation / training micro-batch (gradient checkpointing kept, see
+``deterministic_mode``); the ghost backward writes no ``p.grad``. Under ZeRO-3 the full replica adds
+a second model-sized copy per rank (measured: ``tests/test_meta.py``).
 """
 from __future__ import annotations
 
@@ -246,7 +252,8 @@ class MetaLearner:
                                               sample_weights=w_margin, loss_type=margin_name, **kw)
         total = val.loss / world + margin.loss
         total.backward()
-        G = {p: p.grad.detach().clone() for p in model.parameters() if p.grad is not None}
+        # G takes the gradient tensors themselves (no clone: one model-sized copy at the peak, not two)
+        G = {p: p.grad.detach() for p in model.parameters() if p.grad is not None}
         for p in model.parameters():
             p.grad = None
         for g in G.values():
