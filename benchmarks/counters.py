@@ -371,10 +371,11 @@ def collect(quick: bool = False, tiny: bool = False, backend: str = "auto", step
             for path in ("dpo", "metapo"):
                 jobs.append(("op", path, rule, compact,
                              lambda p=path, c=compact: op_row(p, t, b, h, v, chunk_bytes, backend, host_labels=not c)))
-            if steps:
+            if steps and not (quick and t != (only_t or ts)[0]):  # --quick: trainer-step rows at the first T only
                 for path in ("dpo", "metapo"):
                     jobs.append(("step", path, rule, compact, lambda p=path: step_row(p, t, b, h, v, chunk_bytes, backend)))
-            jobs.append(("ghost", "ghost", rule, compact, lambda: ghost_row(t, b, h, v, chunk_bytes, backend)))
+            if not (quick and compact):  # --quick: the ghost pass on the CUDA rule only
+                jobs.append(("ghost", "ghost", rule, compact, lambda: ghost_row(t, b, h, v, chunk_bytes, backend)))
         for what, path, rule, compact, fn in jobs:
             with force_row_rule(compact):
                 r = fn()

@@ -186,7 +186,9 @@ class LossConfig:
     focal_gamma: float = _f(1.0, "FocalPO exponent gamma >= 0.")
     simpo_gamma: float = _f(0.5, "SimPO target reward margin.")
     orpo_lambda: float = _f(0.1, "Weight of ORPO's odds-ratio term.")
-    chunk_bytes: int = _f(_DEFAULT_CHUNK_BYTES, "Logits memory budget per chunk of the fused loss (policy + reference logits), bytes.")
+    chunk_bytes: int = _f(_DEFAULT_CHUNK_BYTES, "Logits memory budget per chunk of the fused loss (policy + reference logits), bytes: a ceiling on "
+                                   "one chunk, never a cause of recomputation (longer pairs are streamed; on CUDA a whole pair "
+                                   "that fits the free memory gets one chunk). README, 'How the fused loss works'.")
     backend: Literal["auto", "torch", "triton", "cpp"] = _f("auto", "Fused-loss implementation: auto = Triton on CUDA, C++ on CPU, else the PyTorch reference.")
 
     def __post_init__(self) -> None:
