@@ -7,6 +7,10 @@ Each kernel module lists its configurations in ``SM90_CONFIGS``. For each one: t
 with target GPUTarget("cuda", 90, 32); the cubin goes through the cuobjdump shipped in the triton
 wheel (--dump-resource-usage: registers, stack, local memory) and its SASS is scanned for local
 loads/stores (LDL/STL = spills). Exit code 1 if any configuration fails to compile or spills.
+Each configuration is compiled twice: as declared, and with the specialisation Triton's JIT adds
+at launch when the values allow it (``tt.divisibility = 16`` on every pointer and integer argument:
+16-byte-aligned tensors, strides and V multiples of 16, the usual case), since that variant is the
+one launched on aligned inputs and it compiles differently (vectorised loads).
 Must run without TRITON_INTERPRET (the interpreter replaces the JIT functions).
 """
 from __future__ import annotations
@@ -32,12 +36,20 @@ def _tool(name: str) -> str:
     return path
 
 
-def check_config(cfg: dict) -> dict:
+def jit_divisibility_attrs(signature: dict) -> dict:
+    """The attributes the JIT specialises aligned launches with: divisibility by 16 of every
+    pointer and integer argument (by position)."""
+    return {(i,): [["tt.divisibility", 16]] for i, ty in enumerate(signature.values())
+            if ty.startswith("*") or ty in ("i32", "i64")}
+
+
+def check_config(cfg: dict, aligned: bool = False) -> dict:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    src = ASTSource(fn=cfg["fn"], signature=cfg["signature"], constexprs=cfg["constexprs"])
+    attrs = jit_divisibility_attrs(cfg["signature"]) if aligned else None
+    src = ASTSource(fn=cfg["fn"], signature=cfg["signature"], constexprs=cfg["constexprs"], attrs=attrs)
     k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": cfg["num_warps"]})
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
         f.write(k.asm["cubin"])
@@ -53,7 +65,7 @@ def check_config(cfg: dict) -> dict:
         return int(m.group(1)) if m else None
 
     spill_instr = len(re.findall(r"\b(LDL|STL)\b", sass))
-    res = {"name": cfg["name"], "registers": field("REG"), "stack": field("STACK"), "local": field("LOCAL"),
+    res = {"name": cfg["name"] + ("_aligned16" if aligned else ""), "registers": field("REG"), "stack": field("STACK"), "local": field("LOCAL"),
            "shared": field("SHARED"), "spill_instructions": spill_instr, "num_warps": cfg["num_warps"]}
     res["ok"] = res["registers"] is not None and not res["local"] and not spill_instr
     return res
@@ -65,10 +77,12 @@ def check_all() -> list[dict]:
     out = []
     for mod in KERNEL_MODULES:
         for cfg in importlib.import_module(mod).SM90_CONFIGS:
-            try:
-                out.append({"module": mod, **check_config(cfg)})
-            except Exception as exc:  # reported per configuration: a compile error fails the check below
-                out.append({"module": mod, "name": cfg["name"], "ok": False, "error": f"{type(exc).__name__}: {exc}"})
+            for aligned in (False, True):
+                try:
+                    out.append({"module": mod, "aligned": aligned, **check_config(cfg, aligned)})
+                except Exception as exc:  # reported per configuration: a compile error fails the check below
+                    out.append({"module": mod, "aligned": aligned, "name": cfg["name"], "ok": False,
+                                "error": f"{type(exc).__name__}: {exc}"})
     return out
 
 
