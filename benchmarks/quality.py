@@ -82,6 +82,9 @@ CANDIDATES = {
     "metapo_lr3e-3": lambda eps, warm, total: ["meta.lr=0.003"],  # the best-separating meta lr (0.003 vs 0.03)
     "metapo_cdpo": lambda eps, warm, total: [f"loss.label_smoothing={eps}"],  # MetaPO's weights on cDPO's loss
     "metapo_mlp": lambda eps, warm, total: ["meta.arch=mlp"],  # a non-monotone weight function (6-32-1, paper App. A.11)
+    # the bounded L_val sigma(-z): late in training the validation set's own flipped pairs are the only
+    # unsaturated terms of -log sigma(z), so g_meta follows them and the weights invert (quality_e24.md)
+    "metapo_sigval": lambda eps, warm, total: ["meta.val_objective=sigmoid"],
     # the static filter after two thirds of the run instead of two epochs (weights_diagnosis: the margin
     # flags flipped pairs at AUROC 0.66 at step 120, 0.92 at step 480 at 20% flips)
     "static_filter_late": lambda eps, warm, total: ["meta.weighting=static_filter",
