@@ -191,6 +191,14 @@ class DeepSpeedEngine:
         self.zero3 = cfg.get("zero_optimization", {}).get("stage", 0) == 3
 
     def begin_forward(self) -> None:
+        """What ``engine.forward`` does first, for the trainer's direct call of the decoder: the ZeRO
+        optimiser counts the previous backward as a finished micro-step (without this ZeRO's
+        micro-step id stays 0 and every micro-batch's gradient partition overwrites the previous one
+        instead of accumulating: only the last micro-batch of a step counted); ZeRO-3's fetch trace."""
+        from deepspeed.runtime.base_optimizer import ZeROOptimizer
+
+        if isinstance(self.engine.optimizer, ZeROOptimizer):
+            self.engine.optimizer.clear_backward_seen_flag()  # idempotent until the next backward
         if self.zero3:
             _reset_zero3_trace(self.engine)
 
