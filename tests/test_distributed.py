@@ -479,3 +479,47 @@ def test_two_ranks_x_accumulation_2_equal_one_rank_x_4_and_the_whole_batch(tmp_p
             torch.testing.assert_close(r["phi"][k], ref["phi"][k], rtol=1e-4, atol=1e-6, msg=f"{name} {k}")
     assert ref["phi"]["v"].abs().max() > 1e-3  # the meta-network moved
     assert (ref["tracker"][:, 5] > 0).sum() == 32  # 4 steps x 8 distinct pairs visited
+
+
+# ------------------------------------------------------------------ stratification pass sharded
+def _strat_pass():
+    """(log-probs of every training pair, pairs this rank ran through the reference)."""
+    from metapo_fast.config import load_config
+    from metapo_fast.data import PreferenceCollator, PreferenceDataset, load_preference_data
+    from metapo_fast.data.synthetic import task_from_config
+    from metapo_fast.train.cli import _default_config
+    from metapo_fast.train.setup import build_tokenizer_and_model, sequence_logps_batched
+
+    cfg = load_config(_default_config(), ["data.synthetic.num_pairs=300"])
+    tok, model = build_tokenizer_and_model(cfg, torch.device("cpu"))
+    pairs = load_preference_data(cfg.data, tok, "train", rows=task_from_config(cfg.data.synthetic).train_rows, source_name="synthetic")
+    seen = []
+    real = PreferenceCollator(tok.pad_token_id)
+
+    def counting(items):  # the pairs this rank runs through the reference
+        seen.extend(items)
+        return real(items)
+
+    lp = sequence_logps_batched(model, PreferenceDataset(pairs), counting, torch.device("cpu"), batch_size=32, shard=True)
+    return lp, len(seen)
+
+
+def _strat_worker(rank, world, port, out):
+    _init(rank, world, port)
+    lp, n = _strat_pass()
+    torch.save({"lp": torch.from_numpy(lp), "n": n}, os.path.join(out, f"strat{rank}.pt"))
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_stratification_pass_is_sharded_across_ranks(tmp_path):
+    """The reference margins of the stratified validation split: each of 2 ranks runs about half of
+    the training pairs through the reference, and both get every pair's log-probs, equal to one
+    process's (the same batches: bitwise)."""
+    mp.spawn(_strat_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"strat{r}.pt") for r in range(2))
+    single, n_single = _strat_pass()
+    assert n_single == single.shape[0] > 200
+    assert r0["n"] + r1["n"] == n_single and abs(r0["n"] - r1["n"]) <= 32  # batches of 32 alternate between the ranks
+    assert torch.equal(r0["lp"], r1["lp"]) and torch.equal(r0["lp"], torch.from_numpy(single))
+    assert (r0["lp"] != 0).all()

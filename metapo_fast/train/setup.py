@@ -200,23 +200,38 @@ def sft_warmup(model: nn.Module, tok, rows: list[dict], steps: int, lr: float, s
 
 @torch.no_grad()
 def sequence_logps_batched(model: nn.Module, ds: PreferenceDataset, collator: PreferenceCollator, device,
-                           batch_size: int = 64) -> np.ndarray:
-    """``(N, 2)`` float64 sums of response log-probs (chosen, rejected) of every pair of ``ds``."""
+                           batch_size: int = 64, shard: bool = False) -> np.ndarray:
+    """``(N, 2)`` float64 sums of response log-probs (chosen, rejected) of every pair of ``ds``.
+
+    ``shard`` (several ranks, each holding the whole model): rank r computes batches r, r + W, ...
+    (the same batches as one process, so the same numbers) and one sum all-reduce of the (N, 2)
+    rows, each written by one rank, gives every rank all of them: 1/W of the pass per rank."""
+    import torch.distributed as tdist
+
+    from ..comm import rank, world_size
     from ..ops.preference_loss import fused_sequence_logps
 
+    world = world_size() if shard else 1
     head = lm_head_of(model)
-    out = np.zeros((len(ds), 2))
+    out = torch.zeros(len(ds), 2, dtype=torch.float64)
     was_training = model.training
     model.eval()
-    for s in range(0, len(ds), batch_size):
+    for k, s in enumerate(range(0, len(ds), batch_size)):
+        if k % world != (rank() if world > 1 else 0):
+            continue
         items = [ds[i] for i in range(s, min(s + batch_size, len(ds)))]
         b = collator(items)
         h = last_hidden_states(model, b["input_ids"].to(device), b["attention_mask"].to(device))
         lp = fused_sequence_logps(h, head.weight.to(device), b["labels"].to(device),
                                   bias=None if head.bias is None else head.bias.to(device))
-        out[s:s + len(items)] = lp.double().reshape(2, -1).t().cpu().numpy()
+        out[s:s + len(items)] = lp.double().reshape(2, -1).t().cpu()
     model.train(was_training)
-    return out
+    if world > 1:
+        on = torch.device("cuda", torch.cuda.current_device()) if tdist.get_backend() == "nccl" else torch.device("cpu")
+        red = out.to(on)
+        tdist.all_reduce(red)  # x + 0 = x: exact
+        out = red.cpu()
+    return out.numpy()
 
 
 @dataclass
@@ -243,7 +258,7 @@ def build_data(cfg: MetaPOConfig, tok, ref_model: Optional[nn.Module], device: t
         if ref_model is None:
             raise ValueError("data.val_split='stratified' needs a reference model (the margin logp_ref(y_w) - logp_ref(y_l)); "
                              "use data.val_split=random with reference-free losses")
-        lp = sequence_logps_batched(ref_model, PreferenceDataset(pairs), collator, compute_device(ref_model))
+        lp = sequence_logps_batched(ref_model, PreferenceDataset(pairs), collator, compute_device(ref_model), shard=True)
         margins = lp[:, 0] - lp[:, 1]
     train, val = build_datasets(pairs, margins, d)
     if task is not None and d.synthetic.clean_validation:
