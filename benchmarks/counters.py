@@ -60,10 +60,10 @@ LLAMA3_8B = dict(H=4096, V=128256, itemsize=2)
 DEFAULT_BUDGET = 256 * 1024 * 1024
 _aten = torch.ops.aten
 _GEMMS = {_aten.mm.default, _aten.addmm.default, _aten.bmm.default, _aten.baddbmm.default, _aten.matmul.default,
-          _aten.mm.out, _aten.addmm.out, _aten.addmm_.default}
+          _aten.mm.out, _aten.addmm.out, _aten.addmm_.default, _aten.linear.default}
 _SYNCS = {_aten._local_scalar_dense.default, _aten.nonzero.default, _aten.masked_select.default,
           _aten.is_nonzero.default, _aten.equal.default, _aten.repeat_interleave.Tensor}
-_CPU_ONLY_FRAMES = {"_check_inputs", "_check", "rows_of"}  # guarded by device == cpu / compact
+_CPU_ONLY_FRAMES = {"_check_inputs", "_check", "rows_of", "_compact_rows"}  # the last: host-side row layout  # guarded by device == cpu / compact
 
 
 def _custom_bodies() -> dict:
@@ -133,6 +133,8 @@ class Counters(TorchDispatchMode):
             return 0
         a, b = (args[1], args[2]) if func in (_aten.addmm.default, _aten.addmm.out, _aten.addmm_.default,
                                               _aten.baddbmm.default) else (args[0], args[1])
+        if func is _aten.linear.default:  # x (.., k) @ weight (n, k)^T
+            b = b.t()
         batch = 1
         if a.dim() > 2:
             batch = int(torch.tensor(a.shape[:-2]).prod())

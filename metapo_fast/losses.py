@@ -12,6 +12,18 @@ both of shape ``(B,)``:
 Every loss is a function of per-sequence sums of log-probs and token counts only, which is what
 lets the fused kernel turn its gradient into one coefficient per sequence (see fused_loss.py).
 Adding a loss is one function and one ``@register_loss`` line.
+
+Each built-in loss also registers the closed form of its derivative, which the fused op uses per
+chunk instead of autograd (a handful of ops on ``(n,)`` tensors):
+
+* ``logit_grad(z, params) -> dl/dz`` for losses that are a function of the DPO margin
+  ``z = beta (lr(y_w) - lr(y_l))`` alone (sigmoid, robust, focal): then
+  ``dl/dlogp_w = beta dl/dz`` and ``dl/dlogp_l = -beta dl/dz``;
+* ``grad(batch, params) -> (dl/dlogp_w, dl/dlogp_l)`` for the others (ipo, simpo, orpo).
+
+A loss registered without either (e.g. the meta-objective losses of ``metapo/bilevel.py``) is
+differentiated by autograd on the same small tensors; ``tests/test_losses.py`` checks every closed
+form against autograd in float64.
 """
 from __future__ import annotations
 
@@ -101,29 +113,53 @@ class PairBatch:
 
 
 LossFn = Callable[[PairBatch, LossParams], tuple[torch.Tensor, torch.Tensor]]
+GradFn = Callable[[PairBatch, LossParams], tuple[torch.Tensor, torch.Tensor]]
+LogitGradFn = Callable[[torch.Tensor, LossParams], torch.Tensor]
 
 
 @dataclass(frozen=True)
 class LossSpec:
+    """A registered loss. ``grad``: closed-form ``(dl_i/dchosen_logps_i, dl_i/drejected_logps_i)``
+    of the per-pair loss (unweighted); ``logit_grad``: closed-form ``dl/dz`` for a loss of the DPO
+    margin alone (then ``grad`` is derived from it). Neither: autograd (:func:`sequence_coefficients`)."""
+
     name: str
     fn: LossFn
     needs_reference: bool
     doc: str
+    grad: Optional[GradFn] = None
+    logit_grad: Optional[LogitGradFn] = None
+
+    @property
+    def has_closed_form(self) -> bool:
+        return self.grad is not None
 
 
 LOSSES: dict[str, LossSpec] = {}
 
 
-def register_loss(name: str, *, needs_reference: bool):
-    """Decorator: add a loss to the registry under ``name``."""
+def register_loss(name: str, *, needs_reference: bool, grad: Optional[GradFn] = None,
+                  logit_grad: Optional[LogitGradFn] = None):
+    """Decorator: add a loss to the registry under ``name``, with the closed form of its derivative
+    when there is one (``grad``, or ``logit_grad`` for a function of the DPO margin; see the module doc)."""
+    if logit_grad is not None and grad is None:
+        grad = _grad_from_logit(name, logit_grad)
 
     def deco(fn: LossFn) -> LossFn:
         if name in LOSSES:
             raise ValueError(f"loss {name!r} is already registered")
-        LOSSES[name] = LossSpec(name, fn, needs_reference, (fn.__doc__ or "").strip())
+        LOSSES[name] = LossSpec(name, fn, needs_reference, (fn.__doc__ or "").strip(), grad, logit_grad)
         return fn
 
     return deco
+
+
+def _grad_from_logit(name: str, logit_grad: LogitGradFn) -> GradFn:
+    def grad(batch: PairBatch, params: LossParams):
+        d = params.beta * logit_grad(dpo_margin(batch, params, name), params)
+        return d, -d
+
+    return grad
 
 
 def get_loss(name: str) -> LossSpec:
@@ -139,7 +175,59 @@ def dpo_margin(batch: PairBatch, params: LossParams, loss: str) -> torch.Tensor:
     return params.beta * (lr_w - lr_l)
 
 
-@register_loss("sigmoid", needs_reference=True)
+def _sigmoid_dz(z: torch.Tensor, p: LossParams) -> torch.Tensor:
+    """d/dz of ``-(1-eps) log sigma(z) - eps log sigma(-z)`` = ``-(1-eps)(1 - sigma(z)) + eps sigma(z)``
+    = ``eps - sigma(-z)`` (written so, it keeps full relative precision where sigma(z) rounds to 1)."""
+    return p.label_smoothing - torch.sigmoid(-z)
+
+
+def _robust_dz(z: torch.Tensor, p: LossParams) -> torch.Tensor:
+    """d/dz of ``((1-eps) l(z) - eps l(-z)) / (1-2eps)``, l(z) = -log sigma(z):
+    ``(-(1-eps)(1 - sigma(z)) - eps sigma(z)) / (1-2eps) = -sigma(-z) - eps/(1-2eps)``."""
+    eps = p.label_smoothing
+    return -eps / (1.0 - 2.0 * eps) - torch.sigmoid(-z)
+
+
+def _focal_dz(z: torch.Tensor, p: LossParams) -> torch.Tensor:
+    """d/dz of ``-p^g log p``, p = sigma(z), dp/dz = p (1-p): ``-p^g (1-p) (g log p + 1)``."""
+    log_p = F.logsigmoid(z)
+    return -torch.exp(p.focal_gamma * log_p) * torch.sigmoid(-z) * (p.focal_gamma * log_p + 1.0)
+
+
+def _ipo_grad(batch: PairBatch, p: LossParams):
+    """``l = (d - 1/(2 beta))^2``, ``d = lr_w / max(n_w, 1) - lr_l / max(n_l, 1)``:
+    ``dl/dlogp_w = 2 (d - 1/(2 beta)) / max(n_w, 1)``, ``dl/dlogp_l = -2 (...) / max(n_l, 1)``."""
+    a_w, a_l = batch.avg_logratios("ipo")
+    r = 2.0 * ((a_w - a_l) - 1.0 / (2.0 * p.beta))
+    return r / batch.chosen_counts.clamp(min=1), -r / batch.rejected_counts.clamp(min=1)
+
+
+def _simpo_grad(batch: PairBatch, p: LossParams):
+    """``l = -log sigma(z)``, ``z = beta (avg_w - avg_l) - gamma``: ``dl/dz = -sigma(-z)``, and
+    ``dz/dlogp_w = beta / max(n_w, 1)``, ``dz/dlogp_l = -beta / max(n_l, 1)``."""
+    z = p.beta * (batch.chosen_avg - batch.rejected_avg) - p.simpo_gamma
+    d = -p.beta * torch.sigmoid(-z)
+    return d / batch.chosen_counts.clamp(min=1), -d / batch.rejected_counts.clamp(min=1)
+
+
+def _log_odds_grad(avg_logp: torch.Tensor) -> torch.Tensor:
+    """d/da of :func:`_log_odds`: ``1 + e^a / (1 - e^a) = -1 / expm1(a)`` below the clamp, 0 above
+    it (the clamp passes the gradient at equality, as torch.clamp's backward does)."""
+    a = avg_logp.clamp(max=_ORPO_MAX_AVG_LOGP)
+    return torch.where(avg_logp <= _ORPO_MAX_AVG_LOGP, -1.0 / torch.expm1(a), torch.zeros_like(a))
+
+
+def _orpo_grad(batch: PairBatch, p: LossParams):
+    """``l = -avg_w - lam log sigma(z)``, ``z = LO(avg_w) - LO(avg_l)``: ``dl/davg_w = -1 - lam
+    sigma(-z) LO'(avg_w)``, ``dl/davg_l = lam sigma(-z) LO'(avg_l)``; ``davg/dlogp = 1/max(n, 1)``."""
+    a_w, a_l = batch.chosen_avg, batch.rejected_avg
+    z = _log_odds(a_w) - _log_odds(a_l)
+    s = p.orpo_lambda * torch.sigmoid(-z)
+    return ((-1.0 - s * _log_odds_grad(a_w)) / batch.chosen_counts.clamp(min=1),
+            (s * _log_odds_grad(a_l)) / batch.rejected_counts.clamp(min=1))
+
+
+@register_loss("sigmoid", needs_reference=True, logit_grad=_sigmoid_dz)
 def sigmoid_loss(batch: PairBatch, params: LossParams):
     """DPO: ``-(1-eps) log sigma(z) - eps log sigma(-z)``, z = beta (lr_w - lr_l) (Rafailov et al. 2023)."""
     z = dpo_margin(batch, params, "sigmoid")
@@ -150,7 +238,7 @@ def sigmoid_loss(batch: PairBatch, params: LossParams):
     return loss, z
 
 
-@register_loss("robust", needs_reference=True)
+@register_loss("robust", needs_reference=True, logit_grad=_robust_dz)
 def robust_loss(batch: PairBatch, params: LossParams):
     """rDPO (Chowdhury et al. 2024; TRL's ``robust``): ``((1-eps) l(z) - eps l(-z)) / (1 - 2 eps)``
     with ``l(z) = -log sigma(z)`` and eps = ``label_smoothing``, the assumed flip rate: an unbiased
@@ -160,7 +248,7 @@ def robust_loss(batch: PairBatch, params: LossParams):
     return (-(1 - eps) * F.logsigmoid(z) + eps * F.logsigmoid(-z)) / (1 - 2 * eps), z
 
 
-@register_loss("ipo", needs_reference=True)
+@register_loss("ipo", needs_reference=True, grad=_ipo_grad)
 def ipo_loss(batch: PairBatch, params: LossParams):
     """IPO: ``((lr_avg(y_w) - lr_avg(y_l)) - 1/(2 beta))^2`` with average log-probs (Azar et al. 2024).
 
@@ -171,7 +259,7 @@ def ipo_loss(batch: PairBatch, params: LossParams):
     return loss, dpo_margin(batch, params, "ipo")
 
 
-@register_loss("focal", needs_reference=True)
+@register_loss("focal", needs_reference=True, logit_grad=_focal_dz)
 def focal_loss(batch: PairBatch, params: LossParams):
     """FocalPO (paper Eq. 2): ``-p^gamma log sigma(z)``, p = sigma(z); gradient through both factors."""
     z = dpo_margin(batch, params, "focal")
@@ -179,7 +267,7 @@ def focal_loss(batch: PairBatch, params: LossParams):
     return -torch.exp(params.focal_gamma * log_p) * log_p, z
 
 
-@register_loss("simpo", needs_reference=False)
+@register_loss("simpo", needs_reference=False, grad=_simpo_grad)
 def simpo_loss(batch: PairBatch, params: LossParams):
     """SimPO: ``-log sigma(beta (avg logp_w - avg logp_l) - gamma)`` (Meng et al. 2024); logit = the argument."""
     z = params.beta * (batch.chosen_avg - batch.rejected_avg) - params.simpo_gamma
@@ -197,7 +285,7 @@ def _log_odds(avg_logp: torch.Tensor) -> torch.Tensor:
     return a - torch.log(-torch.expm1(a))
 
 
-@register_loss("orpo", needs_reference=False)
+@register_loss("orpo", needs_reference=False, grad=_orpo_grad)
 def orpo_loss(batch: PairBatch, params: LossParams):
     """ORPO: ``NLL_avg(y_w) - lam log sigma(log odds(y_w) - log odds(y_l))`` (Hong et al. 2024).
 
@@ -227,28 +315,37 @@ def pair_loss(
 
 def sequence_coefficients(spec: LossSpec, params: LossParams, logps: torch.Tensor, counts: torch.Tensor,
                           ref_logps: Optional[torch.Tensor] = None, weights: Optional[torch.Tensor] = None,
-                          denom: float = 1.0, need_grad: bool = True):
+                          denom: float = 1.0, need_grad: bool = True, closed_form: bool = True):
     """The loss of n pairs from their 2n per-sequence sums, and its gradient per sequence.
 
     ``logps``, ``counts``, ``ref_logps``: ``(2n,)``, the n chosen sequences then the n rejected.
     Returns ``(loss, per_pair, logit, coef)`` with ``loss = sum_i w_i l_i / denom`` (w = 1 without
-    ``weights``) and ``coef = dloss/dlogps`` (None unless ``need_grad``), all detached. Any
-    registered loss works: the gradient comes from autograd on these small tensors, not from
-    hand-written derivatives; this is what turns the fused loss's backward into one coefficient per
-    sequence. Callers inside a custom op must restore the autograd dispatch keys first.
+    ``weights``) and ``coef = dloss/dlogps`` (None unless ``need_grad``), all detached. The gradient
+    is the loss's closed form (``spec.grad``) when it has one and ``closed_form``; otherwise autograd
+    on these small tensors (any registered loss works). This is what turns the fused loss's backward
+    into one coefficient per sequence. Callers inside a custom op must restore the autograd dispatch
+    keys before the autograd fallback.
     """
     n = logps.shape[0] // 2
 
+    def batch_of(lp):
+        return PairBatch(lp[:n], lp[n:], counts[:n], counts[n:],
+                         None if ref_logps is None else ref_logps[:n], None if ref_logps is None else ref_logps[n:])
+
     def loss_of(lp):
-        batch = PairBatch(lp[:n], lp[n:], counts[:n], counts[n:],
-                          None if ref_logps is None else ref_logps[:n], None if ref_logps is None else ref_logps[n:])
-        per_pair, logit = spec.fn(batch, params)
+        per_pair, logit = spec.fn(batch_of(lp), params)
         loss = (per_pair if weights is None else weights * per_pair).sum() / denom
         return loss, per_pair, logit
 
-    if not need_grad:
+    if not need_grad or (closed_form and spec.grad is not None):
         loss, per_pair, logit = loss_of(logps.detach())
-        return loss, per_pair, logit, None
+        coef = None
+        if need_grad:
+            d_w, d_l = spec.grad(batch_of(logps.detach()), params)
+            if weights is not None:
+                d_w, d_l = d_w * weights, d_l * weights
+            coef = torch.cat([d_w, d_l]) / denom
+        return loss, per_pair, logit, coef
     with torch.enable_grad():
         lp = logps.detach().requires_grad_()
         loss, per_pair, logit = loss_of(lp)

@@ -63,3 +63,34 @@ def test_peak_transient_memory_does_not_grow_with_t(rows):
     for path in ("dpo", "metapo"):
         small, large = (_row(rows, "op", path, "cuda", t)["peak_transient_mb"] for t in (16, 64))
         assert large <= max(2 * small, budget_mb), (path, small, large)
+
+
+@pytest.fixture(scope="module")
+def long_rows():
+    """The op alone at T_llama 4096 (19 chunks: the per-call overhead amortised as in training)."""
+    ts, h, v, chunk_bytes, scale = counters.plan(True, True)
+    out = {}
+    for rule, compact in (("cpu", True), ("cuda", False)):
+        for path in ("dpo", "metapo"):
+            with counters.force_row_rule(compact):
+                out[path, rule] = counters.op_row(path, 256, 2, h, v, chunk_bytes, "auto", host_labels=not compact)
+    return out
+
+
+@pytest.mark.parametrize("rule", ["cpu", "cuda"])
+@pytest.mark.parametrize("path", ["dpo", "metapo"])
+def test_at_most_20_aten_ops_per_chunk(long_rows, path, rule):
+    """Issue #14: <= 20 aten ops per logits chunk, every overhead of the call included (the
+    per-chunk loss gradient is a closed form, the chunk schedule is built once)."""
+    r = long_rows[path, rule]
+    assert r["chunks"] >= 16, r
+    assert r["aten_ops_per_chunk"] <= 20, r
+
+
+@pytest.mark.parametrize("rule", ["cpu", "cuda"])
+@pytest.mark.parametrize("path", ["dpo", "metapo"])
+def test_marginal_ops_per_chunk(rows, long_rows, path, rule):
+    """What one more chunk costs (two T, fixed overhead cancelled): the loop body alone, <= 16 ops."""
+    short, long = _row(rows, "op", path, rule, 64), long_rows[path, rule]
+    marginal = (long["aten_ops"] - short["aten_ops"]) / (long["chunks"] - short["chunks"])
+    assert marginal <= 16, (marginal, short, long)

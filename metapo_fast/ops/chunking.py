@@ -27,7 +27,8 @@ from typing import Iterator, Optional
 
 import torch
 
-__all__ = ["DEFAULT_CHUNK_BYTES", "Chunk", "ChunkSchedule", "compact_rows", "force_row_rule", "pair_rows_on_device"]
+__all__ = ["DEFAULT_CHUNK_BYTES", "Chunk", "ChunkSchedule", "PairLayout", "compact_rows", "force_row_rule",
+           "pair_rows_on_device"]
 
 _FORCED_COMPACT: Optional[bool] = None
 
@@ -68,6 +69,32 @@ class Chunk:
     pairs: torch.Tensor = None
     seqs: torch.Tensor = None
     seq_local: torch.Tensor = None
+
+
+@dataclass
+class PairLayout:
+    """Every chunk of the fused loss, built once before the loop (a few ops for the whole batch
+    instead of a dozen per chunk). Pairs are cut into groups of consecutive pairs ``[i0, i1)``; a
+    group's sequences are its chosen ones then its rejected ones, and the groups' sequences laid end
+    to end are the *layout order* (group g occupies positions ``2 i0 .. 2 i1 - 1``). A group is one
+    chunk (whole pairs) or, streamed, one pair whose rows come in blocks of one sequence each.
+
+    Attributes:
+        rows: ``(R,)`` flat rows of every block, block after block (on the schedule's device).
+        col: ``(R,)`` the column of each row's sequence within its group (``side * n_g + j``).
+        order: ``(2B,)`` the sequence at each layout position; ``pos``: its inverse.
+        groups: ``(i0, i1)`` per group; ``group_rows``: rows per group.
+        blocks: per group, ``(rows, side)`` per block (side 0/1 for a streamed sequence, -1 for a
+            whole-pairs chunk).
+    """
+
+    rows: torch.Tensor
+    col: torch.Tensor
+    order: torch.Tensor
+    pos: torch.Tensor
+    groups: list
+    group_rows: list
+    blocks: list
 
 
 class ChunkSchedule:
@@ -137,6 +164,51 @@ class ChunkSchedule:
         """The rows of sequence ``s`` in blocks of at most ``rows_per_chunk`` (device tensors)."""
         rows = self.rows_of(torch.tensor([s], dtype=torch.long))
         return [self._to_device(r) for r in rows.split(self.rows_per_chunk)] if rows.numel() else []
+
+    def layout(self, streamed: bool) -> PairLayout:
+        """The whole schedule of the fused loss at once (see :class:`PairLayout`): whole pairs per
+        group (:meth:`pair_chunks`' grouping) or, ``streamed``, one pair per group in blocks of at
+        most ``rows_per_chunk`` rows of one sequence (:meth:`seq_chunks`' blocks)."""
+        t, bsz, b2 = self.t, self.bsz, self.b2
+        npc = 1 if streamed else max(1, self.rows_per_chunk // (2 * t))
+        groups = [(i0, min(i0 + npc, bsz)) for i0 in range(0, bsz, npc)]
+        order, col = [], []
+        for i0, i1 in groups:
+            for side in (0, 1):
+                order += [i + side * bsz for i in range(i0, i1)]
+                col += [side * (i1 - i0) + j for j in range(i1 - i0)]
+        pos = [0] * b2
+        for p, s in enumerate(order):
+            pos[s] = p
+        where = self._where
+        order_w = torch.tensor(order, dtype=torch.long).to(where)
+        rows = (order_w.unsqueeze(1) * t + torch.arange(t, device=where)).reshape(-1)
+        cols = torch.tensor(col, dtype=torch.long).to(where).unsqueeze(1).expand(b2, t).reshape(-1)
+        if self.compact:
+            rows, cols, per_seq = self._compact_rows(rows, cols)
+        else:
+            per_seq = [t] * b2
+        blocks, group_rows, k = [], [], 0
+        for i0, i1 in groups:
+            n2 = 2 * (i1 - i0)
+            seq_rows = per_seq[k:k + n2]
+            k += n2
+            if streamed:
+                bl = [(min(self.rows_per_chunk, r - a), side) for side, r in enumerate(seq_rows)
+                      for a in range(0, r, self.rows_per_chunk)]
+            else:
+                bl = [(sum(seq_rows), -1)]
+            blocks.append(bl)
+            group_rows.append(sum(seq_rows))
+        return PairLayout(self._to_device(rows), self._to_device(cols), self._to_device(order_w),
+                          self._to_device(torch.tensor(pos, dtype=torch.long)), groups, group_rows, blocks)
+
+    def _compact_rows(self, rows: torch.Tensor, cols: torch.Tensor):
+        """The labelled rows only, and the number per sequence, computed where the rule's mask lives
+        (CPU, or the host's copy of the labels): no device sync."""
+        keep = self._rule_mask[rows]
+        per_seq = keep.view(self.b2, self.t).sum(1).tolist()
+        return rows[keep], cols[keep], per_seq
 
     def token_chunks(self) -> list[Chunk]:
         """Blocks of at most ``rows_per_chunk`` rows over all sequences (per-token work that needs

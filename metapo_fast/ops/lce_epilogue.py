@@ -75,7 +75,8 @@ def lce_epilogue_backward_ref_(
     return logits
 
 
-def _check(logits: torch.Tensor, targets: torch.Tensor, ref_logits: Optional[torch.Tensor] = None) -> None:
+def _check(logits: torch.Tensor, targets: torch.Tensor, ref_logits: Optional[torch.Tensor] = None,
+           validate: bool = True) -> None:
     if logits.dim() != 2:
         raise ValueError(f"{_OP}: logits must be 2-D (n, V), got shape {tuple(logits.shape)}")
     if not logits.is_floating_point():
@@ -88,7 +89,9 @@ def _check(logits: torch.Tensor, targets: torch.Tensor, ref_logits: Optional[tor
     if ref_logits is not None and (ref_logits.shape != logits.shape or ref_logits.device != logits.device):
         raise ValueError(f"{_OP}: ref_logits must match logits {tuple(logits.shape)} on {logits.device}, "
                          f"got {tuple(ref_logits.shape)} on {ref_logits.device}")
-    if logits.device.type == "cpu" and n and not torch.compiler.is_compiling():  # CUDA: would cost a host sync
+    # CUDA: would cost a host sync. validate=False: the caller checked the targets once (the fused
+    # loss checks its labels before the first chunk), so the chunks do not re-scan them.
+    if validate and logits.device.type == "cpu" and n and not torch.compiler.is_compiling():
         bad = ((targets < 0) | (targets >= v)).nonzero()
         if bad.numel():
             r = int(bad[0, 0])
@@ -96,10 +99,11 @@ def _check(logits: torch.Tensor, targets: torch.Tensor, ref_logits: Optional[tor
 
 
 def lce_epilogue_forward(logits: torch.Tensor, targets: torch.Tensor, ref_logits: Optional[torch.Tensor] = None, *,
-                     backend: str = "auto"):
+                     backend: str = "auto", validate: bool = True):
     """``(lse, logp, ref_logp, kl)`` per row (float32; float64 for float64 input); without
-    ``ref_logits`` the last two are empty. See :func:`lce_epilogue_forward_ref`."""
-    _check(logits, targets, ref_logits)
+    ``ref_logits`` the last two are empty. See :func:`lce_epilogue_forward_ref`. ``validate=False``
+    skips the scan of the targets' values on CPU (for callers that validated them once)."""
+    _check(logits, targets, ref_logits, validate)
     impl = resolve_backend(backend, logits.device, _OP)
     if impl == "triton":
         from ..kernels.lce_epilogue import lce_epilogue_forward_triton
@@ -111,9 +115,9 @@ def lce_epilogue_forward(logits: torch.Tensor, targets: torch.Tensor, ref_logits
 
 
 def lce_epilogue_backward_(logits: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor, coef: torch.Tensor, *,
-                       backend: str = "auto") -> torch.Tensor:
+                       backend: str = "auto", validate: bool = True) -> torch.Tensor:
     """In place: ``logits[r] <- coef[r] * (onehot(targets[r]) - softmax(logits[r]))``. Returns ``logits``."""
-    _check(logits, targets)
+    _check(logits, targets, validate=validate)
     n = logits.shape[0]
     for name, x in (("lse", lse), ("coef", coef)):
         if x.shape != (n,) or x.device != logits.device:

@@ -24,11 +24,12 @@ from dataclasses import dataclass
 from typing import Callable, Optional, Sequence, Union
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .chunking import DEFAULT_CHUNK_BYTES, ChunkSchedule, compact_rows, pair_rows_on_device
 from .dispatch import BACKENDS
-from ..losses import LossParams, get_loss, sequence_coefficients
+from ..losses import LossParams, PairBatch, get_loss, sequence_coefficients
 from .lce_epilogue import compute_dtype, lce_epilogue_backward_, lce_epilogue_forward
 
 __all__ = ["PreferenceLossOutput", "fused_linear_preference_loss", "fused_sequence_logps", "FusedLinearPreferenceLoss",
@@ -147,7 +148,40 @@ def _shape(x):
 # ---------------------------------------------------------------------------------------------
 # The chunked computation (runs inside the custom op, below autograd).
 # ---------------------------------------------------------------------------------------------
+class _LazyPairStats(PreferenceLossOutput):
+    """The statistics of one group's pairs that a weights callback sees (detached, shape (n,)):
+    each field is computed when the callback first reads it (a callback of the margins alone
+    costs no other op)."""
+
+    def __init__(self, chunker: "_Chunker", g: int, z: Optional[torch.Tensor]):
+        object.__setattr__(self, "_src", (chunker, g, z))
+        self.loss, self.beta = None, chunker.params.beta
+
+    def __getattr__(self, name):
+        if name.startswith("__") or name == "_src":
+            raise AttributeError(name)
+        c, g, z = self._src
+        values = c._group_fields(g)
+        if name in ("per_pair_loss", "margins"):
+            per_pair, logit = c.spec.fn(c._group_batch(g), c.params)
+            values["per_pair_loss"], values["margins"] = per_pair, (logit if z is None else z)
+        if name not in values:
+            raise AttributeError(name)
+        setattr(self, name, values[name])
+        return values[name]
+
+    def __repr__(self):
+        return f"_LazyPairStats(group={self._src[1]})"
+
+
 class _Chunker:
+    """The fused loss's loop over :class:`~.chunking.PairLayout`. Per-sequence statistics live in
+    ``S (2B, K)`` in layout order (columns: log-prob, reference log-prob if computed, KL if
+    computed, token count); a group's rows of ``S`` are one GEMM with its row-to-sequence matrix
+    ``P_g`` (mask included). The per-pair loss, logit and the batch loss are computed once at the
+    end from ``S``; per group only the coefficients ``c_s = dL/dlogp_s`` are (closed forms of
+    :mod:`metapo_fast.losses`, autograd for a loss without one)."""
+
     def __init__(self, hidden, weight, labels, bias, ref_hidden, ref_weight, ref_bias, ref_seq, sample_weights,
                  spec, params, ignore_index, compute_kl, chunk_bytes, backend, compute_grad, host_mask=None,
                  weights_fn=None):
@@ -159,156 +193,194 @@ class _Chunker:
         self.weight, self.bias, self.ref_weight, self.ref_bias = weight, bias, ref_weight, ref_bias
         self.labels = labels.reshape(-1)
         self.mask = self.labels != ignore_index
-        self.targets = torch.where(self.mask, self.labels, torch.zeros_like(self.labels)).long()
+        self.targets = torch.where(self.mask, self.labels, 0)
         self.spec, self.params, self.backend = spec, params, backend
         self.has_ref_logits = ref_hidden is not None
         self.compute_kl = compute_kl and self.has_ref_logits
         self.weights, self.weights_fn = sample_weights, weights_fn
         self.compute_grad = compute_grad
-        self.cd = compute_dtype(hidden.dtype)
+        self.cd = cd = compute_dtype(hidden.dtype)
         dev = hidden.device
-        self.seq_logps = torch.zeros(self.b2, dtype=self.cd, device=dev)
-        self.counts = self.mask.view(self.b2, self.t).sum(1).to(self.cd)
-        self.ref_seq = ref_seq.to(self.cd) if ref_seq is not None else (
-            torch.zeros(self.b2, dtype=self.cd, device=dev) if self.has_ref_logits else None)
-        self.kl_sum = torch.zeros(self.b2, dtype=self.cd, device=dev) if self.compute_kl else None
-        self.per_pair = torch.zeros(self.bsz, dtype=self.cd, device=dev)
-        self.logit = torch.zeros(self.bsz, dtype=self.cd, device=dev)
-        self.loss = torch.zeros((), dtype=self.cd, device=dev)
-        self.pair_weights = torch.ones(self.bsz, dtype=self.cd, device=dev) if weights_fn is not None else None
+        self.K = 2 + self.has_ref_logits + self.compute_kl  # logp, [ref], [kl], count
+        self.pair_weights = torch.ones(self.bsz, dtype=cd, device=dev) if weights_fn is not None else None
         if compute_grad:
             self.grad_hidden = torch.zeros_like(self.hidden)
-            self.grad_weight = torch.zeros(weight.shape, dtype=torch.float32 if self.cd == torch.float32 else self.cd, device=dev)
+            self.grad_weight = torch.zeros(weight.shape, dtype=torch.float32 if cd == torch.float32 else cd, device=dev)
             self.grad_bias = None if bias is None else torch.zeros(self.v, dtype=self.grad_weight.dtype, device=dev)
         rows = ChunkSchedule.rows_for(chunk_bytes, self.v, hidden.element_size(), self.has_ref_logits)
         rows = pair_rows_on_device(rows, self.t, self.v, hidden.element_size(), self.has_ref_logits, dev)
         self.schedule = ChunkSchedule(self.mask, self.b2, self.t, rows, compact=compact_rows(dev), host_mask=host_mask)
+        self.streamed = not self.schedule.pairs_fit
+        lay = self.layout = self.schedule.layout(self.streamed)
+        # every block's rows, targets and mask, and every group's P_g, split once
+        sizes = [n for bl in lay.blocks for n, _ in bl]
+        m_all = self.mask.to(cd).index_select(0, lay.rows)
+        self.blk_rows, self.blk_tgt, self.blk_m = (x.split(sizes) for x in (lay.rows, self.targets.index_select(0, lay.rows), m_all))
+        buf = torch.empty(lay.rows.numel(), self.K, dtype=cd, device=dev)  # per-row statistics
+        self.blk_buf, self.grp_buf = buf.split(sizes), buf.split(lay.group_rows)
+        width = 2 * (lay.groups[0][1] - lay.groups[0][0])
+        P = torch.zeros(lay.rows.numel(), width, dtype=cd, device=dev).scatter_(1, lay.col.unsqueeze(1), m_all.unsqueeze(1))
+        self.grp_PT = list(P.t().split(lay.group_rows, dim=1))
+        self.grp_P = P.split(lay.group_rows) if not self.streamed else None
+        n_list = [i1 - i0 for i0, i1 in lay.groups]
+        if 2 * n_list[-1] != width:
+            self.grp_PT[-1] = self.grp_PT[-1][: 2 * n_list[-1]]
+            if self.grp_P is not None:
+                self.grp_P = (*self.grp_P[:-1], self.grp_P[-1][:, : 2 * n_list[-1]])
+        self.S = torch.zeros(self.b2, self.K, dtype=cd, device=dev)
+        self.grp_S = self.S.split([2 * n for n in n_list])
+        self.ref_given = None if ref_seq is None else ref_seq.to(cd)
+        self.grp_ref = None if ref_seq is None else self.ref_given.index_select(0, lay.order).split([2 * n for n in n_list])
+        self.grp_w = None if sample_weights is None else sample_weights.to(cd).split(n_list)
+        self.grp_pairs = torch.arange(self.bsz, device=dev).split(n_list) if weights_fn is not None else None
+        self.coef_seq = torch.zeros(self.b2, dtype=cd, device=dev) if (self.streamed and compute_grad) else None
+        self.grp_coef = None if self.coef_seq is None else self.coef_seq.split([2 * n for n in n_list])
+        self._consts: dict = {}
 
-    def _logits(self, h, w, b):
-        return torch.addmm(b, h, w.t()) if b is not None else h @ w.t()
+    # -- constants of the DPO-margin losses: z = Dz @ lr, c = Dc @ dl/dz (per group size n) ------
+    def _margin_consts(self, n: int):
+        c = self._consts.get(n)
+        if c is None:  # built on the host: one small tensor each
+            beta, inv_b = self.params.beta, 1.0 / self.bsz
+            dz = [[beta if k == j else (-beta if k == n + j else 0.0) for k in range(2 * n)] for j in range(n)]
+            dc = [[dz[j][k] * inv_b for j in range(n)] for k in range(2 * n)]
+            a = [1.0, -1.0 if self.has_ref_logits else 0.0] + [0.0] * (self.K - 2)
+            c = self._consts[n] = tuple(torch.tensor(x, dtype=self.cd).to(self.S.device, non_blocking=True) for x in (dz, dc, a))
+        return c
 
-    def _forward_rows(self, rows: torch.Tensor, seq_local: Optional[torch.Tensor], nseq: int, keep_logits: bool):
-        """Epilogue forward over `rows`; returns (logits or None, lse, h, tgt, mask, per-seq sums
-        (logp, ref, kl)). ``seq_local=None``: every row belongs to one sequence (sums of shape (1,))."""
-        h = self.hidden.index_select(0, rows)
-        logits = self._logits(h, self.weight, self.bias)
-        ref_logits = None
-        if self.has_ref_logits:
-            ref_logits = self._logits(self.ref_hidden.index_select(0, rows), self.ref_weight, self.ref_bias)
-        tgt = self.targets.index_select(0, rows)
-        lse, logp, ref_logp, kl = lce_epilogue_forward(logits, tgt, ref_logits, backend=self.backend)
-        del ref_logits
-        m = self.mask.index_select(0, rows).to(self.cd)
-        xs = [x for x in (logp, ref_logp if self.has_ref_logits else None, kl if self.compute_kl else None) if x is not None]
-        if seq_local is None:  # one sequence: a dot product per statistic
-            sums = [(x.to(self.cd) @ m).reshape(1) for x in xs]
-        else:
-            sums = [torch.zeros(nseq, dtype=self.cd, device=rows.device).index_add_(0, seq_local, x.to(self.cd) * m)
-                    for x in xs]
-        return (logits if keep_logits else None), lse, h, tgt, m, sums
+    # -- the statistics of a group, as the losses see them -----------------------------------------
+    def _group_batch(self, g: int) -> PairBatch:
+        n, Sg = self._n(g), self.grp_S[g]
+        ref = Sg[:, 1] if self.has_ref_logits else (None if self.grp_ref is None else self.grp_ref[g])
+        return PairBatch(Sg[:n, 0], Sg[n:, 0], Sg[:n, -1], Sg[n:, -1],
+                         None if ref is None else ref[:n], None if ref is None else ref[n:])
 
-    def _pair_stats(self, pairs: torch.Tensor, per_pair: torch.Tensor, logit: torch.Tensor) -> "PreferenceLossOutput":
-        """The statistics of ``pairs`` a weights callback sees (detached, shape (n,))."""
-        other = pairs + self.bsz
+    def _group_fields(self, g: int) -> dict:
+        b = self._group_batch(g)
         kl = None
-        if self.kl_sum is not None:
-            kl = (self.kl_sum[pairs] + self.kl_sum[other]) / (self.counts[pairs] + self.counts[other]).clamp(min=1)
-        ref = self.ref_seq
-        return PreferenceLossOutput(
-            loss=None, per_pair_loss=per_pair, margins=logit, chosen_logps=self.seq_logps[pairs],
-            rejected_logps=self.seq_logps[other], chosen_counts=self.counts[pairs], rejected_counts=self.counts[other],
-            ref_chosen_logps=None if ref is None else ref[pairs], ref_rejected_logps=None if ref is None else ref[other],
-            kl=kl, beta=self.params.beta)
+        if self.compute_kl:
+            n, Sg = self._n(g), self.grp_S[g]
+            kl = (Sg[:n, 2] + Sg[n:, 2]) / (Sg[:n, -1] + Sg[n:, -1]).clamp(min=1)
+        return dict(chosen_logps=b.chosen_logps, rejected_logps=b.rejected_logps, chosen_counts=b.chosen_counts,
+                    rejected_counts=b.rejected_counts, ref_chosen_logps=b.ref_chosen_logps,
+                    ref_rejected_logps=b.ref_rejected_logps, kl=kl)
 
-    def _coefficients(self, pairs: torch.Tensor) -> torch.Tensor:
-        """Per-sequence ``dL/dlogp_s`` for the given pairs (chosen seqs then rejected seqs), and
-        record their loss, per-pair loss and logit. Any registered loss works: its gradient comes
-        from autograd on these (2n,)-sized tensors, not from hand-written derivatives. The pair
-        weights (``sample_weights``, or ``weights_fn`` of these pairs' statistics) scale them:
-        ``L = sum_i w_i l_i / B`` with w detached, so ``dL/dlogp_s = w_i dl_i/dlogp_s / B``."""
-        seqs = torch.cat([pairs, pairs + self.bsz])
-        ref = None if self.ref_seq is None else self.ref_seq[seqs]
-        # A custom op's body runs with autograd (and torch.func, under torch.compile) excluded from
-        # dispatch; this (2n,)-sized loss is differentiated with the default dispatch TLS.
-        with torch._C._ForceDispatchKeyGuard(*_DEFAULT_DISPATCH_TLS):
-            loss, per_pair, logit, coef = sequence_coefficients(self.spec, self.params, self.seq_logps[seqs], self.counts[seqs],
-                                                                ref, None, denom=self.bsz, need_grad=self.compute_grad)
+    def _n(self, g: int) -> int:
+        i0, i1 = self.layout.groups[g]
+        return i1 - i0
+
+    def _coefficients(self, g: int, out: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+        """``c_s = dL/dlogp_s`` for group g's sequences (layout order, ``(2n,)``), from its row of
+        ``S``: ``L = sum_i w_i l_i / B`` with w detached, so ``c_s = w_i dl_i/dlogp_s / B``. The
+        weights are ``sample_weights``, or ``weights_fn`` of these pairs' statistics."""
+        n, Sg, spec = self._n(g), self.grp_S[g], self.spec
+        z = None
+        if spec.logit_grad is not None:  # l(z) of the DPO margin: a few ops
+            dz, dc, a = self._margin_consts(n)
+            lr = Sg @ a if self.has_ref_logits else Sg[:, 0] - self.grp_ref[g]
+            z = dz @ lr
         w = None
         if self.weights_fn is not None:
-            w = self.weights_fn(pairs, self._pair_stats(pairs, per_pair, logit)).detach().to(self.cd).reshape(-1)
-            self.pair_weights[pairs] = w
-        elif self.weights is not None:
-            w = self.weights[pairs].to(self.cd)
-        if w is not None:
-            loss = (w * per_pair).sum() / self.bsz
-            coef = None if coef is None else coef * w.repeat(2)
-        self.per_pair[pairs] = per_pair
-        self.logit[pairs] = logit
-        self.loss += loss
-        return coef
+            with torch._C._ForceDispatchKeyGuard(*_DEFAULT_DISPATCH_TLS):
+                w = self.weights_fn(self.grp_pairs[g], _LazyPairStats(self, g, z))
+            if w.requires_grad:
+                w = w.detach()
+            if w.dtype != self.cd or w.dim() != 1:
+                w = w.to(self.cd).reshape(-1)
+            self.pair_weights[self.layout.groups[g][0]:self.layout.groups[g][1]] = w
+        elif self.grp_w is not None:
+            w = self.grp_w[g]
+        if not self.compute_grad:
+            return None
+        if z is not None:
+            d = spec.logit_grad(z, self.params)
+            return torch.mv(dc, d if w is None else d * w, out=out)
+        if spec.grad is not None:
+            d_w, d_l = spec.grad(self._group_batch(g), self.params)
+            coef = torch.cat([d_w, d_l])
+            return (coef if w is None else coef * w.repeat(2)) / self.bsz
+        b = self._group_batch(g)
+        ref = None if b.ref_chosen_logps is None else torch.cat([b.ref_chosen_logps, b.ref_rejected_logps])
+        # A custom op's body runs with autograd (and torch.func, under torch.compile) excluded from
+        # dispatch; the autograd fallback runs with the default dispatch TLS.
+        with torch._C._ForceDispatchKeyGuard(*_DEFAULT_DISPATCH_TLS):
+            return sequence_coefficients(spec, self.params, Sg[:, 0], Sg[:, -1], ref, w, denom=self.bsz)[3]
 
-    def _backward_rows(self, logits, lse, h, tgt, m, coef_rows, rows, grad_weight):
-        lce_epilogue_backward_(logits, lse, tgt, m if coef_rows is None else coef_rows * m, backend=self.backend)
-        self.grad_hidden.index_copy_(0, rows, (logits @ self.weight).to(self.grad_hidden.dtype))
-        _add_mm_(grad_weight[0], logits.t(), h)
-        if grad_weight[1] is not None:
-            grad_weight[1].add_(logits.sum(0, dtype=grad_weight[1].dtype))
+    # -- the loop -----------------------------------------------------------------------------------
+    def _forward_block(self, b: int):
+        """One block's logits and epilogue; its per-row statistics go to the row buffer."""
+        rows = self.blk_rows[b]
+        h = self.hidden.index_select(0, rows)
+        logits = F.linear(h, self.weight, self.bias)
+        ref_logits = None
+        if self.has_ref_logits:
+            ref_logits = F.linear(self.ref_hidden.index_select(0, rows), self.ref_weight, self.ref_bias)
+        lse, logp, ref_logp, kl = lce_epilogue_forward(logits, self.blk_tgt[b], ref_logits, backend=self.backend,
+                                                       validate=False)
+        del ref_logits
+        xs = [logp] + ([ref_logp] if self.has_ref_logits else []) + ([kl] if self.compute_kl else []) + [self.blk_m[b]]
+        torch.stack(xs, dim=1, out=self.blk_buf[b])
+        return logits, lse, h
+
+    def _backward_block(self, b, logits, lse, h, coef_rows, gw, gb):
+        lce_epilogue_backward_(logits, lse, self.blk_tgt[b], coef_rows, backend=self.backend, validate=False)
+        self.grad_hidden.index_copy_(0, self.blk_rows[b], torch.mm(logits, self.weight))
+        _add_mm_(gw, logits.t(), h)
+        if gb is not None:
+            gb.add_(logits.sum(0, dtype=gb.dtype))
 
     def run(self):
-        if self.schedule.pairs_fit:
-            for ch in self.schedule.pair_chunks():  # single pass: whole pairs per chunk
-                logits, lse, h, tgt, m, sums = self._forward_rows(ch.rows, ch.seq_local, ch.seqs.numel(),
-                                                                  keep_logits=self.compute_grad)
-                self._store_sums(ch.seqs, sums)
-                coef = self._coefficients(ch.pairs)
-                if self.compute_grad:
-                    self._backward_rows(logits, lse, h, tgt, m, coef[ch.seq_local], ch.rows, (self.grad_weight, self.grad_bias))
+        b = 0
+        if self.streamed and self.compute_grad:
+            acc = torch.zeros((2, *self.grad_weight.shape), dtype=self.grad_weight.dtype, device=self.S.device)
+            acc_b = None if self.grad_bias is None else torch.zeros(2, self.v, dtype=self.grad_bias.dtype, device=self.S.device)
+            gw_flat, acc_t, acc_w = self.grad_weight.view(-1), acc.view(2, -1).t(), acc.unbind(0)
+            acc_bs = None if acc_b is None else acc_b.unbind(0)
+        for g, blocks in enumerate(self.layout.blocks):
+            kept = None
+            for _, side in blocks:
+                logits, lse, h = self._forward_block(b)
+                if self.streamed and self.compute_grad:  # coefficient 1 now, c_s applied when the pair is done
+                    self._backward_block(b, logits, lse, h, self.blk_m[b], acc_w[side], None if acc_b is None else acc_bs[side])
+                elif self.compute_grad:
+                    kept = (b, logits, lse, h)
                 del logits
-        else:
-            self._streamed_pairs()
-        return self
-
-    def _store_sums(self, seqs, sums):
-        self.seq_logps[seqs] += sums[0]
-        k = 1
-        if self.has_ref_logits:
-            self.ref_seq[seqs] += sums[k]
-            k += 1
-        if self.compute_kl:
-            self.kl_sum[seqs] += sums[k]
-
-    def _streamed_pairs(self):
-        """A pair whose rows do not fit one chunk: its two sequences in token chunks, one pair at a
-        time, each logits chunk computed once (8NHV). The coefficient ``c_s`` of a sequence is known
-        only after its last chunk, and the gradient is linear in it: each chunk's backward runs with
-        coefficient 1, ``grad_h`` rows are scaled by ``c_s`` in place afterwards, and ``grad_W``
-        collects ``sum_r (onehot_r - softmax_r)^T h_r`` per sequence in one of two V x H
-        accumulators, added as ``c_w A_w + c_l A_l`` when the pair is done."""
-        acc = []
-        if self.compute_grad:
-            acc = [(torch.zeros_like(self.grad_weight), None if self.grad_bias is None else torch.zeros_like(self.grad_bias))
-                   for _ in range(2)]
-        gh = self.grad_hidden.view(self.b2, self.t, self.h) if self.compute_grad else None
-        for i in range(self.bsz):
-            seqs = (i, i + self.bsz)
-            for k, s in enumerate(seqs):
-                for rows in self.schedule.seq_chunks(s):
-                    logits, lse, h, tgt, m, sums = self._forward_rows(rows, None, 1, keep_logits=self.compute_grad)
-                    self._store_sums(self.schedule.index([s]), sums)
-                    if self.compute_grad:
-                        self._backward_rows(logits, lse, h, tgt, m, None, rows, acc[k])
-                    del logits
-            coef = self._coefficients(self.schedule.index([i]))
-            if not self.compute_grad:
+                b += 1
+            torch.mm(self.grp_PT[g], self.grp_buf[g], out=self.grp_S[g])
+            coef = self._coefficients(g, None if self.coef_seq is None else self.grp_coef[g])
+            if coef is None:
                 continue
-            for k, s in enumerate(seqs):
-                c = coef[k]
-                gh[s].mul_(c.to(gh.dtype))
-                self.grad_weight.addcmul_(acc[k][0], c.to(self.grad_weight.dtype))
-                acc[k][0].zero_()
-                if self.grad_bias is not None:
-                    self.grad_bias.addcmul_(acc[k][1], c.to(self.grad_bias.dtype))
-                    acc[k][1].zero_()
+            if not self.streamed:
+                if kept is not None:
+                    self._backward_block(*kept, torch.mv(self.grp_P[g], coef), self.grad_weight, self.grad_bias)
+                kept = None
+                continue
+            # streamed pair: grad_W += c_w A_w + c_l A_l; grad_h rows scaled by c_s at the end
+            if coef is not self.grp_coef[g]:
+                self.grp_coef[g].copy_(coef)
+            gw_flat.addmv_(acc_t, coef)
+            acc.zero_()
+            if acc_b is not None:
+                self.grad_bias.addmv_(acc_b.t(), coef)
+                acc_b.zero_()
+        return self._finish()
+
+    def _finish(self):
+        lay = self.layout
+        cols = [self.S[:, j].index_select(0, lay.pos) for j in range(self.K)]  # sequence order, own storage each
+        self.seq_logps, self.counts = cols[0], cols[-1]
+        self.ref_seq = cols[1] if self.has_ref_logits else self.ref_given
+        self.kl_sum = cols[2] if self.compute_kl else None
+        if self.streamed and self.compute_grad:
+            self.grad_hidden.view(self.b2, -1).mul_(self.coef_seq.index_select(0, lay.pos).unsqueeze(1).to(self.grad_hidden.dtype))
+        bsz, ref = self.bsz, self.ref_seq
+        batch = PairBatch(self.seq_logps[:bsz], self.seq_logps[bsz:], self.counts[:bsz], self.counts[bsz:],
+                          None if ref is None else ref[:bsz], None if ref is None else ref[bsz:])
+        per_pair, logit = self.spec.fn(batch, self.params)
+        w = self.pair_weights if self.pair_weights is not None else (None if self.weights is None else self.weights.to(self.cd))
+        self.per_pair, self.logit = per_pair, logit
+        self.loss = (per_pair if w is None else w * per_pair).sum() / bsz
+        return self
 
 
 def _add_mm_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
@@ -398,6 +470,8 @@ _OP_INPUTS = ("hidden", "weight", "labels", "bias", "ref_hidden", "ref_weight", 
 def _setup_context(ctx, inputs, output):
     hidden, weight, bias = inputs[0], inputs[1], inputs[3]
     ctx.save_for_backward(output[7], output[8], output[9])
+    ctx.mark_non_differentiable(*output[1:])  # only the loss is differentiable: no zero grads made for the rest
+    ctx.set_materialize_grads(False)
     ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
     ctx.has_bias = bias is not None
 
@@ -425,7 +499,10 @@ class _FusedWithWeightsFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, args, weights_fn):
-        outs, c = _run(hidden, weight, args[0], bias, *args[1:], weights_fn=weights_fn)
+        # below autograd, as the custom op's body runs (composite ops are not decomposed per chunk);
+        # the callback itself runs with the default dispatch keys (see _Chunker._coefficients)
+        with torch._C._AutoDispatchBelowAutograd():
+            outs, c = _run(hidden, weight, args[0], bias, *args[1:], weights_fn=weights_fn)
         _setup_context(ctx, (hidden, weight, None, bias), outs)
         ctx.mark_non_differentiable(*outs[1:], c.pair_weights)
         return (*outs, c.pair_weights)
@@ -434,6 +511,11 @@ class _FusedWithWeightsFn(torch.autograd.Function):
     def backward(ctx, grad_loss, *_unused):
         grads = dict(zip(_OP_INPUTS, _backward(ctx, grad_loss)))
         return grads["hidden"], grads["weight"], grads["bias"], None, None
+
+
+def _nd(x: torch.Tensor) -> torch.Tensor:
+    """``x`` without autograd history (a detach only when it has one: each is a dispatched op)."""
+    return x.detach() if x.requires_grad else x
 
 
 def _as_seq_ref(ref_logps) -> Optional[torch.Tensor]:
@@ -522,9 +604,9 @@ def fused_linear_preference_loss(
             raise ValueError(f"host_labels must be a CPU copy of labels {tuple(labels.shape)}, got "
                              f"{tuple(host_labels.shape)} on {host_labels.device}")
         host_mask = host_labels != ignore_index
-    args = (labels.contiguous(), None if ref_hidden is None else ref_hidden.detach().contiguous(),
-            None if ref_weight is None else ref_weight.detach().contiguous(), None if ref_bias is None else ref_bias.detach(),
-            None if ref_seq is None else ref_seq.detach(), None if sample_weights is None else sample_weights.detach(),
+    args = (labels.contiguous(), None if ref_hidden is None else _nd(ref_hidden).contiguous(),
+            None if ref_weight is None else _nd(ref_weight).contiguous(), None if ref_bias is None else _nd(ref_bias),
+            None if ref_seq is None else _nd(ref_seq), None if sample_weights is None else _nd(sample_weights),
             loss_type, params.beta, params.label_smoothing, params.focal_gamma, params.simpo_gamma, params.orpo_lambda,
             ignore_index, compute_kl, int(chunk_bytes), backend, compute_grad, host_mask)
     used_weights = sample_weights
@@ -542,12 +624,12 @@ def fused_linear_preference_loss(
     has_ref = ref.numel() > 0
     kl = None
     if kl_sum.numel() > 0:
-        kl = ((kl_sum[:bsz] + kl_sum[bsz:]) / (counts[:bsz] + counts[bsz:]).clamp(min=1)).detach()
-    seq, counts = seq.detach(), counts.detach()
+        kl = _nd((kl_sum[:bsz] + kl_sum[bsz:]) / (counts[:bsz] + counts[bsz:]).clamp(min=1))
+    seq, counts = _nd(seq), _nd(counts)
     return PreferenceLossOutput(
-        loss=loss, per_pair_loss=per_pair.detach(), margins=logit.detach(),
+        loss=loss, per_pair_loss=_nd(per_pair), margins=_nd(logit),
         chosen_logps=seq[:bsz], rejected_logps=seq[bsz:], chosen_counts=counts[:bsz], rejected_counts=counts[bsz:],
-        ref_chosen_logps=ref[:bsz].detach() if has_ref else None, ref_rejected_logps=ref[bsz:].detach() if has_ref else None,
+        ref_chosen_logps=_nd(ref[:bsz]) if has_ref else None, ref_rejected_logps=_nd(ref[bsz:]) if has_ref else None,
         kl=kl, beta=params.beta, sample_weights=used_weights,
     )
 
