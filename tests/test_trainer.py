@@ -453,3 +453,32 @@ def test_a_training_step_reads_the_host_once(tmp_path):
     finally:
         reads.close()
     assert len(reads.ours) == 2 and all("parallel.py" in r for r in reads.ours), reads.ours
+
+
+def test_metapo_weights_per_chunk_take_the_two_pass_step_at_8nhv(tmp_path):
+    """#14 item 5 in the trainer (one process): MetaPO's weights come from the fused loss's per-chunk
+    callback, so the LM head's policy logits are computed once per step (8 N_loss*H*V instead of the
+    margins pass + gradient pass's 10), and the step equals the two-pass one: policy, tracker, loss,
+    with weights far from 1, 2 micro-batches of several chunks each."""
+    from benchmarks.counters import Counters
+
+    runs = []
+    for per_chunk in (True, False):
+        tr = _trainer(tmp_path, f"chunks{per_chunk}", ["train.per_device_batch_size=8", "train.global_batch_size=16",
+                                                        "meta.interval=1000", "loss.chunk_bytes=60000"])
+        tr.weights_per_chunk = per_chunk
+        tr._train_step()
+        with torch.no_grad():
+            tr.meta_net.v.copy_(torch.tensor([1.5, -0.7, 0.3, 0.2, -0.4, 0.1]))  # weights far from 1
+            tr.meta_net.mean_ema.zero_(), tr.meta_net.sq_ema.fill_(1e-6), tr.meta_net.stats_steps.fill_(1)
+        vocab = tr.model.config.vocab_size
+        with Counters(vocab=vocab) as c:
+            m = tr._train_step()
+        runs.append((tr, m, c.head_flops))
+    (a, ma, fa), (b, mb, fb) = runs
+    assert fa / fb == pytest.approx(0.8, rel=0.01), (fa, fb)  # 8 / 10 N_loss*H*V: the head's forward once
+    for pa, pb in zip(a.model.parameters(), b.model.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=2e-5, atol=2e-6)
+    torch.testing.assert_close(a.tracker.state, b.tracker.state, rtol=1e-5, atol=1e-6)
+    assert float(ma["metapo/weight_std"]) > 0.1
+    torch.testing.assert_close(ma["loss"], mb["loss"], rtol=1e-5, atol=1e-6)

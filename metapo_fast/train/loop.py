@@ -76,6 +76,7 @@ class Trainer:
         self.ckpt = CheckpointManager(self.run_dir, keep=t.keep_checkpoints, rank=dist.rank, world_size=dist.world_size,
                                       barrier=barrier if dist.world_size > 1 else None)
         self.step, self.val_cursor = 0, 0
+        self.weights_per_chunk = True  # MetaPO's weights inside the fused loss's single pass (see _train_step)
         self.counters = {"nonfinite_skips": 0, "consecutive_nonfinite": 0, "tokens": 0, "train_time_s": 0.0, "meta_time_s": 0.0,
                          "meta_updates": 0}
         self.meta_log: dict = {}  # the last meta-update's diagnostics, logged with its step
@@ -134,6 +135,10 @@ class Trainer:
         losses_finite = torch.ones((), dtype=torch.bool, device=self.device)  # every micro-batch's loss, on the device
         # batch_mean on the plain engine: raw weights here, the step's gradient divided by their mean below
         step_norm = self.meta_net is not None and self.meta_net.normalize == "batch_mean" and isinstance(self.eng, PlainEngine)
+        # one process with step-wide normalisation: the weights are a per-pair function of the pairs'
+        # own statistics, so the fused loss asks for them chunk by chunk in its single pass (8NHV);
+        # otherwise (normalised per micro-batch, or a tracker shared by ranks) a margins pass first (10NHV)
+        per_chunk = self.weights_per_chunk and step_norm and self.dist.world_size == 1
         w_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         w_count, copy_s = 0, 0.0
         it = iter(self.sampler)
@@ -149,12 +154,25 @@ class Trainer:
                 seen["features"] = self._track(pair_ids, stats, snapshots)
                 return self.meta_net(seen["features"], normalize=not step_norm).detach()
 
+            def chunk_weights_fn(pairs, stats, pair_ids=pair_ids, seen=seen):  # the same, for one chunk's pairs
+                f = self._track(pair_ids[pairs], stats, snapshots)
+                seen.setdefault("chunks", []).append((pairs, f))
+                return self.meta_net(f, normalize=False).detach()
+
             # the static filter's weights are known before the forward: one fused-loss pass
             fixed = None if self.pair_filter is None else self.pair_filter.pair_weights(pair_ids, normalize=not step_norm)
             with contextlib.ExitStack() as stack:  # (ZeRO-3) holds the head's full weight through the backward
-                wfn = weights_fn if self.meta_net is not None and fixed is None else None
-                out, stats, w = self.fwd(batch, wfn, stack=stack, weights=fixed)
-                if wfn is None:
+                learned = self.meta_net is not None and fixed is None
+                wfn = weights_fn if learned and not per_chunk else None
+                out, stats, w = self.fwd(batch, wfn, stack=stack, weights=fixed,
+                                         chunk_weights_fn=chunk_weights_fn if learned and per_chunk else None)
+                if "chunks" in seen:  # the features in the batch's pair order
+                    feats = torch.empty(pair_ids.shape[0], seen["chunks"][0][1].shape[1], device=self.device,
+                                        dtype=seen["chunks"][0][1].dtype)
+                    for pairs, f in seen.pop("chunks"):
+                        feats[pairs] = f
+                    seen["features"] = feats
+                elif wfn is None:
                     seen["features"] = self._track(pair_ids, stats, snapshots)
                 if w is None:
                     w = torch.ones_like(stats.margins)
