@@ -319,8 +319,9 @@ def step_row(path: str, t: int, b: int, h: int, v: int, chunk_bytes: int, backen
     return {**measure(run, v, n_loss, h), "n_loss": n_loss, "rows": 2 * b * t}
 
 
-def ghost_row(t: int, b: int, h: int, v: int, chunk_bytes: int, backend: str) -> dict:
-    """The meta-update's LM-head ghost pass (``head_ghost_dots``) on the same batch and budget."""
+def ghost_row(t: int, b: int, h: int, v: int, chunk_bytes: int, backend: str, host_labels: bool = False) -> dict:
+    """The meta-update's LM-head ghost pass (``head_ghost_dots``) on the same batch and budget
+    (``host_labels``: given the labels' host copy, as ``pair_gradient_dots`` passes it)."""
     from metapo_fast.metapo.ghost import head_ghost_dots
     from metapo_fast.ops.chunking import ChunkSchedule
 
@@ -330,7 +331,8 @@ def ghost_row(t: int, b: int, h: int, v: int, chunk_bytes: int, backend: str) ->
     n_loss = int((labels != -100).sum())
 
     def run():
-        head_ghost_dots(hidden, weight, None, labels, coef, gw, None, b, rows_per_chunk=rows, backend=backend)
+        head_ghost_dots(hidden, weight, None, labels, coef, gw, None, b, rows_per_chunk=rows, backend=backend,
+                        host_labels=labels.clone() if host_labels else None)
 
     return {**measure(run, v, n_loss, h), "n_loss": n_loss, "rows": 2 * b * t}
 
@@ -377,7 +379,10 @@ def collect(quick: bool = False, tiny: bool = False, backend: str = "auto", step
                 for path in ("dpo", "metapo"):
                     jobs.append(("step", path, rule, compact, lambda p=path: step_row(p, t, b, h, v, chunk_bytes, backend)))
             if not (quick and compact):  # --quick: the ghost pass on the CUDA rule only
-                jobs.append(("ghost", "ghost", rule, compact, lambda: ghost_row(t, b, h, v, chunk_bytes, backend)))
+                jobs.append(("ghost", "ghost", rule, compact,
+                             lambda c=compact: ghost_row(t, b, h, v, chunk_bytes, backend, host_labels=not c)))
+        if not quick or t == (only_t or ts)[0]:  # the ghost pass on the CUDA rule without the host's labels
+            jobs.append(("ghost", "ghost", "bare", False, lambda: ghost_row(t, b, h, v, chunk_bytes, backend)))
         for what, path, rule, compact, fn in jobs:
             with force_row_rule(compact):
                 r = fn()

@@ -94,3 +94,13 @@ def test_marginal_ops_per_chunk(rows, long_rows, path, rule):
     short, long = _row(rows, "op", path, rule, 64), long_rows[path, rule]
     marginal = (long["aten_ops"] - short["aten_ops"]) / (long["chunks"] - short["chunks"])
     assert marginal <= 16, (marginal, short, long)
+
+
+def test_ghost_pass_on_the_cuda_rule_costs_4_nhv_with_the_host_labels(rows):
+    """The meta-update's LM-head ghost pass: two GEMMs over labelled rows only (4 N_loss H V) on the
+    CUDA row rule when given the host's labels; without them every row is multiplied."""
+    for t in (16, 64):
+        assert _row(rows, "ghost", "ghost", "cuda", t)["flops_per_n_loss_hv"] == pytest.approx(4.0, rel=0.02)
+    bare = _row(rows, "ghost", "ghost", "bare", 16)
+    assert bare["flops_per_n_loss_hv"] == pytest.approx(4.0 * bare["rows"] / bare["n_loss"], rel=0.02)
+    assert bare["flops_per_n_loss_hv"] > 5.0

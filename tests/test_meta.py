@@ -392,3 +392,46 @@ def test_meta_gradient_holds_one_model_sized_copy():
     assert sum(g.numel() * g.element_size() for g in G.values()) == param_bytes
     assert all(p.grad is None for p in model.parameters())
     assert peak < 1.3 * param_bytes, f"meta-gradient peak {peak / param_bytes:.2f} x the parameter bytes"
+
+
+def test_ghost_dots_on_the_cuda_row_rule_with_host_labels_are_unchanged_and_drop_unlabelled_rows():
+    """pair_gradient_dots passes the batch's host labels to the LM-head ghost pass: on the CUDA row
+    rule (forced on CPU) the dots equal the every-row computation and the float64 exact value, and
+    the head's GEMMs see labelled rows only (counted: 2 GEMMs of N_loss x H x V, not N x H x V)."""
+    from unittest import mock
+
+    from metapo_fast.metapo import bilevel, ghost
+    from metapo_fast.ops.chunking import force_row_rule
+
+    model, ref = policy_and_reference(False)
+    batch = make_batch(2)
+    params = list(model.parameters())
+    G = {p: torch.randn_like(p) for p in params}
+    losses, _ = naive_pair_losses(model, ref, batch)
+    exact = torch.stack([sum((G[p] * g).sum() for p, g in zip(params, torch.autograd.grad(losses[i], params, retain_graph=True,
+                                                                                         allow_unused=True)) if g is not None)
+                         for i in range(B)]).detach()
+    rows_seen = []
+    real = ghost.head_ghost_dots
+
+    def spy(*a, **k):
+        orig = ghost.lce_epilogue_forward
+
+        def counted(logits, *aa, **kk):  # one call per logits chunk: the rows its GEMMs saw
+            rows_seen.append(logits.shape[0])
+            return orig(logits, *aa, **kk)
+        with mock.patch.object(ghost, "lce_epilogue_forward", counted):
+            return real(*a, **k)
+
+    got = {}
+    with force_row_rule(False), mock.patch.object(bilevel, "head_ghost_dots", spy):
+        got["host"] = pair_gradient_dots(model, batch, G, "sigmoid", PARAMS, ref_model=ref, backend="torch")
+        n_host = sum(rows_seen)
+        rows_seen.clear()
+        with mock.patch.object(bilevel, "head_ghost_dots", lambda *a, **k: spy(*a, **{**k, "host_labels": None})):
+            got["bare"] = pair_gradient_dots(model, batch, G, "sigmoid", PARAMS, ref_model=ref, backend="torch")
+        n_bare = sum(rows_seen)
+    torch.testing.assert_close(got["host"], got["bare"], rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(got["host"], exact, rtol=1e-10, atol=1e-12)
+    n_loss = int((batch["labels"] != -100).sum())
+    assert n_host == n_loss and n_bare == batch["labels"].numel() > n_loss

@@ -169,7 +169,8 @@ def pair_gradient_dots(model: nn.Module, batch: dict, direction: dict, loss_type
         coef = sequence_coefficients(get_loss(loss_type), params, lp, cnt, ref)[3]  # dl_i / dlogp_s
         c = c + head_ghost_dots(hidden.detach(), head.weight.detach(), None if head.bias is None else head.bias.detach(),
                                 ctx.labels, coef, direction[head.weight], direction.get(head.bias) if head.bias is not None else None,
-                                bsz, backend=backend)
+                                bsz, backend=backend,  # the host's labels: prompt/padding rows dropped on CUDA too, no sync
+                                host_labels=batch["labels"] if batch["labels"].device.type == "cpu" else None)
     for p in model.parameters():  # the hooks' backward must not leak into the training step
         p.grad = None
     return c

@@ -119,20 +119,29 @@ class GhostDots:
 def head_ghost_dots(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], labels: torch.Tensor,
                     coef_seq: torch.Tensor, G_w: torch.Tensor, G_b: Optional[torch.Tensor], num_pairs: int,
                     ignore_index: int = -100, rows_per_chunk: int = 4096, backend: str = "auto",
-                    compact: Optional[bool] = None) -> torch.Tensor:
+                    compact: Optional[bool] = None, host_labels: Optional[torch.Tensor] = None) -> torch.Tensor:
     """LM-head part of ``c_i``: ``sum_{t in i} <coef_s(t) (onehot_t - softmax_t), G_W h_t + G_b>``.
 
     ``hidden (2B, T, H)``, ``labels (2B, T)``, ``coef_seq (2B,)`` = ``dl_i / dlogp_s`` of each
     sequence. Two GEMMs of the size of the logits per chunk (``h W^T`` and ``h G_W^T``), over the
     fused loss's chunk schedule (:mod:`metapo_fast.ops.chunking`: unlabelled rows dropped on CPU,
     kept with a zero coefficient on CUDA, so no host sync; ``compact`` forces either rule).
+    ``host_labels``: the CPU copy of ``labels`` (the collated batch before its copy to the GPU), as
+    the fused loss takes it: on CUDA the unlabelled rows are then dropped too, with the row indices
+    computed on the host (no sync), so the two GEMMs cost 4 N_loss H V instead of 4 N H V.
     """
     n2, t, h = hidden.shape
     flat_h, flat_l = hidden.reshape(-1, h), labels.reshape(-1)
     mask = flat_l != ignore_index
     targets = torch.where(mask, flat_l, torch.zeros_like(flat_l))
     compact = compact_rows(hidden.device) if compact is None else compact
-    schedule = ChunkSchedule(mask, n2, t, rows_per_chunk, compact=compact)
+    host_mask = None
+    if host_labels is not None:
+        if host_labels.shape != labels.shape or host_labels.device.type != "cpu":
+            raise ValueError(f"host_labels must be a CPU copy of labels {tuple(labels.shape)}, got "
+                             f"{tuple(host_labels.shape)} on {host_labels.device}")
+        host_mask = host_labels != ignore_index
+    schedule = ChunkSchedule(mask, n2, t, rows_per_chunk, compact=compact, host_mask=host_mask)
     c = torch.zeros(num_pairs, dtype=torch.float64, device=hidden.device)
     for ch in schedule.token_chunks():
         x = flat_h.index_select(0, ch.rows)
