@@ -21,7 +21,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from ..ops.chunking import ChunkSchedule, compact_rows
+from ..ops.chunking import ChunkSchedule, compact_rows, host_label_mask
 from ..ops.lce_epilogue import lce_epilogue_backward_, lce_epilogue_forward
 
 __all__ = ["GhostCoverageError", "GhostDots", "head_ghost_dots"]
@@ -135,12 +135,7 @@ def head_ghost_dots(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[t
     mask = flat_l != ignore_index
     targets = torch.where(mask, flat_l, torch.zeros_like(flat_l))
     compact = compact_rows(hidden.device) if compact is None else compact
-    host_mask = None
-    if host_labels is not None:
-        if host_labels.shape != labels.shape or host_labels.device.type != "cpu":
-            raise ValueError(f"host_labels must be a CPU copy of labels {tuple(labels.shape)}, got "
-                             f"{tuple(host_labels.shape)} on {host_labels.device}")
-        host_mask = host_labels != ignore_index
+    host_mask = host_label_mask(labels, host_labels, ignore_index)
     schedule = ChunkSchedule(mask, n2, t, rows_per_chunk, compact=compact, host_mask=host_mask)
     c = torch.zeros(num_pairs, dtype=torch.float64, device=hidden.device)
     for ch in schedule.token_chunks():

@@ -27,10 +27,22 @@ from typing import Iterator, Optional
 
 import torch
 
-__all__ = ["DEFAULT_CHUNK_BYTES", "Chunk", "ChunkSchedule", "PairLayout", "compact_rows", "force_row_rule",
+__all__ = ["DEFAULT_CHUNK_BYTES", "Chunk", "ChunkSchedule", "PairLayout", "compact_rows", "force_row_rule", "host_label_mask",
            "pair_rows_on_device"]
 
 _FORCED_COMPACT: Optional[bool] = None
+
+
+def host_label_mask(labels: torch.Tensor, host_labels: Optional[torch.Tensor], ignore_index: int) -> Optional[torch.Tensor]:
+    """The labelled-row mask from ``host_labels``, the CPU copy of ``labels`` (the collated batch
+    before its copy to the GPU), checked; None without one. On CUDA the schedules take their row
+    indices from it, so prompt and padding rows are dropped without a host sync."""
+    if host_labels is None:
+        return None
+    if host_labels.shape != labels.shape or host_labels.device.type != "cpu":
+        raise ValueError(f"host_labels must be a CPU copy of labels {tuple(labels.shape)}, got "
+                         f"{tuple(host_labels.shape)} on {host_labels.device}")
+    return host_labels != ignore_index
 
 
 def compact_rows(device: torch.device) -> bool:

@@ -9,11 +9,13 @@ full-vocabulary KL; the per-pair loss of the chunk's pairs gives one coefficient
 in the forward (as Liger-Kernel does) and scaled by the incoming gradient in backward, so the
 policy logits are computed once: the 8NHV FLOP floor (README, "How the fused loss works").
 
-Chunks hold whole pairs while a pair's rows fit the memory budget (single pass). When one pair
-does not fit (e.g. T=8192 at V=128k), a two-phase token-chunked path gathers the sequence sums
-first and recomputes the policy logits for the gradient (10NHV). The schedule (which rows, how
-many per chunk, prompt and padding rows dropped on CPU and kept with a zero coefficient on CUDA)
-is :mod:`.chunking`'s.
+Chunks hold whole pairs while a pair's rows fit the memory budget. When one pair does not fit
+(e.g. T=8192 at V=128k), the pair is streamed: its rows come in blocks, and the gradients of both
+sequences are kept in two V x H fp32 accumulators until the pair's coefficients are known, so the
+policy logits are still computed once (8NHV; no path recomputes them). MetaPO's weights, known
+only from this pass's margins, come from a per-chunk callback (``weights_fn``). The schedule
+(which rows, how many per chunk; prompt and padding rows dropped on CPU, and on CUDA when the
+host's copy of the labels is given, else kept with a zero coefficient) is :mod:`.chunking`'s.
 
 Reading order: the output type, input checks, the chunked computation, the custom op (fake and
 autograd), then the public function, ``fused_sequence_logps`` and the ``nn.Module``.
@@ -27,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .chunking import DEFAULT_CHUNK_BYTES, ChunkSchedule, compact_rows, pair_rows_on_device
+from .chunking import DEFAULT_CHUNK_BYTES, ChunkSchedule, compact_rows, host_label_mask, pair_rows_on_device
 from .dispatch import BACKENDS
 from ..losses import LossParams, PairBatch, get_loss, sequence_coefficients
 from .lce_epilogue import compute_dtype, lce_epilogue_backward_, lce_epilogue_forward
@@ -598,12 +600,7 @@ def fused_linear_preference_loss(
         raise ValueError(f"chunk_bytes must be positive, got {chunk_bytes}")
     compute_grad = torch.is_grad_enabled() and any(
         x is not None and x.requires_grad for x in (hidden, weight, bias))
-    host_mask = None
-    if host_labels is not None:
-        if host_labels.shape != labels.shape or host_labels.device.type != "cpu":
-            raise ValueError(f"host_labels must be a CPU copy of labels {tuple(labels.shape)}, got "
-                             f"{tuple(host_labels.shape)} on {host_labels.device}")
-        host_mask = host_labels != ignore_index
+    host_mask = host_label_mask(labels, host_labels, ignore_index)
     args = (labels.contiguous(), None if ref_hidden is None else _nd(ref_hidden).contiguous(),
             None if ref_weight is None else _nd(ref_weight).contiguous(), None if ref_bias is None else _nd(ref_bias),
             None if ref_seq is None else _nd(ref_seq), None if sample_weights is None else _nd(sample_weights),
