@@ -2,12 +2,14 @@
 so the fused loss replaces the head (the model's forward never returns logits in training)."""
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
 from torch import nn
 
-__all__ = ["decoder_of", "lm_head_of", "last_hidden_states", "pack_plan", "compute_device"]
+__all__ = ["decoder_of", "lm_head_of", "last_hidden_states", "pack_plan", "compute_device", "zero3_init", "hf_zero3",
+           "is_zero3_partitioned", "copy_partitions", "param_bytes_on_rank"]
 
 
 def decoder_of(model: nn.Module) -> nn.Module:
@@ -91,3 +93,109 @@ def reference_head_inputs(ref: Optional[nn.Module], ref_hidden: Optional[torch.T
     head = lm_head_of(ref)
     return dict(ref_hidden=ref_hidden, ref_weight=head.weight.to(device, non_blocking=True),
                 ref_bias=None if head.bias is None else head.bias.to(device, non_blocking=True))
+
+
+# ------------------------------------------------------------------ construction under ZeRO-3
+def _init_weights_gathered(model: nn.Module) -> None:
+    """transformers' ``initialize_weights`` (its ``smart_apply`` order: children first) on a model
+    whose parameters ZeRO-3 has partitioned: each module's own and direct children's parameters are
+    gathered, initialised, and re-partitioned on leaving (rank 0's values are kept). Every rank runs
+    the init, so the random-number streams stay the same on every rank, and the same as a plain
+    construction's: the values are bitwise those of a plain build with the same seed."""
+    import deepspeed
+    from transformers.modeling_utils import PreTrainedModel
+
+    custom = model.is_custom_code() if hasattr(model, "is_custom_code") else False
+
+    def apply(mod: nn.Module, fn) -> None:
+        for child in mod.children():
+            apply(child, child._initialize_weights if isinstance(child, PreTrainedModel) else fn)
+        params = list(mod.parameters(recurse=False))
+        for child in mod.children():
+            if not isinstance(child, PreTrainedModel):
+                params.extend(child.parameters(recurse=False))
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
+            fn(mod, custom)
+
+    with torch.no_grad():
+        apply(model, model._initialize_weights)
+
+
+@contextlib.contextmanager
+def zero3_init(ds_config: dict, init_weights: bool = True):
+    """Modules constructed inside are partitioned by ``deepspeed.zero.Init`` as each one's
+    ``__init__`` returns: a rank holds its 1/W partition of every parameter and, transiently, one
+    module's full parameters. The dtype comes from the config (``bf16.enabled``; fp32 otherwise).
+    transformers' weight init (``post_init``) runs per module on gathered parameters
+    (:func:`_init_weights_gathered`), so a model built from a config with a seed equals the plain
+    build with that seed. ``init_weights=False``: no initialisation at all (no random numbers
+    drawn), for a model whose values are then copied in (:func:`copy_partitions`). For
+    ``from_pretrained`` use :func:`hf_zero3`."""
+    import deepspeed
+    from transformers.modeling_utils import PreTrainedModel
+
+    deepspeed.init_distributed()  # ZeRO reads the world size from deepspeed.comm
+    if not init_weights:
+        from transformers.initialization import no_init_weights
+
+        with no_init_weights(), deepspeed.zero.Init(config_dict_or_path=ds_config):
+            yield
+        return
+    orig = PreTrainedModel.initialize_weights
+    PreTrainedModel.initialize_weights = _init_weights_gathered
+    try:
+        # no dtype argument: DeepSpeed 0.19 picks bf16 for an explicit fp32 on a CPU accelerator
+        with deepspeed.zero.Init(config_dict_or_path=ds_config):
+            yield
+    finally:
+        PreTrainedModel.initialize_weights = orig
+
+
+@contextlib.contextmanager
+def hf_zero3(ds_config: dict):
+    """``from_pretrained`` inside loads into a ZeRO-3-partitioned model (transformers' own
+    ``zero.Init`` path, activated by a live ``HfDeepSpeedConfig``; unset on leaving so that later
+    loads are plain)."""
+    import deepspeed
+    from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
+
+    deepspeed.init_distributed()
+    hf = HfDeepSpeedConfig(ds_config)
+    try:
+        yield hf
+    finally:
+        unset_hf_deepspeed_config()
+        del hf
+
+
+def is_zero3_partitioned(model: nn.Module) -> bool:
+    return any(hasattr(p, "ds_id") for p in model.parameters())
+
+
+@torch.no_grad()
+def copy_partitions(src: nn.Module, dst: nn.Module) -> None:
+    """A sharded copy: ``dst``'s parameters (and buffers) take ``src``'s values, both models of the
+    same architecture partitioned by ZeRO-3 over the same ranks, each rank copying its own
+    partitions (no communication, no full parameter anywhere)."""
+    sp, dp = list(src.named_parameters()), list(dst.named_parameters())
+    if [(n, p.ds_shape) for n, p in sp] != [(n, p.ds_shape) for n, p in dp]:
+        raise ValueError("copy_partitions: the two models' parameters differ")
+    for (n, a), (_, b) in zip(sp, dp):
+        if a.ds_tensor.shape != b.ds_tensor.shape:
+            raise ValueError(f"copy_partitions: {n} is partitioned differently ({tuple(a.ds_tensor.shape)} vs {tuple(b.ds_tensor.shape)})")
+        b.ds_tensor.copy_(a.ds_tensor)
+        if b.data.numel():  # persistent (small) parameters also keep their full value
+            b.data.copy_(a.data)
+    for (n, a), (_, b) in zip(src.named_buffers(), dst.named_buffers()):
+        b.copy_(a)
+
+
+def param_bytes_on_rank(model: nn.Module) -> int:
+    """Bytes of ``model``'s parameters stored on this rank: the ZeRO-3 partition (``ds_tensor``)
+    of a partitioned parameter (plus its full value while gathered or persistent), else all of it."""
+    total = 0
+    for p in model.parameters():
+        total += p.data.numel() * p.element_size()
+        if hasattr(p, "ds_tensor"):
+            total += p.ds_tensor.numel() * p.ds_tensor.element_size()
+    return total

@@ -355,6 +355,15 @@ class ShardedReference:
 
         deepspeed = require("deepspeed")
         self._ds = deepspeed
+        self.engine, *_ = deepspeed.initialize(model=ref, config=self.config(ds_config, offload_cpu))
+        self.engine.eval()
+        self.module = self.engine.module
+        self.module._metapo_sharded_ref = self  # found by build_engine and the stratification pass
+
+    @staticmethod
+    def config(ds_config: dict, offload_cpu: bool) -> dict:
+        """The reference's DeepSpeed config from the policy's: no optimiser, ``offload_param`` to
+        the CPU with ``offload_cpu``. Also the ``zero.Init`` config the reference is built under."""
         cfg = {k: v for k, v in ds_config.items() if k not in ("optimizer", "scheduler", "gradient_clipping")}
         zo = dict(cfg.get("zero_optimization", {}))
         if zo.get("stage", 0) != 3:
@@ -364,9 +373,7 @@ class ShardedReference:
         if offload_cpu:
             zo["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
         cfg["zero_optimization"] = zo
-        self.engine, *_ = deepspeed.initialize(model=ref, config=cfg)
-        self.engine.eval()
-        self.module = self.engine.module
+        return cfg
 
     def begin_forward(self) -> None:
         _reset_zero3_trace(self.engine)

@@ -18,13 +18,13 @@ from torch import nn
 
 from ..config import MetaPOConfig
 from ..data import PreferenceCollator, PreferenceDataset, TokenizedPairs, build_datasets, load_preference_data
-from ..models.hf import compute_device, last_hidden_states, lm_head_of
+from ..models.hf import compute_device, copy_partitions, is_zero3_partitioned, last_hidden_states, lm_head_of
 
 log = logging.getLogger(__name__)
 
 __all__ = ["RunData", "Models", "Parallel", "seed_everything", "lr_schedule", "build_models", "build_tokenizer_and_model",
            "sft_warmup", "make_reference", "build_data", "sequence_logps_batched", "build_engine", "make_meta_net",
-           "make_meta_learner"]
+           "make_meta_learner", "zero3_construction_config", "save_partitioned_pretrained"]
 
 
 def seed_everything(seed: int) -> None:
@@ -65,18 +65,25 @@ class Models:
 def build_models(cfg: MetaPOConfig, dist, run_dir: str, resumed: bool) -> Models:
     """Tokenizer and policy; on the embedded task the SFT warm-up that makes the reference (saved in
     ``run_dir/reference`` so a resumed run starts from the same one); the frozen reference, kept in
-    host memory and streamed per block with ``model.ref_offload_cpu`` on one GPU process."""
+    host memory and streamed per block with ``model.ref_offload_cpu`` on one GPU process.
+
+    Several ranks under ZeRO-3 (:func:`zero3_construction_config`): the policy and the reference
+    are built partitioned (``deepspeed.zero.Init``: each rank materialises its 1/W of every
+    parameter and one module's full parameters at a time), see :func:`_build_models_zero3`."""
     from ..models.offload import stream_reference
     from .parallel import zero3_planned
     from .state import load_hf_weights
 
     t, device = cfg.train, dist.device
-    tok, model = build_tokenizer_and_model(cfg, device)
+    ds = zero3_construction_config(cfg, dist.world_size)
+    tok, model = build_tokenizer_and_model(cfg, device, ds)
     task = None
     if cfg.data.path is None:
         from ..data.synthetic import task_from_config
 
         task = task_from_config(cfg.data.synthetic)
+    if ds is not None:
+        return _build_models_zero3(cfg, dist, run_dir, resumed, task, ds, tok, model)
     ref_dir = os.path.join(run_dir, "reference")
     warm = task is not None and t.sft_warmup_steps
     if warm and not resumed:
@@ -94,9 +101,48 @@ def build_models(cfg: MetaPOConfig, dist, run_dir: str, resumed: bool) -> Models
     return Models(tok, model, ref, placement, task, streams)
 
 
-def build_tokenizer_and_model(cfg: MetaPOConfig, device: torch.device):
-    """(tokenizer, policy model). The embedded default is a tiny Llama over the character tokenizer."""
+def zero3_construction_config(cfg: MetaPOConfig, world_size: int) -> Optional[dict]:
+    """The policy's DeepSpeed config when the models are to be built partitioned under
+    ``deepspeed.zero.Init``: several ranks and ZeRO stage 3 (``train.deepspeed``, the bundled
+    configs/zero3.json by default). ``None`` (built in full, sharded when the engine wraps them) on
+    one process, under other stages, and with ``model.use_liger_kernels`` (its module swap needs
+    full parameters)."""
+    from .parallel import zero3_planned
+
+    if world_size <= 1 or cfg.model.use_liger_kernels or not zero3_planned(cfg, world_size):
+        return None
+    from ..config import deepspeed_config
+
+    _default_deepspeed(cfg)
+    m = cfg.model
+    if m.name_or_path is None:
+        hidden = m.tiny.hidden_size
+    else:
+        from transformers import AutoConfig
+
+        hidden = getattr(AutoConfig.from_pretrained(m.name_or_path, revision=m.revision), "hidden_size", None)
+    ds = deepspeed_config(cfg, world_size, hidden_size=hidden)
+    want = torch.bfloat16 if ds.get("bf16", {}).get("enabled") else torch.float32
+    if getattr(torch, m.dtype) != want:
+        raise ValueError(f"model.dtype={m.dtype!r}: ZeRO-3 construction builds {want} parameters (DeepSpeed's bf16.enabled); "
+                         "use float32 or bfloat16")
+    return ds
+
+
+def _default_deepspeed(cfg: MetaPOConfig) -> None:
+    if cfg.train.deepspeed is None:
+        from .. import configs
+
+        cfg.train.deepspeed = os.path.join(os.path.dirname(os.path.abspath(configs.__file__)), "zero3.json")
+
+
+def build_tokenizer_and_model(cfg: MetaPOConfig, device: torch.device, ds_config: Optional[dict] = None):
+    """(tokenizer, policy model). The embedded default is a tiny Llama over the character tokenizer.
+    With ``ds_config`` (a ZeRO-3 config) the model is built partitioned over the ranks
+    (``deepspeed.zero.Init``; from a config, the values equal a plain build's with the same seed)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from ..models.hf import hf_zero3, zero3_init
 
     m = cfg.model
     dtype = getattr(torch, m.dtype)
@@ -110,12 +156,17 @@ def build_tokenizer_and_model(cfg: MetaPOConfig, device: torch.device):
                            max_position_embeddings=t.max_position_embeddings, pad_token_id=tok.pad_token_id,
                            bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=t.tie_word_embeddings)
         torch.manual_seed(cfg.train.seed)
-        model = LlamaForCausalLM(lcfg).to(dtype)
+        if ds_config is None:
+            model = LlamaForCausalLM(lcfg).to(dtype)
+        else:
+            with zero3_init(ds_config):
+                model = LlamaForCausalLM(lcfg)
         model.config._attn_implementation = _attn(m.attn_implementation)
     else:
         tok = AutoTokenizer.from_pretrained(m.tokenizer_name_or_path or m.name_or_path, revision=m.revision)
-        model = AutoModelForCausalLM.from_pretrained(m.name_or_path, revision=m.revision, dtype=dtype,
-                                                     attn_implementation=_attn(m.attn_implementation))
+        with hf_zero3(ds_config) if ds_config is not None else contextlib.nullcontext():
+            model = AutoModelForCausalLM.from_pretrained(m.name_or_path, revision=m.revision, dtype=dtype,
+                                                         attn_implementation=_attn(m.attn_implementation))
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     if m.use_liger_kernels:
@@ -128,7 +179,124 @@ def build_tokenizer_and_model(cfg: MetaPOConfig, device: torch.device):
     if m.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
-    return tok, model.to(device)
+    return tok, model if ds_config is not None else model.to(device)
+
+
+def _build_models_zero3(cfg: MetaPOConfig, dist, run_dir: str, resumed: bool, task, ds: dict, tok, model: nn.Module) -> Models:
+    """build_models on several ranks under ZeRO-3, ``model`` (the policy) already built partitioned.
+    Nothing is ever materialised in full beyond one module at a time (the SFT warm-up's
+    checkpoint for resuming aside, gathered one module at a time onto rank 0):
+
+    - the SFT warm-up of the embedded task trains through a temporary DeepSpeed engine (every rank
+      the same batches, so the averaged gradient is the one-process gradient), and its partitions
+      are copied into a fresh partitioned policy (:func:`~metapo_fast.models.hf.copy_partitions`);
+      a resumed run loads the saved start under ``zero.Init`` instead;
+    - the reference is loaded under ``zero.Init`` from ``model.ref_name_or_path`` (or
+      ``model.name_or_path``), or built empty under ``zero.Init`` and given the policy's
+      partitions: a sharded copy instead of ``copy.deepcopy``;
+    - it is wrapped right away (``parallel.ShardedReference``): the stratification pass runs it.
+
+    The extra constructions draw no random numbers, so the run's random stream stays that of a
+    plain build (the meta-network's initialisation, for one)."""
+    from transformers import AutoModelForCausalLM
+
+    from ..losses import get_loss
+    from ..models.hf import hf_zero3
+    from .parallel import ShardedReference
+
+    t, m, device = cfg.train, cfg.model, dist.device
+    dtype = getattr(torch, m.dtype)
+    ref_ds = ShardedReference.config(ds, m.ref_offload_cpu)
+    ref_dir = os.path.join(run_dir, "reference")
+    warm = task is not None and t.sft_warmup_steps
+
+    def load(path: str, config: dict) -> nn.Module:
+        with hf_zero3(config):
+            return AutoModelForCausalLM.from_pretrained(path, revision=m.revision if path == m.name_or_path else None, dtype=dtype,
+                                                        attn_implementation=_attn(m.attn_implementation))
+
+    if warm and not resumed:
+        model = _sft_warmup_zero3(model, tok, task.sft_rows, t.sft_warmup_steps, t.sft_lr, t.seed, device, ds, dist.world_size)
+        save_partitioned_pretrained(model, ref_dir, dist.is_main)  # the run's reference, needed to resume exactly
+    elif warm:  # resumed: the warmed-up start was saved
+        start = load(ref_dir, ds)
+        copy_partitions(start, model)
+        del start
+    ref = None
+    if get_loss(cfg.loss.loss_type).needs_reference:
+        if m.ref_name_or_path:
+            ref = load(m.ref_name_or_path, ref_ds)
+        elif m.name_or_path and not warm:
+            ref = load(m.name_or_path, ref_ds)
+        else:
+            ref = _empty_like_partitioned(model, ref_ds)
+            copy_partitions(model, ref)
+        ref.eval().requires_grad_(False)
+        ref = ShardedReference(ref, ds, m.ref_offload_cpu).module
+    placement = "none" if ref is None else "zero3" + ("+offload_param" if m.ref_offload_cpu else "")
+    return Models(tok, model, ref, placement, task, [])
+
+
+def _empty_like_partitioned(model: nn.Module, ds: dict) -> nn.Module:
+    """A model of ``model``'s architecture built partitioned under ``ds`` and left uninitialised
+    (no random numbers drawn): the target of a sharded copy."""
+    from ..models.hf import zero3_init
+
+    with zero3_init(ds, init_weights=False):
+        new = type(model)(copy.deepcopy(model.config))
+        new.tie_weights()  # skipped with the initialisation
+    if _checkpointed(model):
+        new.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return new
+
+
+def _checkpointed(model: nn.Module) -> bool:
+    """Whether ``model`` runs with activation (gradient) checkpointing (transformers 5's name first)."""
+    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+        if hasattr(type(model), name):
+            return bool(getattr(model, name))
+    return False
+
+
+def _sft_warmup_zero3(model: nn.Module, tok, rows: list[dict], steps: int, lr: float, seed: int, device: torch.device,
+                      ds: dict, world: int) -> nn.Module:
+    """The SFT warm-up of a ZeRO-3-partitioned ``model`` through a temporary DeepSpeed engine
+    (AdamW as in :func:`sft_warmup`, no clipping); returns a fresh partitioned model (no engine
+    hooks) holding the warmed-up values. Every rank draws the same batches."""
+    from .parallel import DeepSpeedEngine
+
+    if steps <= 0:
+        return model
+    bs = min(32, len(rows))
+    c = {k: v for k, v in ds.items() if k not in ("optimizer", "scheduler")}
+    c.update(train_micro_batch_size_per_gpu=bs, gradient_accumulation_steps=1, train_batch_size=bs * world, gradient_clipping=0.0)
+    eng = DeepSpeedEngine(model, c, lr, 0.0, lambda s: 1.0)
+    sft_warmup(eng.module, tok, rows, steps, lr, seed, device, batch_size=bs, engine=eng)
+    eng.engine.empty_partition_cache()
+    out = _empty_like_partitioned(model, ds)
+    copy_partitions(eng.module, out)
+    eng.engine.destroy()
+    return out
+
+
+def save_partitioned_pretrained(model: nn.Module, path: str, is_main: bool) -> None:
+    """``save_pretrained`` of a ZeRO-3-partitioned model (collective): one module's parameters
+    gathered at a time, copied to the host on rank 0, which writes (tied parameters once)."""
+    import deepspeed
+
+    sd, seen = {}, set()
+    for mname, mod in model.named_modules():
+        params = list(mod.named_parameters(recurse=False))
+        if not params:
+            continue
+        with deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=None):
+            if is_main:
+                for n, p in params:
+                    if id(p) not in seen:
+                        seen.add(id(p))
+                        sd[f"{mname}.{n}" if mname else n] = p.detach().to("cpu", copy=True)
+    if is_main:
+        model.save_pretrained(path, state_dict=sd)
 
 
 def _attn(name: str) -> str:
@@ -159,16 +327,18 @@ def make_reference(model: nn.Module, cfg: MetaPOConfig, device: torch.device) ->
 
 
 def sft_warmup(model: nn.Module, tok, rows: list[dict], steps: int, lr: float, seed: int, device: torch.device,
-               batch_size: int = 32, log_every: int = 50) -> list[float]:
+               batch_size: int = 32, log_every: int = 50, engine=None) -> list[float]:
     """Supervised warm-up on (prompt, completion) rows: produces the reference model of the
-    embedded default (a policy that already prefers the right answers most of the time)."""
+    embedded default (a policy that already prefers the right answers most of the time).
+    ``engine``: a DeepSpeedEngine wrapping ``model`` that takes the backward and the step
+    (ZeRO-3 construction); otherwise torch's AdamW."""
     if steps <= 0:
         return []
     gen = np.random.default_rng(seed)
     enc = [(tok(r["prompt"], add_special_tokens=False)["input_ids"], tok(r["completion"], add_special_tokens=False)["input_ids"])
            for r in rows]
     bos, eos = tok.bos_token_id, tok.eos_token_id
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0) if engine is None else None
     head = lm_head_of(model)
     losses = []
     model.train()
@@ -185,16 +355,23 @@ def sft_warmup(model: nn.Module, tok, rows: list[dict], steps: int, lr: float, s
             mask[r, :len(s)] = 1
             labels[r, p - 1:len(s) - 1] = torch.tensor(s[p:])
         ids, labels, mask = ids.to(device), labels.to(device), mask.to(device)
+        if engine is not None:
+            engine.begin_forward()
         h = last_hidden_states(model, ids, mask)
         logits = head(h).float()
         loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        if engine is not None:
+            engine.backward(loss, 1)
+            engine.step()
+        else:
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
         losses.append(loss.item())
         if log_every and (step + 1) % log_every == 0:
             log.info("sft warm-up step %d/%d: loss %.4f", step + 1, steps, losses[-1])
-    opt.zero_grad(set_to_none=True)
+    if opt is not None:
+        opt.zero_grad(set_to_none=True)
     return losses
 
 
@@ -205,26 +382,40 @@ def sequence_logps_batched(model: nn.Module, ds: PreferenceDataset, collator: Pr
 
     ``shard`` (several ranks, each holding the whole model): rank r computes batches r, r + W, ...
     (the same batches as one process, so the same numbers) and one sum all-reduce of the (N, 2)
-    rows, each written by one rank, gives every rank all of them: 1/W of the pass per rank."""
+    rows, each written by one rank, gives every rank all of them: 1/W of the pass per rank.
+
+    A ZeRO-3-sharded reference (``parallel.ShardedReference``'s module) runs collectively: every
+    rank runs the same number of forwards (a rank short of batches repeats one and discards it)
+    with the LM head gathered."""
     import torch.distributed as tdist
 
     from ..comm import rank, world_size
     from ..ops.preference_loss import fused_sequence_logps
 
     world = world_size() if shard else 1
+    sharded = getattr(model, "_metapo_sharded_ref", None)
     head = lm_head_of(model)
     out = torch.zeros(len(ds), 2, dtype=torch.float64)
     was_training = model.training
     model.eval()
-    for k, s in enumerate(range(0, len(ds), batch_size)):
-        if k % world != (rank() if world > 1 else 0):
-            continue
+    starts = list(range(0, len(ds), batch_size))
+    mine = [s for k, s in enumerate(starts) if k % world == (rank() if world > 1 else 0)]
+    if sharded is not None and world > 1:  # collective forwards: the same count on every rank
+        rounds = -(-len(starts) // world)
+        mine = mine + [None] * (rounds - len(mine))
+    for s in mine:
+        keep = s is not None
+        s = s if keep else starts[0]
         items = [ds[i] for i in range(s, min(s + batch_size, len(ds)))]
-        b = collator(items)
+        b = collator(items) if keep else collator(items[:1])
+        if sharded is not None:
+            sharded.begin_forward()
         h = last_hidden_states(model, b["input_ids"].to(device), b["attention_mask"].to(device))
-        lp = fused_sequence_logps(h, head.weight.to(device), b["labels"].to(device),
-                                  bias=None if head.bias is None else head.bias.to(device))
-        out[s:s + len(items)] = lp.double().reshape(2, -1).t().cpu()
+        with sharded.head() if sharded is not None else contextlib.nullcontext():
+            lp = fused_sequence_logps(h, head.weight.to(device), b["labels"].to(device),
+                                      bias=None if head.bias is None else head.bias.to(device))
+        if keep:
+            out[s:s + len(items)] = lp.double().reshape(2, -1).t().cpu()
     model.train(was_training)
     if world > 1:
         on = torch.device("cuda", torch.cuda.current_device()) if tdist.get_backend() == "nccl" else torch.device("cpu")
@@ -298,22 +489,40 @@ def build_engine(cfg: MetaPOConfig, dist, model: nn.Module, ref: Optional[nn.Mod
         opt = opt_cls(model.parameters(), lr=t.lr, **kw)
         eng = PlainEngine(model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_fn), t.max_grad_norm)
         return Parallel(eng, model, ref, ref_placement)
-    from .. import configs
     from ..config import deepspeed_config
 
     if t.optimizer != "adamw":
         raise ValueError(f"train.optimizer={t.optimizer!r}: the DeepSpeed path supports adamw only")
-    if t.deepspeed is None:
-        t.deepspeed = os.path.join(os.path.dirname(os.path.abspath(configs.__file__)), "zero3.json")
+    _default_deepspeed(cfg)
     ds_cfg = deepspeed_config(cfg, dist.world_size, hidden_size=model.config.hidden_size)
-    replica = copy.deepcopy(model) if with_replica else None
+    replica = _full_replica(model, dist.device) if with_replica else None
     eng = DeepSpeedEngine(model, ds_cfg, t.lr, t.weight_decay, lr_fn)
     par = Parallel(eng, eng.module, ref, ref_placement, meta_replica=replica)
     if ref is not None and eng.zero3:
-        sharded = ShardedReference(ref, ds_cfg, cfg.model.ref_offload_cpu)
+        sharded = getattr(ref, "_metapo_sharded_ref", None) or ShardedReference(ref, ds_cfg, cfg.model.ref_offload_cpu)
         par.ref, par.ref_head, par.ref_begin_forward = sharded.module, sharded.head, sharded.begin_forward
         par.ref_placement = "zero3" + ("+offload_param" if cfg.model.ref_offload_cpu else "")
     return par
+
+
+def _full_replica(model: nn.Module, device: torch.device) -> nn.Module:
+    """The meta-update's full replica of the policy (its values are copied in before each use): a
+    deep copy, or for a ZeRO-3-partitioned policy a full model of its architecture built without
+    initialisation (no random numbers drawn)."""
+    if not is_zero3_partitioned(model):
+        return copy.deepcopy(model)
+    from transformers.initialization import no_init_weights
+
+    with no_init_weights():
+        r = type(model)(copy.deepcopy(model.config))
+    r.tie_weights()  # skipped with the initialisation
+    r = r.to(next(model.parameters()).dtype)
+    if _checkpointed(model):
+        r.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    with torch.no_grad():
+        for a, b in zip(model.buffers(), r.buffers()):
+            b.copy_(a)
+    return r.to(device)
 
 
 def make_meta_net(cfg: MetaPOConfig, device: torch.device, num_pairs: int):
