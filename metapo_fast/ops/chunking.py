@@ -219,7 +219,10 @@ class ChunkSchedule:
         """The labelled rows only, and the number per sequence, computed where the rule's mask lives
         (CPU, or the host's copy of the labels): no device sync."""
         keep = self._rule_mask[rows]
-        per_seq = keep.view(self.b2, self.t).sum(1).tolist()
+        per_seq = keep.view(self.b2, self.t).sum(1)
+        # a host tensor (CPU, or the host's copy of the labels) is read through NumPy: no device read;
+        # only the rule forced onto a device mask (force_row_rule on CUDA, tests) reads the device
+        per_seq = per_seq.numpy().tolist() if per_seq.device.type == "cpu" else per_seq.tolist()
         return rows[keep], cols[keep], per_seq
 
     def token_chunks(self) -> list[Chunk]:
