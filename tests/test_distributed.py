@@ -606,3 +606,67 @@ def test_zero3_construction_peak_memory_per_rank_is_half_of_one_rank(tmp_path):
         assert r["numel"] == one["numel"] and r["placement"] == "zero3"
         assert r["params"] <= 0.52 * one["params"], (r, one)
         assert r["peak"] <= 0.6 * one["peak"], (r, one)
+
+
+def _pretrained_worker(rank, world, port, out, path):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
+    _init(rank, world, port)
+    import deepspeed
+
+    import metapo_fast.train.setup as S
+    from metapo_fast.config import load_config
+    from metapo_fast.train.cli import _default_config
+    from metapo_fast.train.parallel import DistInfo
+
+    cfg = load_config(_default_config(), ["train.sft_warmup_steps=0", f"model.name_or_path={path}", "data.val_split=stratified",
+                                          "data.synthetic.num_pairs=150", f"train.output_dir={out}/run"],  # 3 batches of 64: one rank repeats one
+                      user_yaml=False)  # as the command line reads the default file
+    models = S.build_models(cfg, DistInfo(rank, world, rank, torch.device("cpu")), f"{out}/run", resumed=False)
+    assert models.ref_placement == "zero3"
+    full = {}
+    for name, m in (("policy", models.model), ("ref", models.ref)):
+        assert all(hasattr(p, "ds_id") and p.data.numel() == 0 for p in m.parameters() if p.numel() > 10 * 64), name
+        with deepspeed.zero.GatheredParameters(list(m.parameters())):
+            full[name] = {n: p.detach().clone() for n, p in m.named_parameters()}
+    data = S.build_data(cfg, models.tok, models.ref, torch.device("cpu"), models.task)  # the sharded reference's pass
+    from metapo_fast.data import PreferenceDataset
+
+    lp = S.sequence_logps_batched(models.ref, PreferenceDataset(data.train_pairs), data.collator, torch.device("cpu"), shard=True)
+    torch.save({"full": full, "val": len(data.val), "lp": torch.from_numpy(lp)},
+               os.path.join(out, f"pre{rank}.pt"))
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_zero3_construction_from_pretrained_loads_the_checkpoint(tmp_path):
+    """model.name_or_path on 2 ranks under ZeRO-3: policy and reference are loaded partitioned
+    (transformers' zero.Init path) with the checkpoint's values, and the stratification pass runs
+    the sharded reference on both ranks (collective forwards) to the same split."""
+    from safetensors.torch import load_file
+
+    from metapo_fast.config import load_config
+    from metapo_fast.train.cli import _default_config
+    from metapo_fast.train.setup import build_tokenizer_and_model
+
+    tok, model = build_tokenizer_and_model(load_config(_default_config(), ["train.seed=3"]), torch.device("cpu"))
+    path = str(tmp_path / "pre")
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    mp.spawn(_pretrained_worker, args=(2, _free_port(), str(tmp_path), path), nprocs=2, join=True)
+    saved = load_file(os.path.join(path, "model.safetensors"))
+    r0, r1 = (torch.load(tmp_path / f"pre{r}.pt") for r in range(2))
+    assert r0["val"] == r1["val"] > 0
+    assert torch.equal(r0["lp"], r1["lp"]) and r0["lp"].shape[0] == 150
+    from metapo_fast.data import PreferenceCollator, PreferenceDataset, load_preference_data
+    from metapo_fast.data.synthetic import task_from_config
+    from metapo_fast.train.setup import sequence_logps_batched
+
+    cfg = load_config(_default_config(), ["data.synthetic.num_pairs=150"])
+    pairs = load_preference_data(cfg.data, tok, "train", rows=task_from_config(cfg.data.synthetic).train_rows, source_name="synthetic")
+    single = sequence_logps_batched(model, PreferenceDataset(pairs), PreferenceCollator(tok.pad_token_id), torch.device("cpu"))
+    torch.testing.assert_close(r0["lp"], torch.from_numpy(single), rtol=1e-5, atol=1e-5)
+    for name in ("policy", "ref"):
+        got = r0["full"][name]
+        assert got.keys() == saved.keys()
+        for k in saved:
+            assert torch.equal(got[k], saved[k]) and torch.equal(r1["full"][name][k], saved[k]), (name, k)
