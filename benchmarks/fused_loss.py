@@ -9,7 +9,10 @@ memory, measured side by side in one run.
 Each (implementation, shape) runs in a fresh process so its peak memory is its own: on CPU the
 process's peak RSS (ru_maxrss) above the RSS after the inputs were built; on GPU
 torch.cuda.max_memory_allocated above the inputs. Times are medians over repeats with fresh random
-inputs drawn per repeat (never zeros), after one warm-up. Results: a table on stdout and
+inputs drawn per repeat (never zeros), after one warm-up. ``ours`` gets the host's copy of the
+labels as the trainer passes it (prompt rows, a quarter of each sequence, skip the GEMMs on CUDA);
+``ours_metapo`` adds per-pair weights from the pass's own margins through the per-chunk callback
+(MetaPO's single pass); ``gemm`` is the four bare GEMMs over every row. Results: a table on stdout and
 benchmarks/results/fused_loss_<set>-<UTC time>.csv / .md (``--record``: fused_loss_<set>, the
 committed file; ``--out-dir``, ``--name``) with device, dtype, shape, commit, date and command,
 rewritten after every shape. ``--quick``: the dryrun set (seconds). A worker that runs out of memory gives an
@@ -33,12 +36,13 @@ from .common import RESULTS, add_output_args, output_path, provenance, write_csv
 SETS = {
     "cpu": {"device": "cpu", "dtype": "float32", "shapes": [(4, 256, 512, 32000)], "impls": ["naive", "ours", "liger"]},
     "gpu": {"device": "cuda", "dtype": "bfloat16", "shapes": [(4, 1024, 4096, 128256), (4, 4096, 4096, 128256)],
-            "impls": ["ours", "gemm", "liger", "naive"],
+            "impls": ["ours", "ours_metapo", "gemm", "liger", "naive"],
             # the memory-scaling row: T = 8192, with the reference and the token KL (naive may not fit: then "OOM")
             "memory_shapes": [(4, 8192, 4096, 128256)], "memory_impls": ["ours", "liger", "naive"]},
     # the gpu set's steps with tiny shapes on CPU: a test of the plumbing (benchmarks/gpu/run.py --dry-run)
     "dryrun": {"device": "cpu", "dtype": "float32", "shapes": [(2, 16, 32, 96)],
-               "impls": ["ours", "gemm", "liger", "naive"], "memory_shapes": [(2, 32, 32, 96)], "memory_impls": ["ours"]},
+               "impls": ["ours", "ours_metapo", "gemm", "liger", "naive"], "memory_shapes": [(2, 32, 32, 96)],
+               "memory_impls": ["ours"]},
 }
 
 
@@ -56,16 +60,20 @@ def _inputs(b, t, h, v, dtype, device, seed):
     ref_hidden, ref_weight = mk(2 * b, t, h), mk(v, h, scale=h ** -0.5)
     labels = torch.randint(0, v, (2 * b, t), generator=g, device=device)
     labels[:, : t // 4] = -100  # a prompt of a quarter of the sequence
-    return hidden, weight, labels, ref_hidden, ref_weight
+    # the host's copy of the labels, as the trainer has it (the collated batch before its copy to the
+    # device): the fused loss then drops prompt rows before the GEMMs on CUDA too; made before timing
+    return hidden, weight, labels, ref_hidden, ref_weight, labels.cpu()
 
 
 def _step(impl, x, backend):
-    hidden, weight, labels, ref_hidden, ref_weight = x
-    if impl == "ours":
+    hidden, weight, labels, ref_hidden, ref_weight, host_labels = x
+    if impl in ("ours", "ours_metapo"):
         from metapo_fast import fused_linear_preference_loss
 
+        # ours_metapo: per-pair weights from this pass's margins, chunk by chunk (MetaPO's single pass)
+        wfn = (lambda pairs, stats: torch.sigmoid(stats.margins.float())) if impl == "ours_metapo" else None  # noqa: E731
         loss = fused_linear_preference_loss(hidden, weight, labels, ref_hidden=ref_hidden, ref_weight=ref_weight,
-                                            beta=0.1, backend=backend).loss
+                                            beta=0.1, backend=backend, host_labels=host_labels, weights_fn=wfn).loss
     elif impl == "naive":
         from metapo_fast.losses import PairBatch, pair_loss
         from tests.naive import sequence_logps
@@ -79,7 +87,7 @@ def _step(impl, x, backend):
         fn = LigerFusedLinearDPOLoss(beta=0.1, compiled=hidden.is_cuda, use_ref_model=True)
         res = fn(weight, hidden, labels, ref_input=ref_hidden, ref_weight=ref_weight)
         loss = res[0] if isinstance(res, tuple) else res
-    elif impl == "gemm":  # the four GEMMs of the 8NHV floor, run bare
+    elif impl == "gemm":  # the four GEMMs of the 8NHV floor, run bare (every row: the Liger comparison's terms)
         n, h = hidden.shape[0] * hidden.shape[1], hidden.shape[2]
         hf, rf = hidden.detach().reshape(n, h), ref_hidden.reshape(n, h)
         logits = hf @ weight.detach().t()
@@ -176,7 +184,7 @@ def main(argv=None):
                 else:
                     r = json.loads(line[0][7:])
                 shape_rows.append({"set": args.set, "row": kind, "B": shape[0], "T": shape[1], "H": shape[2], "V": shape[3],
-                                   "dtype": cfg["dtype"], "backend": args.backend if impl == "ours" else "", **r, **prov})
+                                   "dtype": cfg["dtype"], "backend": args.backend if impl.startswith("ours") else "", **r, **prov})
                 _write(out, args.set, rows + shape_rows, prov)  # after every worker: a hang later loses nothing
             _ratios(shape_rows)
             rows += shape_rows
@@ -215,8 +223,10 @@ def _write_md(path, set_name, rows, prov):
              "TFLOP/s counts the 8NHV floor (N = 2BT rows): policy and reference logits and the two gradient GEMMs. "
              "gemm is those four GEMMs run bare. Every implementation uses the reference; ours and naive also compute the "
              "full-vocabulary token KL, Liger does not. The memory rows are the longest sequence (T = 8192 in the gpu set). "
-             "At the default chunk_bytes (256 MiB) a chunk of the gpu set holds fewer rows than a pair's 2T, so ours takes "
-             "the two-phase path (10NHV: the policy logits are recomputed); its TFLOP/s still count 8NHV.", "",
+             "ours gets the host's copy of the labels (the trainer's case), so on CUDA its GEMMs skip the prompt rows (a "
+             "quarter of each sequence) that gemm, Liger and naive compute; ours_metapo adds per-pair weights from the "
+             "pass's own margins (MetaPO's single pass). A pair whose rows do not fit the chunk budget or the device's free "
+             "memory is streamed (still 8NHV, plus two V x H fp32 accumulators).", "",
              "| row | impl | B | T | H | V | dtype | median fwd+bwd (s) | peak extra memory (MiB) | TFLOP/s (8NHV) | time vs gemm | time vs naive | memory vs naive |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
