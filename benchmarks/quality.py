@@ -77,14 +77,19 @@ METHODS = {  # name: function of (eps, warm-up steps, total steps) -> overrides
 }
 # candidates measured beside the shipped defaults (not in the default method list; --methods names them)
 CANDIDATES = {
-    # the shipped default before 20a219f (rows recorded as "metapo" before that commit carry this name)
-    "metapo_lr3e-2": lambda eps, warm, total: ["meta.lr=0.03"],
-    "metapo_lr3e-3": lambda eps, warm, total: ["meta.lr=0.003"],  # the best-separating meta lr (0.003 vs 0.03)
-    "metapo_cdpo": lambda eps, warm, total: [f"loss.label_smoothing={eps}"],  # MetaPO's weights on cDPO's loss
-    "metapo_mlp": lambda eps, warm, total: ["meta.arch=mlp"],  # a non-monotone weight function (6-32-1, paper App. A.11)
-    # the bounded L_val sigma(-z): late in training the validation set's own flipped pairs are the only
-    # unsaturated terms of -log sigma(z), so g_meta follows them and the weights invert (quality_e24.md)
-    "metapo_sigval": lambda eps, warm, total: ["meta.val_objective=sigmoid"],
+    # Each candidate names every setting it was recorded with that differs from today's defaults, so
+    # its rows stay what they say when a default changes (the "metapo" rows are always the defaults).
+    # the default before 20a219f: meta lr 0.03, log L_val (rows recorded as "metapo" before it)
+    "metapo_lr3e-2": lambda eps, warm, total: ["meta.lr=0.03", "meta.val_objective=log"],
+    # the default from 20a219f to the switch to the bounded L_val: meta lr 0.003, log L_val
+    "metapo_lr3e-3": lambda eps, warm, total: ["meta.lr=0.003", "meta.val_objective=log"],
+    "metapo_cdpo": lambda eps, warm, total: [f"loss.label_smoothing={eps}", "meta.lr=0.03",  # MetaPO's weights on cDPO's loss
+                                             "meta.val_objective=log"],
+    "metapo_mlp": lambda eps, warm, total: ["meta.arch=mlp", "meta.lr=0.03",  # a non-monotone weight function (6-32-1)
+                                            "meta.val_objective=log"],
+    # the bounded L_val sigma(-z) (now the default): late in training the validation set's own flipped pairs
+    # are the only unsaturated terms of -log sigma(z), so g_meta follows them and the weights can invert
+    "metapo_sigval": lambda eps, warm, total: ["meta.val_objective=sigmoid", "meta.lr=0.003"],
     # the static filter after two thirds of the run instead of two epochs (weights_diagnosis: the margin
     # flags flipped pairs at AUROC 0.66 at step 120, 0.92 at step 480 at 20% flips)
     "static_filter_late": lambda eps, warm, total: ["meta.weighting=static_filter",

@@ -173,7 +173,7 @@ def test_shipped_configs_load(path, monkeypatch):
     cfg.validate(world_size=1)
     assert cfg.tracker.alpha == 0.9 and cfg.meta.lambda_margin == 0.1
     if cfg.model.name_or_path is not None:  # the paper settings
-        assert cfg.meta.interval == 100 and cfg.meta.lr == 1e-4 and cfg.data.val_fraction == 0.03
+        assert cfg.meta.interval == 100 and cfg.meta.lr == 1e-4 and cfg.meta.val_objective == "log" and cfg.data.val_fraction == 0.03
         assert cfg.model.dtype == "bfloat16" and cfg.train.deepspeed.endswith("zero3.json")
         cfg.validate(world_size=8)
         assert cfg.train.resolved_global_batch(8) == 32
@@ -183,7 +183,7 @@ def test_shipped_configs_load(path, monkeypatch):
         assert cfg.data.path is None and cfg.meta.interval == 100 and cfg.meta.lr == 1e-4 and cfg.meta.optimizer == "adam"
         assert cfg.meta.val_objective == "log" and cfg.data.val_fraction == 0.03 and cfg.data.val_split == "stratified"
     else:
-        assert cfg.data.path is None and cfg.meta.lr == 0.003
+        assert cfg.data.path is None and cfg.meta.lr == 0.003 and cfg.meta.val_objective == "sigmoid"
 
 
 def test_paper_configs_name_the_paper_models_and_data():

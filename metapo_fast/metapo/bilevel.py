@@ -197,8 +197,9 @@ class MetaLearner:
             coordinate a full-size step, noise included).
         interval: K, steps between meta-updates (the trainer calls :meth:`step` every K steps).
         lambda_margin: lambda of L_meta (paper: 0.1).
-        val_objective: L_val's per-pair loss: ``log`` (``-log sigma(z)``, the paper's) or ``sigmoid``
-            (``sigma(-z)``, bounded; see :func:`meta_objective_losses`).
+        val_objective: L_val's per-pair loss: ``sigmoid`` (``sigma(-z)``, bounded; the default, see
+            docs/math.md section 5a) or ``log`` (``-log sigma(z)``, the paper's); see
+            :func:`meta_objective_losses`.
         entropy_coef: weight of ``-H(w / sum w)`` added to the phi objective (paper Table 15; 0 = off).
         inner_lr: eta of the lookahead (the policy's learning rate).
         loss_type, loss_params: the training loss (its logit is the margin of L_meta).
@@ -207,7 +208,7 @@ class MetaLearner:
     def __init__(self, net: MetaWeightNet, lr: float = 0.003, interval: int = 100, lambda_margin: float = 0.1,
                  entropy_coef: float = 0.0, inner_lr: float = 1e-6, loss_type: str = "sigmoid",
                  loss_params: Optional[LossParams] = None, backend: str = "auto", optimizer: str = "adam",
-                 val_objective: str = "log"):
+                 val_objective: str = "sigmoid"):
         if interval < 1:
             raise ValueError(f"MetaLearner: interval (K) must be >= 1, got {interval}")
         if lr <= 0 or inner_lr <= 0:
