@@ -52,6 +52,7 @@ class MetaPOTRLConfig(DPOConfig):
     metapo_interval: int = field(default=100, metadata={"help": "K: a meta-update every K training steps."})
     metapo_lambda_margin: float = field(default=0.1, metadata={"help": "lambda of L_meta = L_val + lambda L_margin."})
     metapo_lr: float = field(default=0.003, metadata={"help": "Adam lr of the meta-network (the paper's 1e-4 does not move it; 0.003 is the trainer's default, see quality.md)."})
+    metapo_val_objective: str = field(default="sigmoid", metadata={"help": "L_val's per-pair loss: sigmoid (sigma(-z), bounded; the trainer's default) or log (-log sigma(z), the paper's)."})
     metapo_features: str = field(default="all", metadata={"help": "Feature subset: all, no_margin, no_volatility, no_reference, no_temporal."})
     metapo_arch: str = field(default="linear", metadata={"help": "linear (7 parameters) or mlp (6-32-1)."})
     metapo_val_fraction: float = field(default=0.03, metadata={"help": "Share of the train set held out for L_meta when no meta_val_dataset is given."})
@@ -109,7 +110,7 @@ class MetaPOTrainer(DPOTrainer):
             self.metapo_learner = MetaLearner(self.metapo_net, lr=args.metapo_lr, interval=args.metapo_interval,
                                               lambda_margin=args.metapo_lambda_margin, inner_lr=args.learning_rate,
                                               loss_type=self._metapo_loss(), loss_params=self._metapo_params(),
-                                              backend=args.metapo_backend)
+                                              backend=args.metapo_backend, val_objective=args.metapo_val_objective)
             self._meta_val = self._prepare_dataset(meta_val_dataset, self.processing_class, args, "meta_val")
         self._meta_cursor = 0
         self._metapo_last_batch = None
