@@ -63,7 +63,8 @@ _GEMMS = {_aten.mm.default, _aten.addmm.default, _aten.bmm.default, _aten.baddbm
           _aten.mm.out, _aten.addmm.out, _aten.addmm_.default, _aten.linear.default}
 _SYNCS = {_aten._local_scalar_dense.default, _aten.nonzero.default, _aten.masked_select.default,
           _aten.is_nonzero.default, _aten.equal.default, _aten.repeat_interleave.Tensor}
-_CPU_ONLY_FRAMES = {"_check_inputs", "_check", "rows_of", "_compact_rows"}  # the last: host-side row layout  # guarded by device == cpu / compact
+_CPU_ONLY_FRAMES = {"_check_inputs", "_check", "rows_of", "_compact_rows",  # guarded by device == cpu / compact;
+                    "_check_label_values"}  # _compact_rows: the host-side row layout
 
 
 def _custom_bodies() -> dict:

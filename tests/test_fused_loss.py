@@ -297,6 +297,18 @@ def test_torch_compile_fullgraph():
     torch.testing.assert_close(w2.grad, w1.grad)
 
 
+
+def test_out_of_range_label_is_refused_under_torch_compile_too():
+    """The label values are checked in the op's body, so a compiled graph (where the check before the
+    op is data-dependent and skipped) still refuses a label >= V instead of letting the C++ epilogue
+    index past the row."""
+    hid, w, labels, kw = make_inputs(torch.float32)
+    bad = labels.clone()
+    bad[1, 5] = w.shape[0] + 2
+    mod = FusedLinearPreferenceLoss(loss_type="sigmoid", beta=0.3, backend="torch")
+    with pytest.raises(Exception, match=rf"labels\[1, 5\] = {w.shape[0] + 2} is outside"):
+        torch.compile(lambda h, wt: mod(h, wt, bad, **kw).loss, fullgraph=True, backend="aot_eager")(hid, w)
+
 @pytest.mark.parametrize("mutate,match", [
     (lambda a: a.update(hidden=a["hidden"][:5]), "even, non-zero number of rows"),
     (lambda a: a.update(hidden=a["hidden"][0]), r"\(2B, T, H\)"),

@@ -116,12 +116,8 @@ def _check_inputs(hidden, weight, labels, bias, ref_hidden, ref_weight, ref_bias
             raise ValueError(f"{name} is on {x.device} but hidden is on {dev}; all inputs must share one device")
     if bias is not None and (bias.shape != (v,) or bias.dtype != hidden.dtype):
         raise ValueError(f"bias must be ({v},) of dtype {hidden.dtype}, got {tuple(bias.shape)} {bias.dtype}")
-    # Value check on CPU only: on CUDA it would cost a host sync, and under torch.compile it is data-dependent.
-    if labels.device.type == "cpu" and not torch.compiler.is_compiling():
-        bad = ((labels != ignore_index) & ((labels < 0) | (labels >= v))).nonzero()
-        if bad.numel():
-            r, c = bad[0].tolist()
-            raise ValueError(f"labels[{r}, {c}] = {int(labels[r, c])} is outside [0, V={v}) and is not ignore_index={ignore_index}")
+    # The label values are checked by the op's body (_Chunker), on CPU only (on CUDA it would cost a host
+    # sync): there it also runs when a torch.compile'd graph calls the op.
     if ref_hidden is not None:
         if ref_weight is None:
             raise ValueError("ref_hidden was given without ref_weight")
@@ -176,6 +172,15 @@ class _LazyPairStats(PreferenceLossOutput):
         return f"_LazyPairStats(group={self._src[1]})"
 
 
+def _check_label_values(labels: torch.Tensor, v: int, ignore_index: int) -> None:
+    """Every label is ``ignore_index`` or in ``[0, V)`` (CPU tensors: the C++ epilogue indexes with them)."""
+    bad = ((labels != ignore_index) & ((labels < 0) | (labels >= v))).nonzero()
+    if bad.numel():
+        idx = bad[0].tolist()
+        raise ValueError(f"labels[{', '.join(map(str, idx))}] = {int(labels[tuple(idx)])} is outside [0, V={v}) and is not "
+                         f"ignore_index={ignore_index}")
+
+
 class _Chunker:
     """The fused loss's loop over :class:`~.chunking.PairLayout`. Per-sequence statistics live in
     ``S (2B, K)`` in layout order (columns: log-prob, reference log-prob if computed, KL if
@@ -194,6 +199,8 @@ class _Chunker:
         self.ref_hidden = None if ref_hidden is None else ref_hidden.reshape(-1, ref_hidden.shape[-1])
         self.weight, self.bias, self.ref_weight, self.ref_bias = weight, bias, ref_weight, ref_bias
         self.labels = labels.reshape(-1)
+        if labels.device.type == "cpu":  # the C++ epilogue indexes with them
+            _check_label_values(labels, self.v, ignore_index)
         self.mask = self.labels != ignore_index
         self.targets = torch.where(self.mask, self.labels, 0)
         self.spec, self.params, self.backend = spec, params, backend
@@ -247,7 +254,7 @@ class _Chunker:
             dz = [[beta if k == j else (-beta if k == n + j else 0.0) for k in range(2 * n)] for j in range(n)]
             dc = [[dz[j][k] * inv_b for j in range(n)] for k in range(2 * n)]
             a = [1.0, -1.0 if self.has_ref_logits else 0.0] + [0.0] * (self.K - 2)
-            c = self._consts[n] = tuple(torch.tensor(x, dtype=self.cd).to(self.S.device, non_blocking=True) for x in (dz, dc, a))
+            c = self._consts[n] = tuple(self.schedule.to_device(torch.tensor(x, dtype=self.cd)) for x in (dz, dc, a))
         return c
 
     # -- the statistics of a group, as the losses see them -----------------------------------------
