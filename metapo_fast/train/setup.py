@@ -105,11 +105,16 @@ def zero3_construction_config(cfg: MetaPOConfig, world_size: int) -> Optional[di
     """The policy's DeepSpeed config when the models are to be built partitioned under
     ``deepspeed.zero.Init``: several ranks and ZeRO stage 3 (``train.deepspeed``, the bundled
     configs/zero3.json by default). ``None`` (built in full, sharded when the engine wraps them) on
-    one process, under other stages, and with ``model.use_liger_kernels`` (its module swap needs
-    full parameters)."""
+    one process, under other stages, with ``model.use_liger_kernels`` (its module swap needs
+    full parameters), and with transformers < 5 (the partitioned build uses transformers 5's
+    per-module weight initialisation)."""
+    import transformers
+
     from .parallel import zero3_planned
 
     if world_size <= 1 or cfg.model.use_liger_kernels or not zero3_planned(cfg, world_size):
+        return None
+    if int(transformers.__version__.split(".")[0]) < 5:
         return None
     from ..config import deepspeed_config
 
