@@ -670,3 +670,37 @@ def test_zero3_construction_from_pretrained_loads_the_checkpoint(tmp_path):
         assert got.keys() == saved.keys()
         for k in saved:
             assert torch.equal(got[k], saved[k]) and torch.equal(r1["full"][name][k], saved[k]), (name, k)
+
+
+def test_deepspeed_engine_refuses_fp16_and_an_optimiser_without_the_skip_internals():
+    """The step-wide non-finite handling uses DeepSpeed's ZeRO optimiser internals: a configuration
+    that lacks them (another DeepSpeed version, the BF16_Optimizer of stage 1 with fp32 gradient
+    accumulation) or uses fp16's dynamic loss scale is refused when the engine is built, not at the
+    first non-finite step."""
+    from types import SimpleNamespace
+
+    from metapo_fast.train.parallel import DeepSpeedEngine
+
+    class Stage3Like:
+        loss_scale = 1.0
+
+        def _get_norm_groups(self): ...
+        def _pre_step(self): ...
+        def _partition_all_parameters(self): ...
+        def _overflow_clean_up(self, scale): ...
+
+    class BF16Like:  # what DeepSpeed builds for stage 1 + bf16 + fp32 grad accumulation: no scaled_global_norm
+        loss_scale = 1.0
+
+    def engine(stage, opt):
+        e = DeepSpeedEngine.__new__(DeepSpeedEngine)
+        e.engine = SimpleNamespace(zero_optimization_stage=lambda: stage, optimizer=opt)
+        return e
+
+    engine(3, Stage3Like())._check_internals({})  # the shipped configuration passes
+    with pytest.raises(RuntimeError, match=r"ZeRO stage 1: the optimiser BF16Like lacks \['scaled_global_norm'"):
+        engine(1, BF16Like())._check_internals({})
+    with pytest.raises(RuntimeError, match=r"ZeRO stage 3: the optimiser BF16Like lacks"):
+        engine(3, BF16Like())._check_internals({})
+    with pytest.raises(ValueError, match="fp16 is not supported"):
+        engine(3, Stage3Like())._check_internals({"fp16": {"enabled": True}})

@@ -189,6 +189,31 @@ class DeepSpeedEngine:
         self.module = self.engine.module
         self.world_size = world_size()
         self.zero3 = cfg.get("zero_optimization", {}).get("stage", 0) == 3
+        self._check_internals(cfg)
+
+    # the DeepSpeed optimiser internals the step-wide finite check and the skip use, per ZeRO stage
+    _INTERNALS = {3: ("_get_norm_groups", "_pre_step", "_partition_all_parameters", "_overflow_clean_up", "loss_scale"),
+                  1: ("scaled_global_norm", "loss_scale", "zero_grad", "_wait_for_offload_copies",
+                      "_release_preflattened_grad_buffers", "reset_cpu_buffers", "averaged_gradients")}
+    _INTERNALS[2] = _INTERNALS[1]
+
+    def _check_internals(self, cfg: dict) -> None:
+        """Refuse at start-up what the non-finite handling cannot serve (instead of failing at the
+        first non-finite step, possibly hours in): fp16 (its dynamic loss scale is DeepSpeed's to
+        manage) and an optimiser without the internals used (another DeepSpeed version, or the
+        BF16_Optimizer DeepSpeed picks for stage 1 with fp32 gradient accumulation)."""
+        if cfg.get("fp16", {}).get("enabled"):
+            raise ValueError("DeepSpeed fp16 is not supported by the trainer (non-finite steps are decided and skipped by it, "
+                             "not by DeepSpeed's dynamic loss scale): use bf16 or fp32")
+        stage = self.engine.zero_optimization_stage()
+        missing = [a for a in self._INTERNALS.get(stage, ()) if not hasattr(self.engine.optimizer, a)]
+        if missing:
+            import deepspeed
+
+            raise RuntimeError(f"DeepSpeed {deepspeed.__version__}, ZeRO stage {stage}: the optimiser "
+                               f"{type(self.engine.optimizer).__name__} lacks {missing}, which the trainer's non-finite "
+                               "step handling uses; use ZeRO stage 3 (configs/zero3.json) or the DeepSpeed version "
+                               "in pyproject.toml")
 
     def begin_forward(self) -> None:
         """What ``engine.forward`` does first, for the trainer's direct call of the decoder: the ZeRO
@@ -232,7 +257,7 @@ class DeepSpeedEngine:
         grads = [p.grad for p in self.module.parameters() if p.grad is not None]  # stage 0: all-reduced at the boundary
         if not grads:
             raise RuntimeError("DeepSpeed (ZeRO stage 0): no gradients to check at the accumulation boundary")
-        return torch.nn.utils.get_total_norm(grads)
+        return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
 
     def clip_and_check(self, losses_finite: torch.Tensor, grad_scale: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, bool]:
         """(gradient norm before clipping, whether this step is finite on every rank). DeepSpeed clips
