@@ -10,12 +10,14 @@ it, CUDA keeps every row (dropping them would need a host sync) with a zero coef
 
 Memory rule: a chunk holds at most ``rows_per_chunk = chunk_bytes // (V * itemsize * (2 with a
 reference else 1))`` rows of logits; on CUDA :func:`pair_rows_on_device` raises it to one whole pair
-when that pair fits the device's free memory. Schedules:
+when that pair fits the device's free memory (so on CUDA a small ``chunk_bytes`` does not force
+streaming while memory allows a whole pair). Schedules:
 
-* :meth:`ChunkSchedule.pair_chunks`: whole pairs per chunk (both responses' rows), as many as fit,
-  at least one; used when one pair's ``2T`` rows fit.
-* :meth:`ChunkSchedule.seq_chunks`: one sequence's rows in blocks, for a pair that does not fit
-  (the fused loss's streamed-pair path).
+* :meth:`ChunkSchedule.layout`: the fused loss's whole schedule built once per call, groups of
+  whole pairs (as many as fit, at least one) or, when one pair's ``2T`` rows do not fit, one pair
+  per group in blocks of one sequence's rows (the streamed-pair path); see :class:`PairLayout`.
+* :meth:`ChunkSchedule.pair_chunks` / :meth:`ChunkSchedule.seq_chunks`: the same groupings chunk by
+  chunk.
 * :meth:`ChunkSchedule.token_chunks`: blocks of ``rows_per_chunk`` rows over all sequences, for
   per-token work that needs no pair grouping (the ghost pass).
 """
@@ -137,10 +139,16 @@ class ChunkSchedule:
 
     def index(self, values) -> torch.Tensor:
         """``values`` as an int64 index tensor on the schedule's device."""
-        return torch.tensor(values, dtype=torch.long).to(self.device, non_blocking=True)
+        return self.to_device(torch.tensor(values, dtype=torch.long))
 
-    def _to_device(self, x: torch.Tensor) -> torch.Tensor:
-        return x if x.device == self.device else x.to(self.device, non_blocking=True)
+    def to_device(self, x: torch.Tensor) -> torch.Tensor:
+        """A host-built index tensor on the op's device. To CUDA through pinned memory: a copy from
+        pageable memory waits for the device (a host sync per tensor), a pinned one is queued."""
+        if x.device == self.device:
+            return x
+        if self.device.type == "cuda" and x.device.type == "cpu":
+            x = x.pin_memory()
+        return x.to(self.device, non_blocking=True)
 
     @staticmethod
     def rows_for(chunk_bytes: int, vocab: int, itemsize: int, with_reference: bool) -> int:
@@ -170,12 +178,12 @@ class ChunkSchedule:
             rows = self.rows_of(seqs)
             seq = torch.div(rows, self.t, rounding_mode="floor")
             seq_local = torch.where(seq >= self.bsz, seq - self.bsz + n, seq) - i0
-            yield Chunk(*(self._to_device(x) for x in (rows, seq, pairs, seqs, seq_local)))
+            yield Chunk(*(self.to_device(x) for x in (rows, seq, pairs, seqs, seq_local)))
 
     def seq_chunks(self, s: int) -> list[torch.Tensor]:
         """The rows of sequence ``s`` in blocks of at most ``rows_per_chunk`` (device tensors)."""
         rows = self.rows_of(torch.tensor([s], dtype=torch.long))
-        return [self._to_device(r) for r in rows.split(self.rows_per_chunk)] if rows.numel() else []
+        return [self.to_device(r) for r in rows.split(self.rows_per_chunk)] if rows.numel() else []
 
     def layout(self, streamed: bool) -> PairLayout:
         """The whole schedule of the fused loss at once (see :class:`PairLayout`): whole pairs per
@@ -212,8 +220,8 @@ class ChunkSchedule:
                 bl = [(sum(seq_rows), -1)]
             blocks.append(bl)
             group_rows.append(sum(seq_rows))
-        return PairLayout(self._to_device(rows), self._to_device(cols), self._to_device(order_w),
-                          self._to_device(torch.tensor(pos, dtype=torch.long)), groups, group_rows, blocks)
+        return PairLayout(self.to_device(rows), self.to_device(cols), self.to_device(order_w),
+                          self.to_device(torch.tensor(pos, dtype=torch.long)), groups, group_rows, blocks)
 
     def _compact_rows(self, rows: torch.Tensor, cols: torch.Tensor):
         """The labelled rows only, and the number per sequence, computed where the rule's mask lives
@@ -229,7 +237,7 @@ class ChunkSchedule:
         """Blocks of at most ``rows_per_chunk`` rows over all sequences (per-token work that needs
         no pair grouping: the ghost pass)."""
         all_rows = self.rows_of(torch.arange(self.b2, device=self._where))
-        return [Chunk(self._to_device(rows), self._to_device(torch.div(rows, self.t, rounding_mode="floor")))
+        return [Chunk(self.to_device(rows), self.to_device(torch.div(rows, self.t, rounding_mode="floor")))
                 for rows in all_rows.split(self.rows_per_chunk)]
 
 
