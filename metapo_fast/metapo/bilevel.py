@@ -2,7 +2,7 @@
 
 Every K steps, on a validation batch:
 
-    L_meta = L_val + lambda * L_margin,  L_val = mean(-log sigma(z)),  L_margin = -mean(z | z > 0)
+    L_meta = L_val + lambda * L_margin,  L_val = mean(sigma(-z)) (the paper's: mean(-log sigma(z))),  L_margin = -mean(z | z > 0)
 
 depends on phi through the one-step lookahead ``theta'(phi) = theta - eta grad (1/B) sum_i w_phi(s_i) l_i``.
 To first order in eta:
@@ -51,7 +51,7 @@ __all__ = ["MetaLearner", "meta_objective_losses", "pair_gradient_dots", "VAL_OB
 VAL_OBJECTIVES = ("log", "sigmoid")
 
 
-def meta_objective_losses(base: str, val_objective: str = "log") -> tuple[str, str]:
+def meta_objective_losses(base: str, val_objective: str = "sigmoid") -> tuple[str, str]:
     """Register (once) and return the names of two losses over the base loss's logit z: L_val's
     terms, ``-log sigma(z)`` (``log``, the paper's) or ``sigma(-z)`` (``sigmoid``: the expected
     ranking error, a bounded, symmetric loss whose gradient vanishes on confidently misranked
@@ -239,7 +239,7 @@ class MetaLearner:
         hidden = last_hidden_states(model, ctx.ids, ctx.mask, plan=ctx.plan)
         b_local = hidden.shape[0] // 2
         world = world_size()
-        # L_val = mean over the global batch of -log sigma(z): each rank's mean, averaged over ranks
+        # L_val = mean over the global batch of sigma(-z) or -log sigma(z): each rank's mean, averaged over ranks
         val = fused_linear_preference_loss(hidden, ctx.head.weight, ctx.labels, bias=ctx.head.bias, **ctx.ref_kw,
                                            loss_type=val_name, **kw)
         z = val.margins

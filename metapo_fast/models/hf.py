@@ -101,7 +101,9 @@ def _init_weights_gathered(model: nn.Module) -> None:
     whose parameters ZeRO-3 has partitioned: each module's own and direct children's parameters are
     gathered, initialised, and re-partitioned on leaving (rank 0's values are kept). Every rank runs
     the init, so the random-number streams stay the same on every rank, and the same as a plain
-    construction's: the values are bitwise those of a plain build with the same seed."""
+    construction's: the values are bitwise those of a plain build with the same seed where the
+    accelerator is the CPU (checked with gloo); on CUDA, zero.Init creates the parameters on the GPU,
+    so they are drawn from the CUDA generator and differ from a 1-process build's (not checked)."""
     import deepspeed
     from transformers.modeling_utils import PreTrainedModel
 
