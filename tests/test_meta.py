@@ -127,7 +127,7 @@ def test_uncovered_parameter_is_named():
         pair_gradient_dots(model, make_batch(2), G, "sigmoid", PARAMS, ref_model=copy.deepcopy(model), backend="torch")
 
 
-def exact_lookahead_phi_grad(model, ref, net, feats, train, val, eta, lam, val_objective="log", groups=None):
+def exact_lookahead_phi_grad(model, ref, net, feats, train, val, eta, lam, val_objective="sigmoid", groups=None):
     """dL_meta(theta')/dphi with theta' = theta - eta grad (1/B) sum_i w_phi(s_i) l_i, by double backward."""
     names = [n for n, _ in model.named_parameters()]
     params = [p for _, p in model.named_parameters()]
