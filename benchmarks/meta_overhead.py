@@ -94,8 +94,8 @@ def main(argv=None):
              "| model | DPO step (ms) | MetaPO step (ms) | meta-update (ms) | overhead at K=%d (%%) | MetaPO step / DPO step |" % args.K,
              "|---|---|---|---|---|---|",
              f"| {row['model']} | {row['dpo_step_ms']} | {row['metapo_step_ms']} | {row['meta_update_ms']} | {row['meta_overhead_pct_at_K']} | {row['metapo_step_vs_dpo_step']} |",
-             "", "overhead = (meta-update / K) / MetaPO step. The MetaPO step itself also pays the tracker, the meta-network and a second "
-             "policy-logits pass of the fused loss (weights depend on this step's margins); that is the last column.",
+             "", "overhead = (meta-update / K) / MetaPO step. The MetaPO step itself also pays the tracker and the meta-network, per chunk "
+             "of the fused loss's single pass on one process (a second policy-logits pass with several ranks); that is the last column.",
              "", "GPU: not measured (no GPU in this session)." if device == "cpu" else ""]
     with open(out + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
