@@ -140,7 +140,7 @@ class Trainer:
         # otherwise (normalised per micro-batch, or a tracker shared by ranks) a margins pass first (10NHV)
         per_chunk = self.weights_per_chunk and step_norm and self.dist.world_size == 1
         w_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-        w_count, copy_s = 0, 0.0
+        w_count = 0
         it = iter(self.sampler)
         for j in range(self.grad_accum):
             idx = next(it, None)
@@ -201,13 +201,13 @@ class Trainer:
                 metrics[k] = metrics[k] * grad_scale
         # the step's one host read: every loss and the gradient norm finite, on every rank (all-reduced)
         gnorm, finite = self.eng.clip_and_check(losses_finite, grad_scale)
-        meta_s = copy_s
+        meta_s = 0.0  # meta-update time in this step (the replica copy included), not training time
         if finite:
             if meta:
                 if self.meta_replica is not None:
                     t_copy = time.perf_counter()
                     self.eng.full_copy_into(self.meta_replica)  # theta_t: DeepSpeed's step is not taken yet
-                    copy_s = time.perf_counter() - t_copy  # meta-update time, not training time
+                    copy_s = time.perf_counter() - t_copy
                     self.counters["meta_time_s"] += copy_s
                     meta_s += copy_s
                 meta_s += self._meta_update(micro, groups=None if step_norm else [f.shape[0] for _, f in micro])
