@@ -1,6 +1,7 @@
 """How much the meta-gradient's per-pair signal separates flipped from clean pairs on the default task.
 
-    python -m benchmarks.meta_signal [--steps 20 150] [--pairs 256] [--val-objectives log sigmoid] [--record]
+    python -m benchmarks.meta_signal [--steps 20 150] [--pairs 256] [--val-objectives log sigmoid]
+                                     [--preconditioners none adam] [--record]
 
 For each checkpoint step: train the default task with plain DPO for that many steps, then compute
 c_i = <grad L_val, grad l_i> (the quantity the meta-update sums, docs/math.md section 5) for
@@ -9,7 +10,9 @@ noisy as the training data) and against the same pairs with their true labels
 (``data.synthetic.clean_validation``). It reports the mean c_i of clean and flipped pairs, the
 share with c_i > 0, and the AUROC of c_i for clean vs flipped. It also reports the AUROC of the
 policy's own p = sigma(z), which is a feature the meta-network sees. ``--val-objectives`` repeats
-it for each L_val loss (``meta.val_objective``: log = -log sigma(z), sigmoid = sigma(-z)).
+it for each L_val loss (``meta.val_objective``: log = -log sigma(z), sigmoid = sigma(-z)), and
+``--preconditioners`` for each inner preconditioner of c_i (adam: ``<g_meta, P g_i>`` with the trained
+AdamW's diagonal P, :func:`metapo_fast.metapo.bilevel.adam_preconditioned`).
 Writes benchmarks/results/meta_signal-<UTC time>.{md,csv}, or meta_signal.{md,csv} with --record.
 """
 from __future__ import annotations
@@ -23,12 +26,12 @@ import torch
 from benchmarks.common import add_output_args, md_table, output_path, provenance, write_csv, write_md
 
 
-def measure(steps: int, n_pairs: int, out_dir: str, val_objectives=("log",), extra=()) -> list[dict]:
+def measure(steps: int, n_pairs: int, out_dir: str, val_objectives=("log",), extra=(), preconditioners=("none",)) -> list[dict]:
     from metapo_fast.data.batches import TrueLabels
     from metapo_fast.config import load_config
     from metapo_fast.train.parallel import DistInfo
     from metapo_fast.train.outputs import auroc
-    from metapo_fast.metapo.bilevel import MetaLearner, pair_gradient_dots
+    from metapo_fast.metapo.bilevel import MetaLearner, adam_preconditioned, pair_gradient_dots
     from metapo_fast.metapo.weight_net import MetaWeightNet
     from metapo_fast.train.cli import _default_config
     from metapo_fast.train.loop import Trainer
@@ -58,13 +61,17 @@ def measure(steps: int, n_pairs: int, out_dir: str, val_objectives=("log",), ext
         vb = tr.data.collator([val[i] for i in range(len(val))])
         vb["ref_logps"] = tr.fwd.ref_logps(vb)
         G, _ = learner.meta_gradient(tr.model, vb, tr.ref)
-        c = torch.cat([pair_gradient_dots(tr.model, b, G, "sigmoid", tr.cfg.loss.to_loss_params(), tr.ref) for b in batches]).numpy()
-        rows.append({"dpo_steps": steps, "validation": name, "val_objective": objective, "val_pairs": len(val), "pairs": n_pairs,
-                     "mean_c_clean": f"{c[~f].mean():.3e}", "mean_c_flipped": f"{c[f].mean():.3e}",
-                     "share_c_pos_clean": round(float((c[~f] > 0).mean()), 3),
-                     "share_c_pos_flipped": round(float((c[f] > 0).mean()), 3),
-                     "auroc_c_clean_vs_flipped": round(auroc(c, ~f), 3),
-                     "auroc_p_clean_vs_flipped": round(auroc(z[idx], ~f), 3)})
+        for pre in preconditioners:
+            D = adam_preconditioned(G, tr.eng.optimizer) if pre == "adam" else G
+            c = torch.cat([pair_gradient_dots(tr.model, b, D, "sigmoid", tr.cfg.loss.to_loss_params(), tr.ref)
+                           for b in batches]).numpy()
+            rows.append({"dpo_steps": steps, "validation": name, "val_objective": objective, "preconditioner": pre,
+                         "val_pairs": len(val), "pairs": n_pairs,
+                         "mean_c_clean": f"{c[~f].mean():.3e}", "mean_c_flipped": f"{c[f].mean():.3e}",
+                         "share_c_pos_clean": round(float((c[~f] > 0).mean()), 3),
+                         "share_c_pos_flipped": round(float((c[f] > 0).mean()), 3),
+                         "auroc_c_clean_vs_flipped": round(auroc(c, ~f), 3),
+                         "auroc_p_clean_vs_flipped": round(auroc(z[idx], ~f), 3)})
     return rows
 
 
@@ -73,13 +80,15 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, nargs="+", default=[20, 150])
     ap.add_argument("--pairs", type=int, default=256)
     ap.add_argument("--val-objectives", nargs="+", default=["log"], choices=["log", "sigmoid"])
+    ap.add_argument("--preconditioners", nargs="+", default=["none"], choices=["none", "adam"],
+                    help="c_i's inner preconditioner: none = <g_meta, g_i>, adam = <g_meta, P g_i> with the AdamW state")
     add_output_args(ap, "meta_signal")
     ap.add_argument("--extra", nargs="*", default=[], help="config overrides, e.g. data.val_fraction=0.2")
     a = ap.parse_args(argv)
     rows = []
     for s in a.steps:
         with tempfile.TemporaryDirectory() as d:
-            new = measure(s, a.pairs, d, a.val_objectives, a.extra)
+            new = measure(s, a.pairs, d, a.val_objectives, a.extra, a.preconditioners)
         rows += new
         print(md_table(new), flush=True)
     prov = provenance("cpu", "benchmarks.meta_signal")

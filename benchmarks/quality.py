@@ -90,6 +90,8 @@ CANDIDATES = {
     # the bounded L_val sigma(-z) (now the default): late in training the validation set's own flipped pairs
     # are the only unsaturated terms of -log sigma(z), so g_meta follows them and the weights can invert
     "metapo_sigval": lambda eps, warm, total: ["meta.val_objective=sigmoid", "meta.lr=0.003"],
+    # c_i = <g_meta, P g_i> with the policy AdamW's diagonal P: the lookahead of the step Adam takes
+    "metapo_adamP": lambda eps, warm, total: ["meta.preconditioner=adam", "meta.val_objective=sigmoid", "meta.lr=0.003"],
     # the static filter after two thirds of the run instead of two epochs (weights_diagnosis: the margin
     # flags flipped pairs at AUROC 0.66 at step 120, 0.92 at step 480 at 20% flips)
     "static_filter_late": lambda eps, warm, total: ["meta.weighting=static_filter",

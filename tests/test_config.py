@@ -90,6 +90,8 @@ def test_bad_overrides_name_the_key(override, needle):
     (["model.tiny.num_heads=3"], "model.tiny.num_heads"),
     (["train.deepspeed=/nonexistent/ds.json"], "train.deepspeed"),
     (["train.warmup_ratio=1"], "train.warmup_ratio"),
+    (["meta.preconditioner=adam", "train.optimizer=sgd"], "meta.preconditioner"),  # no second moments
+    (["meta.preconditioner=adam", "train.deepspeed=configs/zero3.json"], "meta.preconditioner"),  # partitioned state
 ])
 def test_invalid_combinations_fail_at_startup(overrides, field):
     with pytest.raises(ValueError) as e:
@@ -117,6 +119,10 @@ def test_world_size_divisibility():
         cfg.validate(world_size=4)
     with pytest.raises(ConfigError, match="world_size"):
         cfg.validate(world_size=0)
+    cfg = load_config(None, ["meta.preconditioner=adam"])  # one process: fine; several ranks go through DeepSpeed
+    cfg.validate(world_size=1)
+    with pytest.raises(ConfigError, match="meta.preconditioner.*world_size=2"):
+        cfg.validate(world_size=2)
 
 
 def test_fields_assigned_after_construction_are_rechecked():
@@ -276,6 +282,7 @@ _MODE_CASES = {
     "meta.lr": ("0.01", ["meta.weighting=ema_margin"], []),
     "meta.optimizer": ("sgd", ["meta.weighting=ema_margin"], []),
     "meta.val_objective": ("sigmoid", ["meta.weighting=ema_margin"], []),
+    "meta.preconditioner": ("adam", ["meta.weighting=ema_margin"], []),
     "meta.inner_lr_for_lookahead": ("0.001", ["meta.weighting=ema_margin"], []),
     "meta.val_batch_size": ("32", ["meta.weighting=ema_margin"], []),
 }

@@ -127,8 +127,9 @@ def test_uncovered_parameter_is_named():
         pair_gradient_dots(model, make_batch(2), G, "sigmoid", PARAMS, ref_model=copy.deepcopy(model), backend="torch")
 
 
-def exact_lookahead_phi_grad(model, ref, net, feats, train, val, eta, lam, val_objective="sigmoid", groups=None):
-    """dL_meta(theta')/dphi with theta' = theta - eta grad (1/B) sum_i w_phi(s_i) l_i, by double backward."""
+def exact_lookahead_phi_grad(model, ref, net, feats, train, val, eta, lam, val_objective="sigmoid", groups=None, precond=None):
+    """dL_meta(theta')/dphi with theta' = theta - eta P grad (1/B) sum_i w_phi(s_i) l_i, by double backward
+    (``precond``: {parameter name: the diagonal of P}; None = P = 1)."""
     names = [n for n, _ in model.named_parameters()]
     params = [p for _, p in model.named_parameters()]
     if groups is None:
@@ -137,7 +138,7 @@ def exact_lookahead_phi_grad(model, ref, net, feats, train, val, eta, lam, val_o
         w = torch.cat([g / g.mean() for g in net(feats, normalize=False).split(groups)])
     l_train, _ = naive_pair_losses(model, ref, train)
     grads = torch.autograd.grad((w * l_train).mean(), params, create_graph=True)
-    new = {n: p - eta * g for n, p, g in zip(names, params, grads)}
+    new = {n: p - eta * (g if precond is None else precond[n] * g) for n, p, g in zip(names, params, grads)}
     look = copy.deepcopy(model)
 
     def fwd(batch):
@@ -181,6 +182,60 @@ def test_phi_gradient_equals_double_backward_lookahead(normalize, val_objective)
     num = sum(((a - b) ** 2).sum() for a, b in zip(ours, exact)).sqrt()
     den = sum((b ** 2).sum() for b in exact).sqrt()
     assert den > 0 and num / den < 2e-4, f"relative error {float(num / den):.2e}"  # observed 1e-5 .. 5e-5 at eta=1e-6
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_adam_preconditioned_phi_gradient_equals_the_preconditioned_lookahead(tied):
+    """meta.preconditioner=adam: the phi gradient equals the double-backward lookahead of the step
+    theta - eta P grad with P = 1 / (sqrt(v_hat) + eps) from the policy's AdamW (float64), and it
+    differs from the identity preconditioner's."""
+    from metapo_fast.metapo.bilevel import adam_preconditioned
+
+    model = tiny_llama(tied)
+    ref = copy.deepcopy(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, eps=1e-6)
+    g = torch.Generator().manual_seed(5)
+    for k in range(3):  # non-uniform second moments: per-parameter gradient scales spread over 1e-3 .. 1
+        for i, p in enumerate(model.parameters()):
+            scale = 10.0 ** -(torch.rand(p.shape, generator=g, dtype=torch.float64) * 3)
+            p.grad = scale * torch.randn(p.shape, generator=g, dtype=torch.float64)
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+    train, val = make_batch(3), make_batch(4, b=4)
+    torch.manual_seed(0)
+    net = MetaWeightNet(normalize="batch_mean").double()
+    with torch.no_grad():
+        net.v.copy_(torch.randn(6) * 0.5)
+    feats = torch.randn(B, 6, dtype=torch.float64)
+    eta = 1e-8  # P reaches ~1e3 here, so eta * P ~ 1e-5: the first-order error stays ~1e-5 (2e-3 at eta = 1e-6)
+    ones = {p: torch.ones_like(p) for p in model.parameters()}
+    P = adam_preconditioned(ones, opt)
+    names = {id(p): n for n, p in model.named_parameters()}
+    precond = {names[id(p)]: d for p, d in P.items()}
+    bc2 = 1 - 0.999 ** 3
+    for p in model.parameters():  # the helper's P is Adam's own denominator
+        torch.testing.assert_close(P[p], 1 / ((opt.state[p]["exp_avg_sq"] / bc2).sqrt() + 1e-6))
+    grads = {}
+    for pre in ("adam", "none"):
+        learner = MetaLearner(net, inner_lr=eta, lambda_margin=0.1, loss_params=PARAMS, backend="torch",
+                              preconditioner=pre, inner_optimizer=opt)
+        learner.phi_gradient(model, train, val, feats.float(), ref_model=ref)
+        grads[pre] = torch.cat([p.grad.clone().double().reshape(-1) for p in net.parameters()])
+    net.zero_grad()
+    exact = torch.cat([g.reshape(-1) for g in exact_lookahead_phi_grad(model, ref, net, feats.float().double(), train, val, eta,
+                                                                     0.1, precond=precond)])
+    rel = float((grads["adam"] - exact).norm() / exact.norm())
+    assert exact.norm() > 0 and rel < 2e-4, f"relative error {rel:.2e}"  # observed 1.9e-5 (2e-3 at eta = 1e-6: first order)
+    assert float((grads["none"] - exact).norm() / exact.norm()) > 0.1  # the test sees the preconditioner
+
+
+def test_adam_preconditioner_needs_the_inner_optimizer():
+    model, ref = policy_and_reference(False)
+    learner = MetaLearner(MetaWeightNet().double(), loss_params=PARAMS, backend="torch", preconditioner="adam")
+    with pytest.raises(RuntimeError, match="inner_optimizer"):
+        learner.phi_gradient(model, make_batch(3), make_batch(4), torch.randn(B, 6), ref_model=ref)
+    with pytest.raises(ValueError, match="preconditioner"):
+        MetaLearner(MetaWeightNet(), preconditioner="shampoo")
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-3), (torch.bfloat16, 2e-2)])

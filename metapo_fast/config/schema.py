@@ -245,6 +245,7 @@ class MetaConfig:
     lr: float = _f(0.003, "Meta learning rate on phi (its step is on dL_meta/dphi per unit of the lookahead's eta). The paper uses 1e-4, which math.md section 4 measured to leave phi unchanged; 0.003 learns and beat 0.03 in every condition of the quality benchmark (benchmarks/results/quality.md).")
     optimizer: Literal["adam", "sgd"] = _f("adam", "Optimiser on phi: adam (per coordinate, the paper's) or sgd (momentum 0.9 on the L2-normalised meta-gradient: each update adds meta.lr along it to the momentum, so a feature that carries little of the signal moves little).")
     val_objective: Literal["log", "sigmoid"] = _f("sigmoid", "L_val's per-pair loss: sigmoid (sigma(-z), the expected ranking error: bounded, so confidently misranked, i.e. mislabelled, validation pairs do not dominate the meta-gradient; the default since the quality benchmark measured it level with or above log in 4 of 5 conditions) or log (-log sigma(z), the paper's).")
+    preconditioner: Literal["none", "adam"] = _f("none", "Inner preconditioner of the lookahead in c_i: none = <g_meta, g_i> (an SGD step, math.md section 5) or adam = <g_meta, P g_i> with P the policy AdamW's diagonal 1 / (sqrt(v_hat) + eps) (the step Adam takes, its momentum left out; math.md section 5b). adam needs train.optimizer=adamw and the plain (non-DeepSpeed) engine, whose optimiser state is whole on every rank.")
     weighting: Literal["learned", "ema_margin", "static_filter"] = _f("learned", "learned: MetaPO's meta-network, updated every K steps; ema_margin: the learned-free baseline w = sigmoid(meta.kappa * normalised EMA of the margin), normalised to mean 1 (nothing is meta-learned); static_filter: paper App. A.8's static filtering, every pair weighs 1 until step meta.filter_after_steps, then the meta.filter_fraction of training pairs with the lowest policy margin are dropped (weight 0) for the rest of the run.")
     kappa: float = _f(2.0, "Sharpness of the ema_margin baseline's sigmoid, on the normalised EMA of the margin.")
     filter_after_steps: int = _f(200, "static_filter: the step after which the margins of all training pairs are computed once and the lowest are dropped (a short DPO warm-up).")
@@ -396,6 +397,14 @@ class MetaPOConfig:
         if m.enabled and d.val_fraction <= 0:
             raise _bad("data.val_fraction", d.val_fraction, "must be > 0 when meta.enabled=true (the meta-objective needs validation pairs)")
         t.resolved_grad_accum(world_size)  # global batch divisible across ranks
+        if m.enabled and m.weighting == "learned" and m.preconditioner == "adam":
+            if t.optimizer != "adamw":
+                raise _bad("meta.preconditioner", m.preconditioner, f"needs train.optimizer='adamw' (its second moments are P), got {t.optimizer!r}")
+            if t.deepspeed is not None or world_size > 1:
+                raise _bad("meta.preconditioner", m.preconditioner,
+                           f"needs the single-process plain engine (train.deepspeed=null, one rank; here train.deepspeed="
+                           f"{t.deepspeed!r}, world_size={world_size}): DeepSpeed keeps the optimiser's second moments in its "
+                           "own, partitioned state; set meta.preconditioner=none")
         if m.enabled and m.val_batch_size % world_size:
             raise _bad("meta.val_batch_size", m.val_batch_size, f"must be divisible by world_size={world_size} (each rank takes an equal share)")
         if self.model.attn_implementation == "flash_attention_2" and self.model.dtype != "bfloat16":
@@ -438,7 +447,7 @@ MODE_DEPENDENT: dict[str, tuple[str, Any]] = {
     **{f"meta.{k}": ("meta.weighting='static_filter'", lambda c: not c.meta.enabled or c.meta.weighting == "static_filter")
        for k in ("filter_after_steps", "filter_fraction")},
     **{f"meta.{k}": ("meta.weighting='learned'", lambda c: not c.meta.enabled or c.meta.weighting == "learned")
-       for k in ("interval", "lambda_margin", "entropy_coef", "arch", "lr", "optimizer", "val_objective",
+       for k in ("interval", "lambda_margin", "entropy_coef", "arch", "lr", "optimizer", "val_objective", "preconditioner",
                  "inner_lr_for_lookahead", "val_batch_size")},
 }
 

@@ -12,7 +12,9 @@ To first order in eta:
 with ``g_meta = grad_theta L_meta(theta)`` (one ordinary backward on the validation batch) and the B
 scalars ``c_i = <g_meta, g_i>`` from ghost dot products (:mod:`metapo_fast.metapo.ghost`): no per-sample
 gradients and no double backward, so it runs with SDPA/FlashAttention. The inner preconditioner is
-the identity (plain gradients, SGD lookahead); with Adam as inner optimiser this is paired with the
+the identity (plain gradients, SGD lookahead) by default; ``preconditioner="adam"`` uses Adam's
+diagonal P instead (``c_i = <P g_meta, g_i>``, :func:`adam_preconditioned`). With Adam as inner
+optimiser either is paired with the
 meta-network's batch-mean weight normalisation (math.md section 4), which removes the lookahead's
 preference for shrinking every weight.
 
@@ -45,7 +47,7 @@ from ..ops.preference_loss import fused_linear_preference_loss
 from .ghost import GhostCoverageError, GhostDots, head_ghost_dots
 from .weight_net import MetaWeightNet, global_mean
 
-__all__ = ["MetaLearner", "meta_objective_losses", "pair_gradient_dots", "VAL_OBJECTIVES"]
+__all__ = ["MetaLearner", "adam_preconditioned", "meta_objective_losses", "pair_gradient_dots", "VAL_OBJECTIVES"]
 
 
 VAL_OBJECTIVES = ("log", "sigmoid")
@@ -176,6 +178,28 @@ def pair_gradient_dots(model: nn.Module, batch: dict, direction: dict, loss_type
     return c
 
 
+def adam_preconditioned(direction: dict, optimizer: torch.optim.Optimizer, inplace: bool = False) -> dict:
+    """``{p: g / (sqrt(v_hat) + eps)}``: the direction under the diagonal preconditioner of an Adam /
+    AdamW ``optimizer`` (its bias-corrected second moment ``v_hat = exp_avg_sq / (1 - beta2^t)`` and
+    its eps), so that ghost dots give ``c_i = <g_meta, P g_i>``, the lookahead of the step Adam takes
+    (its momentum and the dependence of v on g_i left out; docs/math.md section 5b). A parameter
+    without optimiser state yet (before the first step) keeps ``P = 1``. ``inplace``: the direction's
+    tensors are divided in place (no model-sized copy); otherwise new tensors are returned."""
+    groups = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+    out = {}
+    for p, g in direction.items():
+        grp, st = groups.get(id(p)), optimizer.state.get(p, {})
+        if grp is None or "exp_avg_sq" not in st:
+            out[p] = g
+            continue
+        beta2, eps, step = grp["betas"][1], grp["eps"], st["step"]
+        # the step count may live on the device (fused / capturable Adam): tensor arithmetic, no host read
+        bc2 = 1.0 - beta2 ** (step.to(device=g.device, dtype=g.dtype) if torch.is_tensor(step) else float(step))
+        denom = st["exp_avg_sq"].to(g.dtype).div(bc2).sqrt_().add_(eps)
+        out[p] = g.div_(denom) if inplace else g / denom
+    return out
+
+
 class MetaLearner:
     """Owns the meta-network's optimiser and performs the meta-update.
 
@@ -203,12 +227,17 @@ class MetaLearner:
         entropy_coef: weight of ``-H(w / sum w)`` added to the phi objective (paper Table 15; 0 = off).
         inner_lr: eta of the lookahead (the policy's learning rate).
         loss_type, loss_params: the training loss (its logit is the margin of L_meta).
+        preconditioner: the lookahead's inner preconditioner P in ``c_i = <g_meta, P g_i>``:
+            ``"none"`` (P = 1, an SGD step) or ``"adam"`` (the diagonal of :attr:`inner_optimizer`,
+            an Adam/AdamW over the model's parameters, see :func:`adam_preconditioned`; the caller
+            sets ``inner_optimizer`` before the first :meth:`step`).
     """
 
     def __init__(self, net: MetaWeightNet, lr: float = 0.003, interval: int = 100, lambda_margin: float = 0.1,
                  entropy_coef: float = 0.0, inner_lr: float = 1e-6, loss_type: str = "sigmoid",
                  loss_params: Optional[LossParams] = None, backend: str = "auto", optimizer: str = "adam",
-                 val_objective: str = "sigmoid"):
+                 val_objective: str = "sigmoid", preconditioner: str = "none",
+                 inner_optimizer: Optional[torch.optim.Optimizer] = None):
         if interval < 1:
             raise ValueError(f"MetaLearner: interval (K) must be >= 1, got {interval}")
         if lr <= 0 or inner_lr <= 0:
@@ -225,6 +254,9 @@ class MetaLearner:
         if val_objective not in VAL_OBJECTIVES:
             raise ValueError(f"MetaLearner: val_objective must be one of {VAL_OBJECTIVES}, got {val_objective!r}")
         self.optimizer, self.val_objective = optimizer, val_objective
+        if preconditioner not in ("none", "adam"):
+            raise ValueError(f"MetaLearner: preconditioner must be 'none' or 'adam', got {preconditioner!r}")
+        self.preconditioner, self.inner_optimizer = preconditioner, inner_optimizer
         self.updates = 0
 
     # -- the meta-gradient direction ------------------------------------------------------------
@@ -293,8 +325,12 @@ class MetaLearner:
         ``per_unit_eta``: the lookahead term divided by eta (what :meth:`step` optimises; the
         entropy term is not scaled)."""
         batches = [train_batches] if isinstance(train_batches, dict) else list(train_batches)
+        if self.preconditioner == "adam" and self.inner_optimizer is None:
+            raise RuntimeError("MetaLearner: preconditioner='adam' needs inner_optimizer (the policy's Adam/AdamW) to be set")
         with deterministic_mode(model):  # no dropout: the lookahead is about the deterministic gradient
             G, diag = self.meta_gradient(model, val_batch, ref_model)
+            if self.preconditioner == "adam":  # c_i = <g_meta, P g_i> = <P g_meta, g_i> (P diagonal): G scaled in place
+                G = adam_preconditioned(G, self.inner_optimizer, inplace=True)
             c = torch.cat([pair_gradient_dots(model, b, G, self.loss_type, self.params, ref_model, self.backend)
                            for b in batches])
         if features.shape[0] != c.shape[0]:

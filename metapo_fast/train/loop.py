@@ -71,6 +71,8 @@ class Trainer:
             par = build_engine(cfg, dist, self.model, models.ref, models.ref_placement, lr_schedule(cfg, self.total_steps),
                                with_replica=learned)
         self.eng, self.model, self.ref, self.ref_placement, self.meta_replica = par.eng, par.model, par.ref, par.ref_placement, par.meta_replica
+        if self.meta is not None and self.meta.preconditioner == "adam":  # the config refuses it with DeepSpeed
+            self.meta.inner_optimizer = self.eng.optimizer  # keyed by self.model's parameters, which the meta-update uses
         self.fwd = PairForward(self.model, self.ref, self.eng, self.device, cfg.loss.loss_type, cfg.loss.to_loss_params(),
                                cfg.loss.chunk_bytes, cfg.loss.backend, par.ref_head, par.ref_begin_forward)
         self.ckpt = CheckpointManager(self.run_dir, keep=t.keep_checkpoints, rank=dist.rank, world_size=dist.world_size,

@@ -548,4 +548,5 @@ def make_meta_learner(cfg: MetaPOConfig, net):
     m = cfg.meta
     return MetaLearner(net, lr=m.lr, interval=m.interval, lambda_margin=m.lambda_margin, entropy_coef=m.entropy_coef,
                        inner_lr=cfg.lookahead_lr, loss_type=cfg.loss.loss_type, loss_params=cfg.loss.to_loss_params(),
-                       backend=cfg.loss.backend, optimizer=m.optimizer, val_objective=m.val_objective)
+                       backend=cfg.loss.backend, optimizer=m.optimizer, val_objective=m.val_objective,
+                       preconditioner=m.preconditioner)
