@@ -103,7 +103,8 @@ BASE = ["data.synthetic.num_eval_pairs=500", "train.log_every=100000", "train.ev
 QUICK = ["train.max_steps=60", "data.synthetic.num_eval_pairs=100"]
 
 
-def cell_args(condition: str, method: str, seed: int, out: str, quick: bool, epochs_of_2000: int = STEPS_EPOCHS) -> list[str]:
+def cell_args(condition: str, method: str, seed: int, out: str, quick: bool, epochs_of_2000: int = STEPS_EPOCHS,
+              extra: tuple = ()) -> list[str]:
     over, eps, n = CONDITIONS[condition]
     if quick:
         n = 400
@@ -111,7 +112,7 @@ def cell_args(condition: str, method: str, seed: int, out: str, quick: bool, epo
     per_epoch = max(1, int(n * 0.97) // 32)  # optimiser steps per epoch (3% validation split, 32 pairs per step)
     warm = 2 * per_epoch  # two epochs of DPO before the static filter
     return [*BASE, *over, f"data.synthetic.num_pairs={n}", f"train.epochs={epochs}", *ALL_METHODS[method](eps, warm, epochs * per_epoch),
-            *(QUICK if quick else []),
+            *(QUICK if quick else []), *extra,
             f"data.synthetic.seed={seed}", f"train.seed={seed}", f"train.output_dir={out}"]
 
 
@@ -152,11 +153,12 @@ def _worker_init():
     torch.set_num_threads(1)  # two workers on two cores
 
 
-def run_one(condition: str, method: str, seed: int, workdir: str, quick: bool, epochs_of_2000: int = STEPS_EPOCHS) -> dict:
+def run_one(condition: str, method: str, seed: int, workdir: str, quick: bool, epochs_of_2000: int = STEPS_EPOCHS,
+            extra: tuple = ()) -> dict:
     from metapo_fast.train.cli import main
 
     out = os.path.join(workdir, f"{condition}-{method}-{seed}")
-    args = cell_args(condition, method, seed, out, quick, epochs_of_2000)
+    args = cell_args(condition, method, seed, out, quick, epochs_of_2000, extra)
     t0 = time.perf_counter()
     import contextlib
     import io
@@ -331,6 +333,9 @@ def main(argv=None):
                     help="training length in epochs of 2000 pairs (conditions with more pairs train as many steps); "
                          f"other than {STEPS_EPOCHS}, the results go to quality_e<epochs>.md/.csv")
     ap.add_argument("--resume", action="store_true", help="keep the rows of <out>.csv and run only the missing ones")
+    ap.add_argument("--extra", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="config overrides added to every run (e.g. train.lr=1e-3), after the method's own; "
+                         "use with --name, so that the protocol's own files are not mixed with other settings")
     add_output_args(ap, "quality (quality_quick with --quick)")
     args = ap.parse_args(argv)
     conditions, methods = args.conditions.split(","), args.methods.split(",")
@@ -355,12 +360,12 @@ def main(argv=None):
     print(f"quality: {len(todo)} runs ({len(done)} already in {out}.csv), {args.workers} workers", flush=True)
     with tempfile.TemporaryDirectory() as work:
         if args.workers <= 1:
-            results = (run_one(*t, work, args.quick, args.epochs) for t in todo)
+            results = (run_one(*t, work, args.quick, args.epochs, tuple(args.extra)) for t in todo)
         else:
             import multiprocessing as mp
 
             pool = ProcessPoolExecutor(args.workers, mp_context=mp.get_context("spawn"), initializer=_worker_init)
-            futures = [pool.submit(run_one, *t, work, args.quick, args.epochs) for t in todo]
+            futures = [pool.submit(run_one, *t, work, args.quick, args.epochs, tuple(args.extra)) for t in todo]
             results = (f.result() for f in as_completed(futures))
         try:
             for k, r in enumerate(results, 1):
