@@ -1,10 +1,10 @@
 """Noisy-label quality benchmark (issue #13's protocol): do MetaPO's weights find the bad pairs, and
 does that beat DPO and the robust-DPO baselines a user would otherwise pick?
 
-    python -m benchmarks.quality --record          # full: 5 conditions x 9 methods x 5 seeds, 2 workers
+    python -m benchmarks.quality --record          # full: 5 conditions x 8 methods x 5 seeds, 2 workers
     python -m benchmarks.quality --quick           # CI: 1 seed, 2 conditions, 4 methods, 60 steps
-    python -m benchmarks.quality --record --epochs 24 --conditions flip20,flip40 --methods dpo,dpo_oracle,metapo
-                                                   # the convergence check: twice as long (quality_e24.md)
+    python -m benchmarks.quality --record --epochs 48 --seeds 3 --conditions flip20,flip40 --methods dpo
+                                                   # the convergence check: twice as long (quality_e48.md)
 
 Task: the embedded synthetic addition task (100 prompts "a+b=", known ground truth), tiny Llama
 (2 layers, hidden 64), 30 SFT steps of reference warm-up, AdamW lr 3e-4, 32 pairs per step.
@@ -15,10 +15,11 @@ Conditions (training pairs; the held-out evaluation set is always 500 clean pair
 * ``robust``: 6000 pairs (60 per prompt), 20% flipped: the noise averages out over many pairs per
   prompt, so DPO is (nearly) robust there; do-no-harm is measured on it.
 
-All conditions train the same number of steps (12 epochs of 2000 pairs, 4 of 6000; ~725 steps, twice
-the default run). How far DPO is from convergence there is in the results (quality.md): 24 epochs
-gave 0.99 / 0.95 / 0.62 at 0 / 20 / 40% flips (one seed), and 5 seeds x 9 methods x 5 conditions at
-24 epochs would take ~4 h on 2 cores, over the 2-hour budget of the full run.
+All conditions train the same number of steps: 24 epochs of 2000 pairs, 8 of 6000 (~1450 steps,
+four times the default run). The length is where DPO converges at 20% flips: 3 seeds of DPO gave
+0.857 / 0.927 / 0.931 at 12 / 24 / 48 epochs (seeds 0-2; a higher lr, 1e-3, is worse at both
+lengths: 0.752 / 0.833). At 40% flips DPO is still learning slowly (0.597 / 0.646 / 0.684), which
+the results say (quality_e48.md). The earlier 12-epoch protocol's rows are in quality_e12.md.
 
 Methods (each one ``python -m metapo_fast.train`` with overrides, run in a worker process):
 ``dpo``; ``dpo_oracle`` (same pairs, true labels, ambiguous pairs removed: the upper bound,
@@ -54,7 +55,7 @@ import numpy as np
 
 from .common import add_output_args, mean_std, output_path, provenance, write_csv
 
-STEPS_EPOCHS = 12  # epochs of 2000 pairs; conditions with more pairs train the same number of steps
+STEPS_EPOCHS = 24  # epochs of 2000 pairs; conditions with more pairs train the same number of steps
 CONDITIONS = {  # name: (overrides, noise rate eps given to the baselines that need one, training pairs)
     "flip0": (["data.synthetic.flip_fraction=0.0"], 0.1, 2000),
     "flip20": (["data.synthetic.flip_fraction=0.2"], 0.2, 2000),
