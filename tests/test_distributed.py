@@ -433,18 +433,32 @@ def _runs_worker(rank, world, port, out, runs):
     from metapo_fast.train.loop import Trainer
     from metapo_fast.train.parallel import DistInfo
 
+    import sys
+
+    real_gather, gathers = dist.all_gather, []
+
+    def counted_gather(*a, **k):  # the collectives the tracker bookkeeping makes (loop.py / tracker.py)
+        f = os.path.basename(sys._getframe(1).f_code.co_filename)
+        if f in ("loop.py", "tracker.py"):
+            gathers.append(f)
+        return real_gather(*a, **k)
+
+    dist.all_gather = counted_gather
     for name, extra in runs:
         cfg = load_config(_default_config(), [*_DS_ARGS, "meta.normalize=none", f"train.output_dir={out}/{name}", *extra])
         tr = Trainer(cfg, DistInfo(rank, world, rank, torch.device("cpu")))
+        gathers.clear()
         for _ in range(4):
             tr._train_step(meta=tr.meta is not None and (tr.step + 1) % cfg.meta.interval == 0)
             tr.step += 1
         with getattr(tr.eng, "_gathered_all", contextlib.nullcontext)():
             full = {n: p.detach().clone() for n, p in tr.model.named_parameters()}
         torch.save({"params": full, "tracker": tr.tracker.state.clone(), "accum": tr.grad_accum, "meta_updates": tr.counters["meta_updates"],
+                    "tracker_gathers": len(gathers),
                     "engine": type(tr.eng).__name__, "phi": {k: v.clone() for k, v in (tr.meta_net.state_dict() if tr.meta_net is not None else {"v": torch.zeros(1)}).items()}},
                    os.path.join(out, f"{name}{rank}.pt"))
         tr.logger.close()
+    dist.all_gather = real_gather
     dist.destroy_process_group()
 
 
@@ -466,6 +480,8 @@ def test_two_ranks_x_accumulation_2_equal_one_rank_x_4_and_the_whole_batch(tmp_p
     runs = {n: torch.load(tmp_path / f"{n}0.pt") for n in ("ds2x2", "ds1x4", "plain1x4", "whole")}
     assert [(r["engine"], r["accum"], r["meta_updates"]) for r in runs.values()] == [
         ("DeepSpeedEngine", 2, 2), ("DeepSpeedEngine", 4, 2), ("PlainEngine", 4, 2), ("PlainEngine", 1, 2)]
+    # one all-gather per micro-batch for the tracker and the last-visit table together (two before)
+    assert [r["tracker_gathers"] for r in runs.values()] == [4 * 2, 0, 0, 0]
     other_rank = torch.load(tmp_path / "ds2x21.pt")
     assert torch.equal(other_rank["tracker"], runs["ds2x2"]["tracker"])
     ref = runs["whole"]

@@ -12,6 +12,8 @@ sequentially in the order given.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.distributed as dist
 
@@ -71,19 +73,35 @@ class TemporalTracker:
                 j = int(bad[0, 0])
                 raise ValueError(f"TemporalTracker.update: pair_ids[{j}] = {int(ids[j])} is outside [0, {self.num_pairs})")
 
-    def update(self, pair_ids: torch.Tensor, margins: torch.Tensor, kl: torch.Tensor) -> torch.Tensor:
-        """Update the pairs in place; return their features ``(B, 6)`` (this rank's pairs)."""
+    def gather(self, pair_ids: torch.Tensor, margins: torch.Tensor, kl: torch.Tensor) -> tuple:
+        """Every rank's ``(pair_ids int64, margins fp32, kl fp32)``, in rank order, by one all-gather
+        (with ``sync`` and several ranks; otherwise this rank's, as given). A caller that needs them
+        too (the trainer's last-visit table) passes them to :meth:`update` as ``every_rank``, so that
+        a micro-batch makes one collective, not two."""
         margins, kl = margins.detach().float(), kl.detach().float()
         self._check(pair_ids, margins, kl)
         world = world_size() if self.sync else 1
         if world == 1:
-            return tracker_update(self.state, pair_ids.long(), margins, kl, self.alpha, self.backend)
+            return pair_ids.long(), margins, kl
         packed = torch.stack([pair_ids.to(torch.float64), margins.double(), kl.double()])  # ids exact in float64
         gathered = [torch.empty_like(packed) for _ in range(world)]
         dist.all_gather(gathered, packed)
         allp = torch.cat(gathered, 1)
-        feats = tracker_update(self.state, allp[0].long(), allp[1].float(), allp[2].float(), self.alpha, self.backend)
+        return allp[0].long(), allp[1].float(), allp[2].float()
+
+    def update(self, pair_ids: torch.Tensor, margins: torch.Tensor, kl: torch.Tensor,
+               every_rank: Optional[tuple] = None) -> torch.Tensor:
+        """Update the pairs in place; return their features ``(B, 6)`` (this rank's pairs).
+        ``every_rank``: what :meth:`gather` returned for these inputs (no second all-gather)."""
+        if every_rank is None:
+            every_rank = self.gather(pair_ids, margins, kl)
+        ids, m, k = every_rank
+        feats = tracker_update(self.state, ids, m, k, self.alpha, self.backend)
         b = pair_ids.shape[0]
+        if ids.shape[0] == b:  # one rank (or sync off): every row is this rank's
+            return feats
+        if ids.shape[0] != b * world_size():
+            raise ValueError(f"TemporalTracker.update: every_rank holds {ids.shape[0]} pairs, expected {b} per rank x {world_size()} ranks")
         r = rank()
         return feats[r * b:(r + 1) * b]
 

@@ -252,18 +252,13 @@ class Trainer:
         The rows it changes (every rank's pairs: the tracker is a replica) are appended to
         ``snapshots`` first, so that a skipped step can restore them on every rank."""
         kl = kl_or_zeros(stats)
-        ids, seen = pair_ids, torch.stack([stats.margins.float(), kl.float()], 1)
-        if self.dist.world_size > 1:  # every rank keeps every pair's last visit, like the tracker replica
-            import torch.distributed as tdist
-
-            packed = torch.cat([pair_ids.double().unsqueeze(1), seen.double()], 1)
-            parts = [torch.empty_like(packed) for _ in range(self.dist.world_size)]
-            tdist.all_gather(parts, packed)
-            allp = torch.cat(parts)
-            ids, seen = allp[:, 0].long(), allp[:, 1:].float()
+        # every rank's pairs (one all-gather with several ranks): every rank keeps every pair's last
+        # visit, like the tracker replica, and the tracker takes the same gathered rows
+        every = self.tracker.gather(pair_ids, stats.margins, kl)
+        ids, margins, kls = every
         snapshots.append((ids, self.tracker.state[ids].clone(), self.last_seen[ids].clone()))
-        self.last_seen[ids] = seen
-        return self.tracker.update(pair_ids, stats.margins, kl)
+        self.last_seen[ids] = torch.stack([margins, kls], 1)
+        return self.tracker.update(pair_ids, stats.margins, kl, every_rank=every)
 
     def _skip_step(self, snapshots: list) -> None:
         """A non-finite loss or gradient on some rank: undo the step's tracker updates (every rank's
