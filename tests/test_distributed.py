@@ -121,7 +121,7 @@ def test_two_rank_zero3_run_matches_one_rank(tmp_path, tied):
 
     common = ["data.synthetic.num_pairs=160", "data.synthetic.num_eval_pairs=40", "data.val_fraction=0.1",
               "train.sft_warmup_steps=5", "train.log_every=1", "train.eval_every=0", "meta.interval=3", "meta.val_batch_size=8",
-              "meta.normalize=none", "train.max_steps=6", "train.save_every=0", f"model.tiny.tie_word_embeddings={str(tied).lower()}"]
+              "train.max_steps=6", "train.save_every=0", f"model.tiny.tie_word_embeddings={str(tied).lower()}"]
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     r1 = subprocess.run([sys.executable, "-m", "metapo_fast.train", *common, "train.per_device_batch_size=8",
@@ -445,7 +445,7 @@ def _runs_worker(rank, world, port, out, runs):
 
     dist.all_gather = counted_gather
     for name, extra in runs:
-        cfg = load_config(_default_config(), [*_DS_ARGS, "meta.normalize=none", f"train.output_dir={out}/{name}", *extra])
+        cfg = load_config(_default_config(), [*_DS_ARGS, f"train.output_dir={out}/{name}", *extra])
         tr = Trainer(cfg, DistInfo(rank, world, rank, torch.device("cpu")))
         gathers.clear()
         for _ in range(4):
@@ -466,16 +466,19 @@ def _runs_worker(rank, world, port, out, runs):
 def test_two_ranks_x_accumulation_2_equal_one_rank_x_4_and_the_whole_batch(tmp_path):
     """The same 8 pairs per optimiser step, 4 steps with 2 meta-updates: 2 ranks x 2 micro-batches of
     2 pairs (DeepSpeed ZeRO-3), 1 rank x 4 micro-batches (ZeRO-3 and plain PyTorch) and 1 rank with
-    all 8 pairs in one batch end with the same weights, tracker and meta-network (meta.normalize=none:
-    batch_mean normalises each micro-batch over the ranks under DeepSpeed; micro-batches are padded
-    to other lengths, so fp32 rounding differs slightly)."""
+    all 8 pairs in one batch end with the same weights, tracker and meta-network, with the default
+    batch_mean weights: normalised over the whole step (every micro-batch and rank), under DeepSpeed
+    as on the plain engine (micro-batches are padded to other lengths, so fp32 rounding differs slightly).
+    phi moves by SGD here: with batch_mean the bias b's meta-gradient is exactly zero while v = 0 (every
+    weight equal, the normalised weights 1 whatever b), so it is rounding noise, which Adam would turn
+    into a full-size step of either sign (observed: b 0.5440 on the whole batch, 0.5427 on 2 ranks)."""
     import metapo_fast.configs as configs
 
     zero3 = f"train.deepspeed={os.path.join(os.path.dirname(configs.__file__), 'zero3.json')}"
-    small = ["train.per_device_batch_size=2", "train.global_batch_size=8"]
+    small = ["train.per_device_batch_size=2", "train.global_batch_size=8", "meta.optimizer=sgd", "meta.lr=0.5"]
     mp.spawn(_runs_worker, args=(2, _free_port(), str(tmp_path), [("ds2x2", small)]), nprocs=2, join=True)
     mp.spawn(_runs_worker, args=(1, _free_port(), str(tmp_path), [("ds1x4", [*small, zero3]), ("plain1x4", small),
-                                                                   ("whole", ["train.per_device_batch_size=8"])]),
+                                                                   ("whole", ["train.per_device_batch_size=8", "meta.optimizer=sgd", "meta.lr=0.5"])]),
              nprocs=1, join=True)
     runs = {n: torch.load(tmp_path / f"{n}0.pt") for n in ("ds2x2", "ds1x4", "plain1x4", "whole")}
     assert [(r["engine"], r["accum"], r["meta_updates"]) for r in runs.values()] == [

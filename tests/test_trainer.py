@@ -348,10 +348,10 @@ def test_meta_update_runs_at_theta_t_on_every_micro_batch(tmp_path, monkeypatch)
     seen = {}
     real = tr.meta.step
 
-    def spy(model, batches, val, feats, ref_model=None, groups=None):
+    def spy(model, batches, val, feats, ref_model=None):
         seen["same_params"] = all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
         seen["pairs"], seen["rows"] = sum(b["input_ids"].shape[0] // 2 for b in batches), feats.shape[0]
-        return real(model, batches, val, feats, ref_model=ref_model, groups=groups)
+        return real(model, batches, val, feats, ref_model=ref_model)
 
     monkeypatch.setattr(tr.meta, "step", spy)
     tr._train_step(meta=True)

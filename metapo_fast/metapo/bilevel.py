@@ -45,7 +45,7 @@ from ..losses import LOSSES, LossParams, PairBatch, get_loss, register_loss, seq
 from ..models.hf import last_hidden_states, lm_head_of, pack_plan, reference_head_inputs, reference_hidden_states
 from ..ops.preference_loss import fused_linear_preference_loss
 from .ghost import GhostCoverageError, GhostDots, head_ghost_dots
-from .weight_net import MetaWeightNet, global_mean
+from .weight_net import MetaWeightNet
 
 __all__ = ["MetaLearner", "adam_preconditioned", "meta_objective_losses", "pair_gradient_dots", "VAL_OBJECTIVES"]
 
@@ -297,12 +297,11 @@ class MetaLearner:
 
     # -- one meta-update ------------------------------------------------------------------------
     def step(self, model: nn.Module, train_batches, val_batch: dict, features: torch.Tensor,
-             ref_model: Optional[nn.Module] = None, groups: Optional[list[int]] = None) -> dict:
+             ref_model: Optional[nn.Module] = None) -> dict:
         """Update phi from the training batches (a batch dict or a list of them: the micro-batches of
-        one optimiser step) whose tracker features are ``features (B, 6)`` (concatenated in order).
-        ``groups``: see :meth:`phi_gradient`."""
+        one optimiser step) whose tracker features are ``features (B, 6)`` (concatenated in order)."""
         t0 = time.perf_counter()
-        out = self.phi_gradient(model, train_batches, val_batch, features, ref_model, groups=groups, per_unit_eta=True)
+        out = self.phi_gradient(model, train_batches, val_batch, features, ref_model, per_unit_eta=True)
         params = [p for p in self.net.parameters() if p.grad is not None]
         if self.optimizer == "sgd":
             norm = torch.sqrt(sum(p.grad.double().pow(2).sum() for p in params))
@@ -314,14 +313,12 @@ class MetaLearner:
         return out
 
     def phi_gradient(self, model: nn.Module, train_batches, val_batch: dict, features: torch.Tensor,
-                     ref_model: Optional[nn.Module] = None, groups: Optional[list[int]] = None,
-                     per_unit_eta: bool = False) -> dict:
+                     ref_model: Optional[nn.Module] = None, per_unit_eta: bool = False) -> dict:
         """Set ``p.grad`` of the meta-network's parameters to ``dL_meta/dphi`` (first order in eta),
         the lookahead being one step on all of ``train_batches`` (a batch or a list of micro-batches).
 
-        ``groups``: sizes of the feature rows that the training step normalised together
-        (``batch_mean``): each group is divided by its own mean over the ranks, as DeepSpeed's
-        per-micro-batch normalisation does; None = one group (the whole step, the plain engine).
+        With ``batch_mean`` the weights are normalised over all the rows of every rank together,
+        as the training step does (its whole optimiser batch, every micro-batch and rank).
         ``per_unit_eta``: the lookahead term divided by eta (what :meth:`step` optimises; the
         entropy term is not scaled)."""
         batches = [train_batches] if isinstance(train_batches, dict) else list(train_batches)
@@ -338,13 +335,7 @@ class MetaLearner:
         b_global = c.shape[0] * world_size()
         dl_dw = (-(1.0 if per_unit_eta else self.inner_lr) / b_global) * c  # dL_meta/dw_i (per unit eta if asked)
         self.opt.zero_grad(set_to_none=True)
-        if groups is not None and self.net.normalize == "batch_mean":
-            if sum(groups) != features.shape[0]:
-                raise ValueError(f"MetaLearner: groups {groups} do not add up to {features.shape[0]} feature rows")
-            raw = self.net(features, normalize=False)
-            w = torch.cat([g / global_mean(g).clamp(min=1e-12) for g in raw.split(list(groups))])
-        else:
-            w = self.net(features)
+        w = self.net(features)
         obj = (dl_dw.to(w.dtype).detach() * w).sum()
         if self.entropy_coef:
             q = w / w.sum()

@@ -23,8 +23,8 @@ through, the mean taken over the pairs of every rank (an autograd-aware all-redu
 the SGD lookahead of the meta-gradient believes a global shrink of all weights helps (it scales the
 step), which an adaptive inner optimiser (Adam) ignores; the trainer enables it by default for
 adaptive inner optimisers (math.md section 4). The trainer normalises over the whole optimiser
-step (every micro-batch): it takes raw weights (``normalize=False``) and divides the step's
-gradient by their mean (``train/loop.py``).
+step (every micro-batch and rank): it takes raw weights (``normalize=False``) and divides the
+step's gradient by their mean (``train/loop.py``, the engines' ``clip_and_check``).
 """
 from __future__ import annotations
 

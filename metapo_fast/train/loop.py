@@ -71,6 +71,8 @@ class Trainer:
             par = build_engine(cfg, dist, self.model, models.ref, models.ref_placement, lr_schedule(cfg, self.total_steps),
                                with_replica=learned)
         self.eng, self.model, self.ref, self.ref_placement, self.meta_replica = par.eng, par.model, par.ref, par.ref_placement, par.meta_replica
+        if self.meta_net is not None and self.meta_net.normalize == "batch_mean" and not isinstance(self.eng, PlainEngine):
+            self.eng.check_step_normalisation()  # what the engine cannot scale is refused before step 1
         if self.meta is not None and self.meta.preconditioner == "adam":  # the config refuses it with DeepSpeed
             self.meta.inner_optimizer = self.eng.optimizer  # keyed by self.model's parameters, which the meta-update uses
         self.fwd = PairForward(self.model, self.ref, self.eng, self.device, cfg.loss.loss_type, cfg.loss.to_loss_params(),
@@ -135,11 +137,12 @@ class Trainer:
         agg: dict[str, list] = {}
         snapshots, micro = [], []  # tracker rows to restore on a skip; (batch, features) for the meta-update
         losses_finite = torch.ones((), dtype=torch.bool, device=self.device)  # every micro-batch's loss, on the device
-        # batch_mean on the plain engine: raw weights here, the step's gradient divided by their mean below
-        step_norm = self.meta_net is not None and self.meta_net.normalize == "batch_mean" and isinstance(self.eng, PlainEngine)
+        # batch_mean: raw weights here, the step's gradient divided by their mean over the whole step
+        # (every micro-batch, every rank) by the engine below
+        step_norm = self.meta_net is not None and self.meta_net.normalize == "batch_mean"
         # one process with step-wide normalisation: the weights are a per-pair function of the pairs'
         # own statistics, so the fused loss asks for them chunk by chunk in its single pass (8NHV);
-        # otherwise (normalised per micro-batch, or a tracker shared by ranks) a margins pass first (10NHV)
+        # otherwise (several ranks share the tracker, or normalize=none) a margins pass first (10NHV)
         per_chunk = self.weights_per_chunk and step_norm and self.dist.world_size == 1
         w_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         w_count = 0
@@ -196,13 +199,12 @@ class Trainer:
             for k, v in outputs.batch_metrics(out, stats, w).items():
                 agg.setdefault(k, []).append(v)
         metrics = {k: torch.stack(v).mean() for k, v in agg.items()}
-        grad_scale = None
-        if step_norm:  # w_i / mean(w over the whole step): a device scalar, no host read
-            grad_scale = (w_count / w_sum.clamp(min=1e-12)).float()
+        # the step's one host read: every loss and the gradient norm finite, on every rank (all-reduced);
+        # with batch_mean the gradient is scaled by 1 / mean(w over the whole step, every rank)
+        gnorm, finite, grad_scale = self.eng.clip_and_check(losses_finite, (w_sum, w_count) if step_norm else None)
+        if grad_scale is not None:
             for k in ("loss", "metapo/weight_mean", "metapo/weight_std"):
                 metrics[k] = metrics[k] * grad_scale
-        # the step's one host read: every loss and the gradient norm finite, on every rank (all-reduced)
-        gnorm, finite = self.eng.clip_and_check(losses_finite, grad_scale)
         meta_s = 0.0  # meta-update time in this step (the replica copy included), not training time
         if finite:
             if meta:
@@ -212,7 +214,7 @@ class Trainer:
                     copy_s = time.perf_counter() - t_copy
                     self.counters["meta_time_s"] += copy_s
                     meta_s += copy_s
-                meta_s += self._meta_update(micro, groups=None if step_norm else [f.shape[0] for _, f in micro])
+                meta_s += self._meta_update(micro)
             if self.meta_net is not None:  # the step's features join the statistics after the step used them
                 self.meta_net.update_stats(torch.cat([f for _, f in micro]))
             self.eng.step()
@@ -287,7 +289,7 @@ class Trainer:
             batch["ref_logps"] = self.fwd.ref_logps(batch)
         return batch
 
-    def _meta_update(self, micro: list, groups=None) -> float:
+    def _meta_update(self, micro: list) -> float:
         """Move phi by one meta-update at theta_t (before this step's optimiser step), with the
         lookahead over every micro-batch of the step. Under DeepSpeed it runs on the full replica
         copied before the last micro-step; on the plain engine on the model itself, with the step's
@@ -300,7 +302,7 @@ class Trainer:
         for p in params:
             p.grad = None
         try:
-            diag = self.meta.step(model, batches, self._val_batch(), feats, ref_model=self.ref, groups=groups)
+            diag = self.meta.step(model, batches, self._val_batch(), feats, ref_model=self.ref)
         finally:
             for p, g in zip(params, grads):
                 p.grad = g

@@ -115,15 +115,20 @@ class PlainEngine:
     def micro_step(self) -> None:  # DeepSpeed steps per micro-batch; plain PyTorch once per step
         pass
 
-    def clip_and_check(self, losses_finite: torch.Tensor, grad_scale: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, bool]:
-        """Scale the accumulated gradients by ``grad_scale`` (a device scalar: the step-wide weight
-        normalisation), clip them, and read whether every micro-batch's loss (``losses_finite``, a
-        device boolean) and the gradient norm are finite: the one host read of a step."""
-        if grad_scale is not None:
+    def clip_and_check(self, losses_finite: torch.Tensor, weight_sums: Optional[tuple] = None) -> tuple:
+        """Normalise, clip, and read whether every micro-batch's loss (``losses_finite``, a device
+        boolean) and the gradient norm are finite: the one host read of a step. ``weight_sums``:
+        ``(sum of the step's raw pair weights (device scalar), their count)`` for the step-wide
+        ``batch_mean`` normalisation: the accumulated gradients are multiplied by count / sum.
+        Returns (gradient norm before clipping, finite, the scale applied (a device scalar) or None)."""
+        scale = None
+        if weight_sums is not None:
+            w_sum, count = weight_sums
+            scale = (count / w_sum.clamp(min=1e-12)).float()  # a device scalar: no host read
             grads = [p.grad for p in self.module.parameters() if p.grad is not None]
-            torch._foreach_mul_(grads, grad_scale.to(grads[0].dtype))
+            torch._foreach_mul_(grads, scale.to(grads[0].dtype))
         gnorm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.max_grad_norm or float("inf"))
-        return gnorm, bool(torch.isfinite(gnorm) & losses_finite)  # the one host sync of a step
+        return gnorm, bool(torch.isfinite(gnorm) & losses_finite), scale  # the one host sync of a step
 
     def step(self) -> None:
         self.optimizer.step()
@@ -259,29 +264,67 @@ class DeepSpeedEngine:
             raise RuntimeError("DeepSpeed (ZeRO stage 0): no gradients to check at the accumulation boundary")
         return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
 
-    def clip_and_check(self, losses_finite: torch.Tensor, grad_scale: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, bool]:
-        """(gradient norm before clipping, whether this step is finite on every rank). DeepSpeed clips
-        in its step; this decides, before it, from every micro-batch's loss on every rank
-        (``losses_finite``, this rank's device boolean) and the global gradient norm."""
-        if grad_scale is not None:
-            raise ValueError("DeepSpeedEngine: the step-wide weight normalisation is applied per micro-batch over the ranks")
+    def clip_and_check(self, losses_finite: torch.Tensor, weight_sums: Optional[tuple] = None) -> tuple:
+        """(gradient norm before clipping, whether this step is finite on every rank, the
+        normalisation scale or None). DeepSpeed clips in its step; this decides, before it, from every
+        micro-batch's loss on every rank (``losses_finite``, this rank's device boolean) and the global
+        gradient norm. ``weight_sums``: ``(this rank's sum of the step's raw pair weights, their
+        count)``; summed over the ranks, they give the step-wide ``batch_mean`` scale count / sum,
+        which :meth:`step` applies to the accumulated gradients (as DeepSpeed's own loss-scale
+        division, before its clipping). One all-reduce and one host read for all of it."""
         if not self.engine.is_gradient_accumulation_boundary():
             raise RuntimeError(f"DeepSpeed is not at its accumulation boundary at micro-step {self.engine.micro_steps}, "
                                "where the trainer's step ends: their counts disagree")
         gnorm = self._grad_norm().float()
-        flag = (losses_finite & torch.isfinite(gnorm) & (gnorm >= 0)).to(torch.float32).reshape(1)
+        bad = (~(losses_finite & torch.isfinite(gnorm) & (gnorm >= 0))).to(torch.float64).reshape(1)
+        w_sum, count = weight_sums if weight_sums is not None else (torch.zeros((), dtype=torch.float64, device=bad.device), 0)
+        packed = torch.cat([bad, w_sum.to(torch.float64).reshape(1), torch.full((1,), float(count), dtype=torch.float64, device=bad.device)])
         if self.world_size > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MIN)  # the norm is global already; the losses are per rank
-        return gnorm, bool(flag)  # the one host read of a step
+            dist.all_reduce(packed)  # non-finite ranks counted; the norm is global already
+        n_bad, total, n = packed.tolist()  # the one host read of a step
+        scale = None
+        if weight_sums is not None:
+            scale = n / max(total, 1e-12)
+            gnorm = gnorm * scale  # the norm DeepSpeed clips: of the normalised gradients
+            self._pending_scale = scale
+        return gnorm, n_bad == 0, scale
+
+    _pending_scale: Optional[float] = None
+
+    def check_step_normalisation(self) -> None:
+        """Refuse at start-up what :meth:`step` cannot scale: DeepSpeed without ZeRO whose optimiser
+        keeps its own fp32 gradient copies (bf16)."""
+        if self.engine.zero_optimization_stage() == 0 and hasattr(self.engine.optimizer, "clear_hp_grads"):
+            raise ValueError("meta.normalize=batch_mean under DeepSpeed without ZeRO (stage 0) with bf16: the step-wide "
+                             "normalisation cannot scale that optimiser's gradient copies; use ZeRO stage 1-3 or meta.normalize=none")
 
     def step(self) -> None:
-        """DeepSpeed's boundary step: clip, optimiser and scheduler step, gradients cleared."""
-        self.engine.step()
+        """DeepSpeed's boundary step: clip, optimiser and scheduler step, gradients cleared. A
+        step-wide normalisation scale from :meth:`clip_and_check` multiplies the accumulated
+        gradients first: under ZeRO as the optimiser's loss scale for this one step (ZeRO divides
+        the gradient partitions and their norm by it before clipping), without ZeRO on ``p.grad``."""
+        scale, self._pending_scale = self._pending_scale, None
+        if scale is None:
+            self.engine.step()
+            return
+        opt = self.engine.optimizer
+        if self.engine.zero_optimization_stage() == 0:
+            grads = [p.grad for p in self.module.parameters() if p.grad is not None]
+            torch._foreach_mul_(grads, scale)
+            self.engine.step()
+            return
+        prev = opt.loss_scale
+        opt.loss_scale = prev / scale
+        try:
+            self.engine.step()
+        finally:
+            opt.loss_scale = prev
 
     def skip(self) -> None:
         """DeepSpeed's boundary step with the update replaced by discarding the accumulated gradients
         (on every rank: the decision is all-reduced). ``engine.step()`` still runs, so DeepSpeed's
         counters advance exactly as after its own skipped (fp16 overflow) step; then the schedule."""
+        self._pending_scale = None  # the step's normalisation is dropped with its gradients
         opt = self.engine.optimizer
         had_overflow = "overflow" in vars(opt)
         prev = getattr(opt, "overflow", False)
