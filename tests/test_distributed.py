@@ -317,8 +317,24 @@ class _HostReads:
             setattr(torch.Tensor, n, real)
 
 
-def _nonfinite_worker(rank, world, port, out):
-    """Four optimiser steps of 2 ranks x accumulation 2 (DeepSpeed ZeRO-3), twice in the same
+def _zero_json(tmp_path, stage: int) -> str:
+    """The shipped configs/zero3.json with another ZeRO stage (its stage-3-only keys dropped)."""
+    import json
+
+    import metapo_fast.configs as configs
+
+    with open(os.path.join(os.path.dirname(configs.__file__), "zero3.json")) as f:
+        c = json.load(f)
+    c["zero_optimization"] = {k: v for k, v in c["zero_optimization"].items() if not k.startswith("stage3_")}
+    c["zero_optimization"]["stage"] = stage
+    path = os.path.join(str(tmp_path), f"zero{stage}.json")
+    with open(path, "w") as f:
+        json.dump(c, f)
+    return path
+
+
+def _nonfinite_worker(rank, world, port, out, stage=3, ds_args=()):
+    """Four optimiser steps of 2 ranks x accumulation 2 (DeepSpeed ZeRO ``stage``), twice in the same
     processes: "nan": rank 1's second micro-batch of step 2 has a NaN loss; "drop": step 2's batches
     are drawn and not trained."""
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
@@ -347,9 +363,9 @@ def _nonfinite_worker(rank, world, port, out):
         for mode in ("nan", "drop"):
             calls.update(n=0, mode=mode)
             cfg = load_config(_default_config(), [*_DS_ARGS, f"train.output_dir={out}/{mode}",
-                                                  f"train.global_batch_size={4 * world * 2}"])
+                                                  f"train.global_batch_size={4 * world * 2}", *ds_args])
             tr = Trainer(cfg, DistInfo(rank, world, rank, torch.device("cpu")))
-            assert tr.grad_accum == 2 and tr.eng.engine.zero_optimization_stage() == 3
+            assert tr.grad_accum == 2 and tr.eng.engine.zero_optimization_stage() == stage
             logged = []
             real_info = tr.logger.info
             tr.logger.info = lambda msg, *a, _l=logged, _r=real_info, **k: (_l.append(msg), _r(msg, *a, **k))
@@ -383,15 +399,17 @@ def _nonfinite_worker(rank, world, port, out):
 
 
 @pytest.mark.slow
-def test_a_nan_on_one_rank_skips_the_whole_deepspeed_step_on_every_rank(tmp_path):
-    """ZeRO-3, 2 ranks x accumulation 2: a NaN loss in rank 1's second micro-batch of step 2 skips
+@pytest.mark.parametrize("stage", [3, 2])
+def test_a_nan_on_one_rank_skips_the_whole_deepspeed_step_on_every_rank(tmp_path, stage):
+    """ZeRO-3 and ZeRO-2 (whose optimiser class ZeRO-1 shares), 2 ranks x accumulation 2: a NaN loss in rank 1's second micro-batch of step 2 skips
     step 2 on both ranks (no optimiser update, tracker rows restored, no meta-update), DeepSpeed's
     counters stay aligned (its boundary stays at the trainer's step ends), the step is logged with
     the pair ids of both ranks' micro-batches, and the run then equals one where step 2's batches
     were drawn and not trained (weights, tracker, phi). A normal step reads the host once."""
     import json
 
-    mp.spawn(_nonfinite_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    ds_args = () if stage == 3 else (f"train.deepspeed={_zero_json(tmp_path, stage)}",)
+    mp.spawn(_nonfinite_worker, args=(2, _free_port(), str(tmp_path), stage, ds_args), nprocs=2, join=True)
     r = {(m, k): json.load(open(tmp_path / f"{m}{k}.json")) for m in ("nan", "drop") for k in range(2)}
     t = {(m, k): torch.load(tmp_path / f"{m}{k}.pt") for m in ("nan", "drop") for k in range(2)}
     for k in range(2):
@@ -454,7 +472,7 @@ def _runs_worker(rank, world, port, out, runs):
         with getattr(tr.eng, "_gathered_all", contextlib.nullcontext)():
             full = {n: p.detach().clone() for n, p in tr.model.named_parameters()}
         torch.save({"params": full, "tracker": tr.tracker.state.clone(), "accum": tr.grad_accum, "meta_updates": tr.counters["meta_updates"],
-                    "tracker_gathers": len(gathers),
+                    "tracker_gathers": len(gathers), "stage": getattr(getattr(tr.eng, "engine", None), "zero_optimization_stage", lambda: None)(),
                     "engine": type(tr.eng).__name__, "phi": {k: v.clone() for k, v in (tr.meta_net.state_dict() if tr.meta_net is not None else {"v": torch.zeros(1)}).items()}},
                    os.path.join(out, f"{name}{rank}.pt"))
         tr.logger.close()
@@ -465,7 +483,7 @@ def _runs_worker(rank, world, port, out, runs):
 @pytest.mark.slow
 def test_two_ranks_x_accumulation_2_equal_one_rank_x_4_and_the_whole_batch(tmp_path):
     """The same 8 pairs per optimiser step, 4 steps with 2 meta-updates: 2 ranks x 2 micro-batches of
-    2 pairs (DeepSpeed ZeRO-3), 1 rank x 4 micro-batches (ZeRO-3 and plain PyTorch) and 1 rank with
+    2 pairs (DeepSpeed ZeRO-3), 1 rank x 4 micro-batches (ZeRO-3, ZeRO-1, ZeRO-2 and plain PyTorch) and 1 rank with
     all 8 pairs in one batch end with the same weights, tracker and meta-network, with the default
     batch_mean weights: normalised over the whole step (every micro-batch and rank), under DeepSpeed
     as on the plain engine (micro-batches are padded to other lengths, so fp32 rounding differs slightly).
@@ -477,14 +495,18 @@ def test_two_ranks_x_accumulation_2_equal_one_rank_x_4_and_the_whole_batch(tmp_p
     zero3 = f"train.deepspeed={os.path.join(os.path.dirname(configs.__file__), 'zero3.json')}"
     small = ["train.per_device_batch_size=2", "train.global_batch_size=8", "meta.optimizer=sgd", "meta.lr=0.5"]
     mp.spawn(_runs_worker, args=(2, _free_port(), str(tmp_path), [("ds2x2", small)]), nprocs=2, join=True)
-    mp.spawn(_runs_worker, args=(1, _free_port(), str(tmp_path), [("ds1x4", [*small, zero3]), ("plain1x4", small),
+    z1, z2 = (f"train.deepspeed={_zero_json(tmp_path, k)}" for k in (1, 2))
+    mp.spawn(_runs_worker, args=(1, _free_port(), str(tmp_path), [("ds1x4", [*small, zero3]), ("z1x4", [*small, z1]),
+                                                                   ("z2x4", [*small, z2]), ("plain1x4", small),
                                                                    ("whole", ["train.per_device_batch_size=8", "meta.optimizer=sgd", "meta.lr=0.5"])]),
              nprocs=1, join=True)
-    runs = {n: torch.load(tmp_path / f"{n}0.pt") for n in ("ds2x2", "ds1x4", "plain1x4", "whole")}
+    runs = {n: torch.load(tmp_path / f"{n}0.pt") for n in ("ds2x2", "ds1x4", "z1x4", "z2x4", "plain1x4", "whole")}
     assert [(r["engine"], r["accum"], r["meta_updates"]) for r in runs.values()] == [
-        ("DeepSpeedEngine", 2, 2), ("DeepSpeedEngine", 4, 2), ("PlainEngine", 4, 2), ("PlainEngine", 1, 2)]
+        ("DeepSpeedEngine", 2, 2), ("DeepSpeedEngine", 4, 2), ("DeepSpeedEngine", 4, 2), ("DeepSpeedEngine", 4, 2),
+        ("PlainEngine", 4, 2), ("PlainEngine", 1, 2)]
+    assert [r["stage"] for r in runs.values()] == [3, 3, 1, 2, None, None]
     # one all-gather per micro-batch for the tracker and the last-visit table together (two before)
-    assert [r["tracker_gathers"] for r in runs.values()] == [4 * 2, 0, 0, 0]
+    assert [r["tracker_gathers"] for r in runs.values()] == [4 * 2, 0, 0, 0, 0, 0]
     other_rank = torch.load(tmp_path / "ds2x21.pt")
     assert torch.equal(other_rank["tracker"], runs["ds2x2"]["tracker"])
     ref = runs["whole"]
