@@ -14,11 +14,19 @@ before TRL processes the data) that the signature filter keeps and the collator 
 Logged metrics: TRL's names (loss, rewards/chosen, rewards/rejected, rewards/accuracies,
 rewards/margins, logps/chosen, logps/rejected) plus metapo/weight_mean, metapo/weight_std,
 metapo/kl and the meta coefficients. Loss types: TRL's ``sigmoid`` and ``ipo`` map to ours; others
-are rejected at start-up. Tested on one process (CPU); multi-GPU DDP through this integration is
-not tested yet.
+are rejected at start-up.
+
+Several ranks: the tracker is shared (one all-gather per micro-batch), the weights' batch mean and
+phi's gradient span every rank. Under DeepSpeed ZeRO-3 the LM heads (policy and reference), which
+the fused loss reads directly, are gathered after the decoder forwards and the policy head stays
+gathered through the backward (so its gradient reaches ZeRO's partitions); the meta-update runs on
+a full replica of the policy (one extra model copy per rank), copied in at each meta-update.
+Tested on CPU: one process, and 2 ranks under ZeRO-3 (gloo) against one process
+(``tests/test_integrations.py``).
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -34,7 +42,8 @@ from ..ops.preference_loss import fused_linear_preference_loss
 from ..losses import LossParams
 from ..metapo.bilevel import MetaLearner
 from ..metapo.weight_net import MetaWeightNet
-from ..models.hf import last_hidden_states, lm_head_of, reference_head_inputs, reference_hidden_states
+from ..models.hf import (is_zero3_partitioned, last_hidden_states, lm_head_of, reference_head_inputs,
+                         reference_hidden_states)
 from ..metapo.tracker import TemporalTracker
 
 __all__ = ["MetaPOTRLConfig", "MetaPOTrainer", "PAIR_ID_COLUMN"]
@@ -114,6 +123,8 @@ class MetaPOTrainer(DPOTrainer):
             self._meta_val = self._prepare_dataset(meta_val_dataset, self.processing_class, args, "meta_val")
         self._meta_cursor = 0
         self._metapo_last_batch = None
+        self._metapo_stack: Optional[contextlib.ExitStack] = None  # open through training_step's backward
+        self._metapo_replica = None  # ZeRO-3: the meta-update's full copy of the policy
         self._metapo_pending = {"train": [], "eval": []}  # per micro-batch metric vectors, on the device
 
     _METRIC_NAMES = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
@@ -151,23 +162,40 @@ class MetaPOTrainer(DPOTrainer):
                                             **self._metapo_params().kwargs(), backend=a.metapo_backend,
                                             chunk_bytes=a.metapo_chunk_bytes, **kw)
 
-    def _ref_kwargs(self, inputs, ids, mask) -> dict:
-        if self.precompute_ref_logps:
-            return {"ref_logps": (inputs["ref_chosen_logps"], inputs["ref_rejected_logps"])}
-        ref = self.ref_model if self.ref_model is not None else None
-        if ref is None:
-            raise ValueError("MetaPOTrainer needs ref_model (or precompute_ref_log_probs=True)")
-        rh = reference_hidden_states(ref, ids, mask, ids.device)
-        return reference_head_inputs(ref, rh, ids.device)
+    def _gathered(self, *modules):
+        """The LM heads of ``modules`` with their full weights (ZeRO-3: gathered on every rank, a
+        collective; otherwise a null context). The fused loss reads a head's weight directly."""
+        params = [p for m in modules if m is not None for p in lm_head_of(m).parameters()]
+        if not any(hasattr(p, "ds_id") for p in params):
+            return contextlib.nullcontext()
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
 
     def _compute_loss(self, model, inputs, return_outputs):
+        with contextlib.ExitStack() as local:  # closed here outside training_step (evaluation: no backward)
+            return self._compute_loss_in(model, inputs, return_outputs, self._metapo_stack or local)
+
+    def _compute_loss_in(self, model, inputs, return_outputs, stack: contextlib.ExitStack):
         mode = "train" if self.model.training else "eval"
         unwrapped = self.accelerator.unwrap_model(model)
         ids, mask = inputs["input_ids"], inputs["attention_mask"]
         labels = shifted_labels(ids, inputs["completion_mask"])
         hidden = last_hidden_states(unwrapped, ids, mask)
+        ref = None
+        if self.precompute_ref_logps:
+            ref_kw = {"ref_logps": (inputs["ref_chosen_logps"], inputs["ref_rejected_logps"])}
+        else:
+            ref = self.ref_model
+            if ref is None:
+                raise ValueError("MetaPOTrainer needs ref_model (or precompute_ref_log_probs=True)")
+            rh = reference_hidden_states(ref, ids, mask, ids.device)
+        # ZeRO-3: the heads after both decoder forwards (a tied embedding's hook would release them);
+        # the policy's stays gathered on ``stack`` through the backward
+        stack.enter_context(self._gathered(unwrapped, ref))
         head = lm_head_of(unwrapped)
-        ref_kw = self._ref_kwargs(inputs, ids, mask)
+        if ref is not None:
+            ref_kw = reference_head_inputs(ref, rh, ids.device)
         pair_ids = inputs.get("pair_ids")
         if mode == "train" and self.metapo_net is not None and pair_ids is not None:
             with torch.no_grad():
@@ -177,7 +205,10 @@ class MetaPOTrainer(DPOTrainer):
             w = self.metapo_net(feats, update_stats=True).detach()
             out = self._fused(hidden, head, labels, ref_logps=(stats.ref_chosen_logps, stats.ref_rejected_logps),
                               sample_weights=w, compute_kl=False)
-            self._metapo_last_batch = ({k: v for k, v in inputs.items()}, labels, feats)
+            last = {k: v for k, v in inputs.items()}
+            if stats.ref_chosen_logps is not None:  # the ghost pass reuses them (no reference pass)
+                last["ref_logps"] = torch.cat([stats.ref_chosen_logps, stats.ref_rejected_logps]).detach()
+            self._metapo_last_batch = (last, labels, feats)
         else:
             out = stats = self._fused(hidden, head, labels, **ref_kw)
             w = torch.ones_like(out.margins)
@@ -195,7 +226,12 @@ class MetaPOTrainer(DPOTrainer):
         return (out.loss, {"margins": out.margins}) if return_outputs else out.loss
 
     def training_step(self, model, inputs, *args, **kwargs):
-        loss = super().training_step(model, inputs, *args, **kwargs)
+        with contextlib.ExitStack() as stack:  # what _compute_loss gathers stays so through the backward
+            self._metapo_stack = stack
+            try:
+                loss = super().training_step(model, inputs, *args, **kwargs)
+            finally:
+                self._metapo_stack = None
         step = self.state.global_step + 1  # the step this micro-batch belongs to
         if (self.metapo_learner is not None and self._metapo_last_batch is not None and step % self.args.metapo_interval == 0
                 and self.accelerator.gradient_state.sync_gradients):
@@ -204,21 +240,45 @@ class MetaPOTrainer(DPOTrainer):
 
     def _meta_update(self, model) -> None:
         unwrapped = self.accelerator.unwrap_model(model)
-        inputs, labels, feats = self._metapo_last_batch
+        inputs, _, feats = self._metapo_last_batch
         n = len(self._meta_val)
         k = min(self.args.metapo_val_batch_size, n)
         val_items = [self._meta_val[(self._meta_cursor + i) % n] for i in range(k)]
         self._meta_cursor = (self._meta_cursor + k) % n
         val = self.data_collator(val_items)
         dev = self.accelerator.device
-        to_batch = lambda b: {"input_ids": b["input_ids"].to(dev), "attention_mask": b["attention_mask"].to(dev),  # noqa: E731
-                              "labels": shifted_labels(b["input_ids"], b["completion_mask"]).to(dev)}
-        saved = [p.grad for p in unwrapped.parameters()]  # keep the accumulated training gradients intact
-        for p in unwrapped.parameters():
-            p.grad = None
-        diag = self.metapo_learner.step(unwrapped, to_batch(inputs), to_batch(val), feats, ref_model=self.ref_model)
-        for p, g in zip(unwrapped.parameters(), saved):
-            p.grad = g
+
+        def to_batch(b):
+            out = {"input_ids": b["input_ids"].to(dev), "attention_mask": b["attention_mask"].to(dev),
+                   "labels": shifted_labels(b["input_ids"], b["completion_mask"]).to(dev)}
+            if b.get("ref_logps") is not None:
+                out["ref_logps"] = b["ref_logps"]
+            return out
+
+        if is_zero3_partitioned(unwrapped):
+            # the ghost pass needs whole parameters and must not touch ZeRO's gradient partitions:
+            # it runs on a full replica (built once), given the policy's current values
+            if self._metapo_replica is None:
+                from ..train.setup import _full_replica
+
+                self._metapo_replica = _full_replica(unwrapped, dev)
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(list(unwrapped.parameters()), modifier_rank=None), torch.no_grad():
+                for r, p in zip(self._metapo_replica.parameters(), unwrapped.parameters()):
+                    r.copy_(p)
+            with self._gathered(self.ref_model):  # the validation batch's reference pass reads its head
+                diag = self.metapo_learner.step(self._metapo_replica, to_batch(inputs), to_batch(val), feats,
+                                                ref_model=self.ref_model)
+            for p in self._metapo_replica.parameters():
+                p.grad = None
+        else:
+            saved = [p.grad for p in unwrapped.parameters()]  # keep the accumulated training gradients intact
+            for p in unwrapped.parameters():
+                p.grad = None
+            diag = self.metapo_learner.step(unwrapped, to_batch(inputs), to_batch(val), feats, ref_model=self.ref_model)
+            for p, g in zip(unwrapped.parameters(), saved):
+                p.grad = g
         m = self._metrics["train"]
         for name, v in self.metapo_net.coefficients().items() if self.metapo_net.arch == "linear" else []:
             m[f"metapo/coef/{name}"].append(v)
