@@ -462,21 +462,27 @@ def _runs_worker(rank, world, port, out, runs):
         return real_gather(*a, **k)
 
     dist.all_gather = counted_gather
+    import metapo_fast.train.forward as F
+
+    real_fused, fused_calls = F.fused_linear_preference_loss, []
+    F.fused_linear_preference_loss = lambda *a, **k: (fused_calls.append(1), real_fused(*a, **k))[1]
     for name, extra in runs:
         cfg = load_config(_default_config(), [*_DS_ARGS, f"train.output_dir={out}/{name}", *extra])
         tr = Trainer(cfg, DistInfo(rank, world, rank, torch.device("cpu")))
         gathers.clear()
+        fused_calls.clear()
         for _ in range(4):
             tr._train_step(meta=tr.meta is not None and (tr.step + 1) % cfg.meta.interval == 0)
             tr.step += 1
         with getattr(tr.eng, "_gathered_all", contextlib.nullcontext)():
             full = {n: p.detach().clone() for n, p in tr.model.named_parameters()}
         torch.save({"params": full, "tracker": tr.tracker.state.clone(), "accum": tr.grad_accum, "meta_updates": tr.counters["meta_updates"],
-                    "tracker_gathers": len(gathers), "stage": getattr(getattr(tr.eng, "engine", None), "zero_optimization_stage", lambda: None)(),
+                    "tracker_gathers": len(gathers), "fused_calls": len(fused_calls), "stage": getattr(getattr(tr.eng, "engine", None), "zero_optimization_stage", lambda: None)(),
                     "engine": type(tr.eng).__name__, "phi": {k: v.clone() for k, v in (tr.meta_net.state_dict() if tr.meta_net is not None else {"v": torch.zeros(1)}).items()}},
                    os.path.join(out, f"{name}{rank}.pt"))
         tr.logger.close()
     dist.all_gather = real_gather
+    F.fused_linear_preference_loss = real_fused
     dist.destroy_process_group()
 
 
@@ -507,6 +513,8 @@ def test_two_ranks_x_accumulation_2_equal_one_rank_x_4_and_the_whole_batch(tmp_p
     assert [r["stage"] for r in runs.values()] == [3, 3, 1, 2, None, None]
     # one all-gather per micro-batch for the tracker and the last-visit table together (two before)
     assert [r["tracker_gathers"] for r in runs.values()] == [4 * 2, 0, 0, 0, 0, 0]
+    # one fused-loss pass per micro-batch (the weights asked chunk by chunk, 8NHV), on 2 ranks too
+    assert [r["fused_calls"] for r in runs.values()] == [4 * 2, 4 * 4, 4 * 4, 4 * 4, 4 * 4, 4]
     other_rank = torch.load(tmp_path / "ds2x21.pt")
     assert torch.equal(other_rank["tracker"], runs["ds2x2"]["tracker"])
     ref = runs["whole"]

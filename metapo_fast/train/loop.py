@@ -1,12 +1,13 @@
 """The MetaPO training loop (paper Algorithm 1; docs/math.md), top to bottom.
 
 One optimiser step (:meth:`Trainer._train_step`):
-  for each micro-batch:  policy and reference hidden states -> (MetaPO) a no-grad pass of the fused
-  loss gives this step's margins z and KL -> the tracker updates each pair's history in place and
-  returns its features s -> w = w_phi(s) -> the fused loss with weights w -> backward.
-  Then the weights' normalisation over the whole step (``batch_mean``: the plain engine divides
-  the step's gradient by the mean raw weight of all its micro-batches; under DeepSpeed each
-  micro-batch is normalised over the ranks), clip, skip the step if anything is non-finite,
+  for each micro-batch:  policy and reference hidden states -> the fused loss's single pass; per
+  chunk of pairs (MetaPO) this step's margins z and KL -> the tracker updates each pair's history
+  in place and returns its features s -> raw weights w = w_phi(s) -> the chunk's gradient
+  (``meta.normalize=none``: a no-grad pass for z first, then the weighted pass) -> backward.
+  Then the weights' normalisation over the whole step (``batch_mean``: the step's gradient is
+  divided by the mean raw weight of all its micro-batches and ranks, by the engine), clip, skip
+  the step if anything is non-finite,
   every K steps the meta-update (:meth:`Trainer._meta_update`: at theta_t, before the optimiser
   step, on every micro-batch of the step), optimiser and scheduler step.
 Every E steps an evaluation;
@@ -140,10 +141,12 @@ class Trainer:
         # batch_mean: raw weights here, the step's gradient divided by their mean over the whole step
         # (every micro-batch, every rank) by the engine below
         step_norm = self.meta_net is not None and self.meta_net.normalize == "batch_mean"
-        # one process with step-wide normalisation: the weights are a per-pair function of the pairs'
-        # own statistics, so the fused loss asks for them chunk by chunk in its single pass (8NHV);
-        # otherwise (several ranks share the tracker, or normalize=none) a margins pass first (10NHV)
-        per_chunk = self.weights_per_chunk and step_norm and self.dist.world_size == 1
+        # step-wide normalisation: the weights are a per-pair function of the pairs' own statistics,
+        # so the fused loss asks for them chunk by chunk in its single pass (8NHV); with several
+        # ranks each chunk's features come from this rank's tracker rows (a pair is on one rank),
+        # and the replica is brought level once per micro-batch after the pass (_sync_tracker).
+        # normalize=none: a margins pass first (10NHV)
+        per_chunk = self.weights_per_chunk and step_norm
         w_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         w_count = 0
         it = iter(self.sampler)
@@ -160,7 +163,10 @@ class Trainer:
                 return self.meta_net(seen["features"], normalize=not step_norm).detach()
 
             def chunk_weights_fn(pairs, stats, pair_ids=pair_ids, seen=seen):  # the same, for one chunk's pairs
-                f = self._track(pair_ids[pairs], stats, snapshots)
+                if self.dist.world_size > 1:  # this rank's rows only; every rank's after the pass
+                    f = self._track_local(pair_ids[pairs], stats, seen.setdefault("local", []))
+                else:
+                    f = self._track(pair_ids[pairs], stats, snapshots)
                 seen.setdefault("chunks", []).append((pairs, f))
                 return self.meta_net(f, normalize=False).detach()
 
@@ -177,6 +183,8 @@ class Trainer:
                     for pairs, f in seen.pop("chunks"):
                         feats[pairs] = f
                     seen["features"] = feats
+                    if "local" in seen:  # several ranks: the replica takes every rank's rows, in rank order
+                        self._sync_tracker(pair_ids, stats, snapshots, seen.pop("local"))
                 elif wfn is None:
                     seen["features"] = self._track(pair_ids, stats, snapshots)
                 if w is None:
@@ -261,6 +269,25 @@ class Trainer:
         snapshots.append((ids, self.tracker.state[ids].clone(), self.last_seen[ids].clone()))
         self.last_seen[ids] = torch.stack([margins, kls], 1)
         return self.tracker.update(pair_ids, stats.margins, kl, every_rank=every)
+
+    def _track_local(self, pair_ids: torch.Tensor, stats, local: list) -> torch.Tensor:
+        """This rank's pairs only, no collective (the single pass's per-chunk weights with several
+        ranks): their features from this rank's tracker rows, which hold the same state as every
+        rank's replica (a pair is on one rank per micro-batch). The rows are saved to ``local`` for
+        :meth:`_sync_tracker`, which replaces this update by the replicated one."""
+        kl = kl_or_zeros(stats)
+        ids = pair_ids.long()
+        local.append((ids, self.tracker.state[ids].clone()))
+        return self.tracker.update(pair_ids, stats.margins, kl, every_rank=(ids, stats.margins.detach().float(), kl.detach().float()))
+
+    def _sync_tracker(self, pair_ids: torch.Tensor, stats, snapshots: list, local: list) -> None:
+        """After a single pass with per-chunk local updates: restore this rank's rows, then apply
+        every rank's rows of the micro-batch in rank order (one all-gather), as :meth:`_track` does,
+        so the replicas stay identical. The features the weights used equal the replicated update's
+        except for a pair on two ranks in one micro-batch (a sampler's padding at an epoch's end)."""
+        for ids, rows in reversed(local):
+            self.tracker.state[ids] = rows
+        self._track(pair_ids, stats, snapshots)
 
     def _skip_step(self, snapshots: list) -> None:
         """A non-finite loss or gradient on some rank: undo the step's tracker updates (every rank's
