@@ -753,3 +753,25 @@ def test_deepspeed_engine_refuses_fp16_and_an_optimiser_without_the_skip_interna
         engine(3, BF16Like())._check_internals({})
     with pytest.raises(ValueError, match="fp16 is not supported"):
         engine(3, Stage3Like())._check_internals({"fp16": {"enabled": True}})
+
+
+def test_deepspeed_engine_refuses_step_normalisation_it_cannot_apply():
+    """batch_mean's step-wide scale is applied as ZeRO's loss scale (stages 1-3) or on p.grad (stage
+    0); DeepSpeed's bf16 optimiser without ZeRO keeps its own fp32 gradient copies, which neither
+    reaches: refused at start-up."""
+    from types import SimpleNamespace
+
+    from metapo_fast.train.parallel import DeepSpeedEngine
+
+    class BF16Like:
+        def clear_hp_grads(self): ...
+
+    def engine(stage, opt):
+        e = DeepSpeedEngine.__new__(DeepSpeedEngine)
+        e.engine = SimpleNamespace(zero_optimization_stage=lambda: stage, optimizer=opt)
+        return e
+
+    with pytest.raises(ValueError, match=r"stage 0\) with bf16.*meta.normalize=none"):
+        engine(0, BF16Like()).check_step_normalisation()
+    engine(0, object()).check_step_normalisation()  # fp32 without ZeRO: p.grad is scaled
+    engine(1, BF16Like()).check_step_normalisation()  # ZeRO: its loss scale
