@@ -182,7 +182,7 @@ def adam_preconditioned(direction: dict, optimizer: torch.optim.Optimizer, inpla
     """``{p: g / (sqrt(v_hat) + eps)}``: the direction under the diagonal preconditioner of an Adam /
     AdamW ``optimizer`` (its bias-corrected second moment ``v_hat = exp_avg_sq / (1 - beta2^t)`` and
     its eps), so that ghost dots give ``c_i = <g_meta, P g_i>``, the lookahead of the step Adam takes
-    (its momentum and the dependence of v on g_i left out; docs/math.md section 5b). A parameter
+    (its momentum and the dependence of v on g_i left out; docs/math.md section 5a). A parameter
     without optimiser state yet (before the first step) keeps ``P = 1``. ``inplace``: the direction's
     tensors are divided in place (no model-sized copy); otherwise new tensors are returned."""
     groups = {id(p): g for g in optimizer.param_groups for p in g["params"]}
