@@ -42,7 +42,7 @@ from ..ops.preference_loss import fused_linear_preference_loss
 from ..losses import LossParams
 from ..metapo.bilevel import MetaLearner
 from ..metapo.weight_net import MetaWeightNet
-from ..models.hf import (is_zero3_partitioned, last_hidden_states, lm_head_of, reference_head_inputs,
+from ..models.hf import (full_replica, is_zero3_partitioned, last_hidden_states, lm_head_of, reference_head_inputs,
                          reference_hidden_states)
 from ..metapo.tracker import TemporalTracker
 
@@ -259,9 +259,7 @@ class MetaPOTrainer(DPOTrainer):
             # the ghost pass needs whole parameters and must not touch ZeRO's gradient partitions:
             # it runs on a full replica (built once), given the policy's current values
             if self._metapo_replica is None:
-                from ..train.setup import _full_replica
-
-                self._metapo_replica = _full_replica(unwrapped, dev)
+                self._metapo_replica = full_replica(unwrapped, dev)
             import deepspeed
 
             with deepspeed.zero.GatheredParameters(list(unwrapped.parameters()), modifier_rank=None), torch.no_grad():

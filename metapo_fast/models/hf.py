@@ -3,6 +3,7 @@ so the fused loss replaces the head (the model's forward never returns logits in
 from __future__ import annotations
 
 import contextlib
+import copy
 from typing import Optional
 
 import torch
@@ -172,6 +173,34 @@ def hf_zero3(ds_config: dict):
 
 def is_zero3_partitioned(model: nn.Module) -> bool:
     return any(hasattr(p, "ds_id") for p in model.parameters())
+
+
+def is_checkpointed(model: nn.Module) -> bool:
+    """Whether ``model`` runs with activation (gradient) checkpointing (transformers 5's name first)."""
+    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+        if hasattr(type(model), name):
+            return bool(getattr(model, name))
+    return False
+
+
+def full_replica(model: nn.Module, device: torch.device) -> nn.Module:
+    """The meta-update's full replica of the policy (its values are copied in before each use): a
+    deep copy, or for a ZeRO-3-partitioned policy a full model of its architecture built without
+    initialisation (no random numbers drawn)."""
+    if not is_zero3_partitioned(model):
+        return copy.deepcopy(model)
+    from transformers.initialization import no_init_weights
+
+    with no_init_weights():
+        r = type(model)(copy.deepcopy(model.config))
+    r.tie_weights()  # skipped with the initialisation
+    r = r.to(next(model.parameters()).dtype)
+    if is_checkpointed(model):
+        r.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    with torch.no_grad():
+        for a, b in zip(model.buffers(), r.buffers()):
+            b.copy_(a)
+    return r.to(device)
 
 
 @torch.no_grad()

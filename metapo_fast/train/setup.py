@@ -18,7 +18,8 @@ from torch import nn
 
 from ..config import MetaPOConfig
 from ..data import PreferenceCollator, PreferenceDataset, TokenizedPairs, build_datasets, load_preference_data
-from ..models.hf import compute_device, copy_partitions, is_zero3_partitioned, last_hidden_states, lm_head_of
+from ..models.hf import (compute_device, copy_partitions, full_replica, is_checkpointed, is_zero3_partitioned,
+                         last_hidden_states, lm_head_of)
 
 log = logging.getLogger(__name__)
 
@@ -250,17 +251,9 @@ def _empty_like_partitioned(model: nn.Module, ds: dict) -> nn.Module:
     with zero3_init(ds, init_weights=False):
         new = type(model)(copy.deepcopy(model.config))
         new.tie_weights()  # skipped with the initialisation
-    if _checkpointed(model):
+    if is_checkpointed(model):
         new.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return new
-
-
-def _checkpointed(model: nn.Module) -> bool:
-    """Whether ``model`` runs with activation (gradient) checkpointing (transformers 5's name first)."""
-    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
-        if hasattr(type(model), name):
-            return bool(getattr(model, name))
-    return False
 
 
 def _sft_warmup_zero3(model: nn.Module, tok, rows: list[dict], steps: int, lr: float, seed: int, device: torch.device,
@@ -500,7 +493,7 @@ def build_engine(cfg: MetaPOConfig, dist, model: nn.Module, ref: Optional[nn.Mod
         raise ValueError(f"train.optimizer={t.optimizer!r}: the DeepSpeed path supports adamw only")
     _default_deepspeed(cfg)
     ds_cfg = deepspeed_config(cfg, dist.world_size, hidden_size=model.config.hidden_size)
-    replica = _full_replica(model, dist.device) if with_replica else None
+    replica = full_replica(model, dist.device) if with_replica else None
     eng = DeepSpeedEngine(model, ds_cfg, t.lr, t.weight_decay, lr_fn)
     par = Parallel(eng, eng.module, ref, ref_placement, meta_replica=replica)
     if ref is not None and eng.zero3:
@@ -508,26 +501,6 @@ def build_engine(cfg: MetaPOConfig, dist, model: nn.Module, ref: Optional[nn.Mod
         par.ref, par.ref_head, par.ref_begin_forward = sharded.module, sharded.head, sharded.begin_forward
         par.ref_placement = "zero3" + ("+offload_param" if cfg.model.ref_offload_cpu else "")
     return par
-
-
-def _full_replica(model: nn.Module, device: torch.device) -> nn.Module:
-    """The meta-update's full replica of the policy (its values are copied in before each use): a
-    deep copy, or for a ZeRO-3-partitioned policy a full model of its architecture built without
-    initialisation (no random numbers drawn)."""
-    if not is_zero3_partitioned(model):
-        return copy.deepcopy(model)
-    from transformers.initialization import no_init_weights
-
-    with no_init_weights():
-        r = type(model)(copy.deepcopy(model.config))
-    r.tie_weights()  # skipped with the initialisation
-    r = r.to(next(model.parameters()).dtype)
-    if _checkpointed(model):
-        r.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    with torch.no_grad():
-        for a, b in zip(model.buffers(), r.buffers()):
-            b.copy_(a)
-    return r.to(device)
 
 
 def make_meta_net(cfg: MetaPOConfig, device: torch.device, num_pairs: int):
