@@ -42,7 +42,7 @@ from ..ops.preference_loss import fused_linear_preference_loss
 from ..losses import LossParams
 from ..metapo.bilevel import MetaLearner
 from ..metapo.weight_net import MetaWeightNet
-from ..models.hf import (full_replica, is_zero3_partitioned, last_hidden_states, lm_head_of, reference_head_inputs,
+from ..models.hf import (copy_full_into, full_replica, gathered, is_zero3_partitioned, last_hidden_states, lm_head_of, reference_head_inputs,
                          reference_hidden_states)
 from ..metapo.tracker import TemporalTracker
 
@@ -165,12 +165,7 @@ class MetaPOTrainer(DPOTrainer):
     def _gathered(self, *modules):
         """The LM heads of ``modules`` with their full weights (ZeRO-3: gathered on every rank, a
         collective; otherwise a null context). The fused loss reads a head's weight directly."""
-        params = [p for m in modules if m is not None for p in lm_head_of(m).parameters()]
-        if not any(hasattr(p, "ds_id") for p in params):
-            return contextlib.nullcontext()
-        import deepspeed
-
-        return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+        return gathered(p for m in modules if m is not None for p in lm_head_of(m).parameters())
 
     def _compute_loss(self, model, inputs, return_outputs):
         with contextlib.ExitStack() as local:  # closed here outside training_step (evaluation: no backward)
@@ -260,11 +255,7 @@ class MetaPOTrainer(DPOTrainer):
             # it runs on a full replica (built once), given the policy's current values
             if self._metapo_replica is None:
                 self._metapo_replica = full_replica(unwrapped, dev)
-            import deepspeed
-
-            with deepspeed.zero.GatheredParameters(list(unwrapped.parameters()), modifier_rank=None), torch.no_grad():
-                for r, p in zip(self._metapo_replica.parameters(), unwrapped.parameters()):
-                    r.copy_(p)
+            copy_full_into(unwrapped, self._metapo_replica)
             with self._gathered(self.ref_model):  # the validation batch's reference pass reads its head
                 diag = self.metapo_learner.step(self._metapo_replica, to_batch(inputs), to_batch(val), feats,
                                                 ref_model=self.ref_model)

@@ -175,6 +175,27 @@ def is_zero3_partitioned(model: nn.Module) -> bool:
     return any(hasattr(p, "ds_id") for p in model.parameters())
 
 
+def gathered(params):
+    """A context in which ``params`` hold their full values on every rank when ZeRO-3 partitions
+    them (``GatheredParameters``, a collective: every rank enters it); otherwise a null context."""
+    params = list(params)
+    if not any(hasattr(p, "ds_id") for p in params):
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+
+
+@torch.no_grad()
+def copy_full_into(model: nn.Module, replica: nn.Module) -> nn.Module:
+    """``replica`` (a plain module of ``model``'s architecture) takes ``model``'s full parameter
+    values, gathered first under ZeRO-3 (collective); returns ``replica``."""
+    with gathered(model.parameters()):
+        for r, p in zip(replica.parameters(), model.parameters()):
+            r.copy_(p)
+    return replica
+
+
 def is_checkpointed(model: nn.Module) -> bool:
     """Whether ``model`` runs with activation (gradient) checkpointing (transformers 5's name first)."""
     for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):

@@ -138,8 +138,8 @@ class Trainer:
         agg: dict[str, list] = {}
         snapshots, micro = [], []  # tracker rows to restore on a skip; (batch, features) for the meta-update
         losses_finite = torch.ones((), dtype=torch.bool, device=self.device)  # every micro-batch's loss, on the device
-        # batch_mean: raw weights here, the step's gradient divided by their mean over the whole step
-        # (every micro-batch, every rank) by the engine below
+        # raw weights here; batch_mean divides the step's gradient by their mean over the whole step
+        # (every micro-batch, every rank) in the engine below
         step_norm = self.meta_net is not None and self.meta_net.normalize == "batch_mean"
         # step-wide normalisation: the weights are a per-pair function of the pairs' own statistics,
         # so the fused loss asks for them chunk by chunk in its single pass (8NHV); with several
@@ -160,7 +160,7 @@ class Trainer:
 
             def weights_fn(stats, pair_ids=pair_ids, seen=seen):  # MetaPO: features from this step's margins
                 seen["features"] = self._track(pair_ids, stats, snapshots)
-                return self.meta_net(seen["features"], normalize=not step_norm).detach()
+                return self.meta_net(seen["features"], normalize=False).detach()
 
             def chunk_weights_fn(pairs, stats, pair_ids=pair_ids, seen=seen):  # the same, for one chunk's pairs
                 if self.dist.world_size > 1:  # this rank's rows only; every rank's after the pass
@@ -171,7 +171,7 @@ class Trainer:
                 return self.meta_net(f, normalize=False).detach()
 
             # the static filter's weights are known before the forward: one fused-loss pass
-            fixed = None if self.pair_filter is None else self.pair_filter.pair_weights(pair_ids, normalize=not step_norm)
+            fixed = None if self.pair_filter is None else self.pair_filter.pair_weights(pair_ids, normalize=False)
             with contextlib.ExitStack() as stack:  # (ZeRO-3) holds the head's full weight through the backward
                 learned = self.meta_net is not None and fixed is None
                 wfn = weights_fn if learned and not per_chunk else None

@@ -23,7 +23,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..comm import world_size
-from ..models.hf import lm_head_of
+from ..models.hf import copy_full_into, gathered, lm_head_of
 
 __all__ = ["DistInfo", "init_distributed", "destroy", "uses_deepspeed", "zero3_planned", "PlainEngine", "DeepSpeedEngine",
            "ShardedReference"]
@@ -183,7 +183,6 @@ class DeepSpeedEngine:
         from ..extras import require
 
         deepspeed = require("deepspeed")
-        self._ds = deepspeed
         cfg = dict(ds_config)
         cfg.setdefault("optimizer", {"type": "AdamW", "params": {"lr": lr, "weight_decay": weight_decay, "betas": [0.9, 0.999],
                                                                  "eps": 1e-8, "torch_adam": True}})
@@ -233,10 +232,7 @@ class DeepSpeedEngine:
             _reset_zero3_trace(self.engine)
 
     def head_gathered(self):
-        if not self.zero3:
-            return contextlib.nullcontext()
-        head = lm_head_of(self.module)
-        return self._ds.zero.GatheredParameters([p for p in head.parameters()], modifier_rank=None)
+        return gathered(lm_head_of(self.module).parameters())
 
     def backward(self, loss: torch.Tensor, grad_accum: int) -> None:
         self.engine.backward(loss)  # DeepSpeed divides by gradient_accumulation_steps itself
@@ -380,9 +376,7 @@ class DeepSpeedEngine:
         return self.engine.get_lr()[0]
 
     def _gathered_all(self):
-        if not self.zero3:
-            return contextlib.nullcontext()
-        return self._ds.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=None)
+        return gathered(self.module.parameters())
 
     def save(self, d: str, is_main: bool) -> dict:
         self.engine.save_checkpoint(os.path.join(d, "deepspeed"), tag="state")  # optimizer + ZeRO partitions, collective
@@ -405,10 +399,7 @@ class DeepSpeedEngine:
 
     def full_copy_into(self, replica: nn.Module) -> nn.Module:
         """Copy the full (gathered) parameters into ``replica`` (a plain module) and return it."""
-        with self._gathered_all(), torch.no_grad():
-            for r, p in zip(replica.parameters(), self.module.parameters()):
-                r.copy_(p)
-        return replica
+        return copy_full_into(self.module, replica)
 
 
 class ShardedReference:
@@ -422,7 +413,6 @@ class ShardedReference:
         from ..extras import require
 
         deepspeed = require("deepspeed")
-        self._ds = deepspeed
         self.engine, *_ = deepspeed.initialize(model=ref, config=self.config(ds_config, offload_cpu))
         self.engine.eval()
         self.module = self.engine.module
@@ -447,5 +437,4 @@ class ShardedReference:
         _reset_zero3_trace(self.engine)
 
     def head(self):
-        head = lm_head_of(self.module)
-        return self._ds.zero.GatheredParameters([p for p in head.parameters()], modifier_rank=None)
+        return gathered(lm_head_of(self.module).parameters())
