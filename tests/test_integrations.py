@@ -189,7 +189,7 @@ def _trl_worker(rank, world, port, out, per_device, zero3):
         params = {n: p.detach().clone() for n, p in policy.named_parameters()}
     torch.save({"params": params, "phi": {k: v.clone() for k, v in tr.metapo_net.state_dict().items()},
                 "tracker": tr.metapo_tracker.state.clone(), "updates": tr.metapo_learner.updates,
-                "replica": tr._metapo_replica is not None, "zero3": any(hasattr(p, "ds_id") for p in policy.parameters())},
+                "zero3": any(hasattr(p, "ds_id") for p in policy.parameters())},
                os.path.join(out, f"r{rank}.pt"))
 
 
@@ -197,8 +197,8 @@ def _trl_worker(rank, world, port, out, per_device, zero3):
 def test_two_rank_zero3_trl_run_equals_one_process(tmp_path):
     """#15 item 4: MetaPOTrainer on 2 ranks under DeepSpeed ZeRO-3 (gloo, CPU; 2 pairs per rank) runs,
     with the LM heads partitioned (gathered for the fused loss and through its backward), and equals
-    the 1-process run with 4 pairs: weights, meta-network (one meta-update, on ZeRO-3's full replica)
-    and the shared tracker."""
+    the 1-process run with 4 pairs: weights, meta-network (one meta-update, on the partitioned policy
+    itself: no replica) and the shared tracker."""
     import torch.multiprocessing as mp
     from tests.test_distributed import _free_port
 
@@ -206,8 +206,8 @@ def test_two_rank_zero3_trl_run_equals_one_process(tmp_path):
     mp.spawn(_trl_worker, args=(1, _free_port(), str(tmp_path / "one"), 4, False), nprocs=1, join=True)
     one = torch.load(tmp_path / "one" / "r0.pt")
     two = [torch.load(tmp_path / "two" / f"r{k}.pt") for k in range(2)]
-    assert (one["zero3"], one["replica"], one["updates"]) == (False, False, 1)
-    assert [(t["zero3"], t["replica"], t["updates"]) for t in two] == [(True, True, 1)] * 2
+    assert (one["zero3"], one["updates"]) == (False, 1)
+    assert [(t["zero3"], t["updates"]) for t in two] == [(True, 1)] * 2
     assert torch.equal(two[0]["tracker"], two[1]["tracker"]) and (one["tracker"][:, 5] > 0).sum() == 12
     torch.testing.assert_close(two[0]["tracker"], one["tracker"], rtol=1e-4, atol=1e-5)
     for n, p in one["params"].items():

@@ -20,7 +20,8 @@ Several ranks: the tracker is shared (one all-gather per micro-batch), the weigh
 phi's gradient span every rank. Under DeepSpeed ZeRO-3 the LM heads (policy and reference), which
 the fused loss reads directly, are gathered after the decoder forwards and the policy head stays
 gathered through the backward (so its gradient reaches ZeRO's partitions); the meta-update runs on
-a full replica of the policy (one extra model copy per rank), copied in at each meta-update.
+the partitioned policy itself (layers gathered by ZeRO's hooks, gradients by ``autograd.grad``, so
+ZeRO's accumulated partitions are untouched; one model-sized set of meta-gradients per rank).
 Tested on CPU: one process, and 2 ranks under ZeRO-3 (gloo) against one process
 (``tests/test_integrations.py``).
 """
@@ -42,7 +43,7 @@ from ..ops.preference_loss import fused_linear_preference_loss
 from ..losses import LossParams
 from ..metapo.bilevel import MetaLearner
 from ..metapo.weight_net import MetaWeightNet
-from ..models.hf import (copy_full_into, full_replica, gathered, is_zero3_partitioned, last_hidden_states, lm_head_of, reference_head_inputs,
+from ..models.hf import (gathered, is_zero3_partitioned, release_zero3_leftovers, reset_zero3_trace, last_hidden_states, lm_head_of, reference_head_inputs,
                          reference_hidden_states)
 from ..metapo.tracker import TemporalTracker
 
@@ -124,7 +125,6 @@ class MetaPOTrainer(DPOTrainer):
         self._meta_cursor = 0
         self._metapo_last_batch = None
         self._metapo_stack: Optional[contextlib.ExitStack] = None  # open through training_step's backward
-        self._metapo_replica = None  # ZeRO-3: the meta-update's full copy of the policy
         self._metapo_pending = {"train": [], "eval": []}  # per micro-batch metric vectors, on the device
 
     _METRIC_NAMES = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
@@ -251,16 +251,13 @@ class MetaPOTrainer(DPOTrainer):
             return out
 
         if is_zero3_partitioned(unwrapped):
-            # the ghost pass needs whole parameters and must not touch ZeRO's gradient partitions:
-            # it runs on a full replica (built once), given the policy's current values
-            if self._metapo_replica is None:
-                self._metapo_replica = full_replica(unwrapped, dev)
-            copy_full_into(unwrapped, self._metapo_replica)
+            # on the partitioned policy: the meta pass writes no p.grad (ZeRO's gradient partitions of the
+            # step stay as they are); its decoder forwards restart ZeRO-3's fetch trace, as the engine's would
+            engine = getattr(self, "deepspeed", None)
+            self.metapo_learner.before_forward = (lambda: reset_zero3_trace(engine)) if engine is not None else (lambda: None)
+            self.metapo_learner.after_backward = (lambda: release_zero3_leftovers(engine)) if engine is not None else (lambda: None)
             with self._gathered(self.ref_model):  # the validation batch's reference pass reads its head
-                diag = self.metapo_learner.step(self._metapo_replica, to_batch(inputs), to_batch(val), feats,
-                                                ref_model=self.ref_model)
-            for p in self._metapo_replica.parameters():
-                p.grad = None
+                diag = self.metapo_learner.step(unwrapped, to_batch(inputs), to_batch(val), feats, ref_model=self.ref_model)
         else:
             saved = [p.grad for p in unwrapped.parameters()]  # keep the accumulated training gradients intact
             for p in unwrapped.parameters():

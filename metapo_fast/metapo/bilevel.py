@@ -18,23 +18,26 @@ optimiser either is paired with the
 meta-network's batch-mean weight normalisation (math.md section 4), which removes the lookahead's
 preference for shrinking every weight.
 
-Multi-process (replicated parameters): ``g_meta`` is the gradient of the global validation
-objective (per-rank gradients all-reduced, ``|P|`` of L_margin counted over all ranks), each rank
-computes ``c_i`` of its own training pairs, and the phi gradient is all-reduced, so every rank
-applies the same update. Under DeepSpeed ZeRO-3 the trainer runs the meta-update on a full
-replica of the policy, refreshed from the gathered parameters (``train.setup.build_engine``).
+Multi-process: ``g_meta`` is the gradient of the global validation objective (per-rank gradients
+all-reduced, ``|P|`` of L_margin counted over all ranks), each rank computes ``c_i`` of its own
+training pairs, and the phi gradient is all-reduced, so every rank applies the same update. Under
+DeepSpeed ZeRO-3 the meta pass runs on the partitioned policy itself: ZeRO's hooks gather each
+layer as in training, the LM head is gathered after the decoder forward, and both backwards use
+``torch.autograd.grad`` (no ``p.grad``, so ZeRO's gradient hooks never fire and its accumulated
+partitions of the step are untouched).
 
-Memory: ``g_meta`` is the validation backward's own gradient tensors (taken from ``p.grad``, not
-copied), so the meta pass holds one model-sized set of gradients beyond the training step's, plus
-the activations of one validation / training micro-batch (gradient checkpointing kept, see
-``deterministic_mode``); the ghost backward writes no ``p.grad``. Under ZeRO-3 the full replica adds
-a second model-sized copy per rank (measured: ``tests/test_meta.py``).
+Memory: ``g_meta`` is the validation backward's own gradient tensors (not copied), so the meta
+pass holds one model-sized set of gradients beyond the training step's (full, not partitioned,
+under ZeRO-3 too), plus the activations of one validation / training micro-batch (gradient
+checkpointing kept, see ``deterministic_mode``) and, under ZeRO-3, the gathered layers in flight;
+the ghost backward writes no parameter gradient. Measured: ``tests/test_meta.py`` (one process),
+``tests/test_distributed.py`` (2 ranks, ZeRO-3).
 """
 from __future__ import annotations
 
 import contextlib
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -42,7 +45,7 @@ from torch import nn
 
 from ..comm import all_reduce_sum, world_size
 from ..losses import LOSSES, LossParams, PairBatch, get_loss, register_loss, sequence_coefficients
-from ..models.hf import last_hidden_states, lm_head_of, pack_plan, reference_head_inputs, reference_hidden_states
+from ..models.hf import gathered, is_zero3_partitioned, last_hidden_states, lm_head_of, pack_plan, reference_head_inputs, reference_hidden_states
 from ..ops.preference_loss import fused_linear_preference_loss
 from .ghost import GhostCoverageError, GhostDots, head_ghost_dots
 from .weight_net import MetaWeightNet
@@ -114,6 +117,17 @@ def _reentrant_checkpointing(model: nn.Module) -> bool:
 
 
 @contextlib.contextmanager
+def _requires_grad_off(params: list):
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
+@contextlib.contextmanager
 def deterministic_mode(model: nn.Module):
     """Dropout off (eval mode) while gradient checkpointing stays on: transformers checkpoints a
     layer only while that layer's ``training`` flag is set, so those layers keep it (they hold no
@@ -130,10 +144,16 @@ def deterministic_mode(model: nn.Module):
 
 
 def pair_gradient_dots(model: nn.Module, batch: dict, direction: dict, loss_type: str, params: LossParams,
-                       ref_model: Optional[nn.Module] = None, backend: str = "auto") -> torch.Tensor:
+                       ref_model: Optional[nn.Module] = None, backend: str = "auto",
+                       before_forward: Callable[[], None] = lambda: None,
+                       after_backward: Callable[[], None] = lambda: None) -> torch.Tensor:
     """``c_i = <G, grad_theta l_i>`` (float64, ``(B,)``) for the pairs of ``batch``, by ghost dot
     products over every parameter in ``direction``; raises :class:`GhostCoverageError` naming any
-    parameter of ``direction`` that no formula covers."""
+    parameter of ``direction`` that no formula covers. No ``p.grad`` is written. On a ZeRO-3
+    policy the layers are gathered by ZeRO's hooks and the LM head here (after the decoder
+    forward; its dots are taken before the backward, which may release a tied head);
+    ``before_forward`` is called first and ``after_backward`` last (the trainer restarts ZeRO-3's
+    fetch trace, then releases what the backward left gathered, as DeepSpeed's own backward does)."""
     device = next(model.parameters()).device
     ctx = _BatchInputs(model, ref_model, batch, device)
     n2, t = ctx.ids.shape
@@ -145,37 +165,50 @@ def pair_gradient_dots(model: nn.Module, batch: dict, direction: dict, loss_type
         token_pair = (torch.arange(n2, device=device) % bsz).unsqueeze(1).expand(n2, t)
     names = {id(p): n for n, p in model.named_parameters()}
     head = ctx.head
-    with GhostDots(model, direction, token_pair, bsz, exclude=(head,)) as gd:
+    first = _first_trainable(model)
+    # the backward goes to the first parameter only: it alone requires a gradient meanwhile, so no
+    # layer computes weight gradients to discard (autograd Functions such as ZeRO-3's linear decide
+    # from requires_grad, not from what the backward asks for: a model-sized waste of FLOPs)
+    grad_path = first is not None and not _reentrant_checkpointing(model)
+    frozen = [p for p in model.parameters() if p.requires_grad and p is not first] if grad_path else []
+    before_forward()
+    with GhostDots(model, direction, token_pair, bsz, exclude=(head,)) as gd, _requires_grad_off(frozen):
         hidden = last_hidden_states(model, ctx.ids, ctx.mask, plan=plan)
         h_leaf = hidden.detach().requires_grad_()
-        out = fused_linear_preference_loss(h_leaf, head.weight.detach(), ctx.labels, bias=None if head.bias is None else head.bias.detach(),
-                                           **ctx.ref_kw, loss_type=loss_type, **params.kwargs(),
-                                           sample_weights=torch.full((bsz,), float(bsz), device=device),  # L = sum_i l_i
-                                           compute_kl=False, backend=backend)
-        (g_h,) = torch.autograd.grad(out.loss, h_leaf)
+        with gathered(head.parameters()):
+            weight, bias = head.weight.detach(), None if head.bias is None else head.bias.detach()
+            out = fused_linear_preference_loss(h_leaf, weight, ctx.labels, bias=bias, **ctx.ref_kw, loss_type=loss_type,
+                                               **params.kwargs(),
+                                               sample_weights=torch.full((bsz,), float(bsz), device=device),  # L = sum_i l_i
+                                               compute_kl=False, backend=backend)
+            c_head = None
+            if head.weight in direction:
+                lp, cnt = (torch.cat([a, b]).double() for a, b in ((out.chosen_logps, out.rejected_logps),
+                                                                     (out.chosen_counts, out.rejected_counts)))
+                ref = None if out.ref_chosen_logps is None else torch.cat([out.ref_chosen_logps, out.ref_rejected_logps]).double()
+                coef = sequence_coefficients(get_loss(loss_type), params, lp, cnt, ref)[3]  # dl_i / dlogp_s
+                c_head = head_ghost_dots(hidden.detach(), weight, bias, ctx.labels, coef, direction[head.weight],
+                                         direction.get(head.bias) if head.bias is not None else None, bsz, backend=backend,
+                                         # the host's labels: prompt/padding rows dropped on CUDA too, no sync
+                                         host_labels=batch["labels"] if batch["labels"].device.type == "cpu" else None)
+            (g_h,) = torch.autograd.grad(out.loss, h_leaf)
         # the hooks need the activations' gradients only: back to the first layer, and no parameter
         # gradient is written (hidden.backward would fill every p.grad, only for it to be discarded)
-        first = _first_trainable(model)
-        if first is not None and not _reentrant_checkpointing(model):  # reentrant checkpoints refuse autograd.grad
+        if grad_path:  # reentrant checkpoints refuse autograd.grad
             torch.autograd.grad(hidden, [first], g_h, allow_unused=True)
+            after_backward()
+        elif is_zero3_partitioned(model):
+            raise RuntimeError("MetaLearner: the ghost pass on a ZeRO-3 policy needs a trained input embedding and "
+                               "non-reentrant gradient checkpointing (a backward into p.grad would reach ZeRO's partitions)")
         else:
+            saved = [p.grad for p in model.parameters()]
             hidden.backward(g_h)
+            for p, g in zip(model.parameters(), saved):  # the hooks' backward must not leak into the training step
+                p.grad = g
     missing = [names.get(id(p), "?") for p in gd.uncovered(direction) if p is not head.weight and p is not head.bias]
     if missing:
         raise GhostCoverageError(f"no ghost formula covers these parameters: {missing}")
-    c = gd.c
-    if head.weight in direction:
-        lp, cnt = (torch.cat([a, b]).double() for a, b in ((out.chosen_logps, out.rejected_logps),
-                                                             (out.chosen_counts, out.rejected_counts)))
-        ref = None if out.ref_chosen_logps is None else torch.cat([out.ref_chosen_logps, out.ref_rejected_logps]).double()
-        coef = sequence_coefficients(get_loss(loss_type), params, lp, cnt, ref)[3]  # dl_i / dlogp_s
-        c = c + head_ghost_dots(hidden.detach(), head.weight.detach(), None if head.bias is None else head.bias.detach(),
-                                ctx.labels, coef, direction[head.weight], direction.get(head.bias) if head.bias is not None else None,
-                                bsz, backend=backend,  # the host's labels: prompt/padding rows dropped on CUDA too, no sync
-                                host_labels=batch["labels"] if batch["labels"].device.type == "cpu" else None)
-    for p in model.parameters():  # the hooks' backward must not leak into the training step
-        p.grad = None
-    return c
+    return gd.c if c_head is None else gd.c + c_head
 
 
 def adam_preconditioned(direction: dict, optimizer: torch.optim.Optimizer, inplace: bool = False) -> dict:
@@ -258,38 +291,60 @@ class MetaLearner:
             raise ValueError(f"MetaLearner: preconditioner must be 'none' or 'adam', got {preconditioner!r}")
         self.preconditioner, self.inner_optimizer = preconditioner, inner_optimizer
         self.updates = 0
+        # called before each of the meta pass's forwards and after each of its backwards: under ZeRO-3
+        # the trainer restarts the fetch trace, then releases what the backward left gathered
+        self.before_forward: Callable[[], None] = lambda: None
+        self.after_backward: Callable[[], None] = lambda: None
 
     # -- the meta-gradient direction ------------------------------------------------------------
     def meta_gradient(self, model: nn.Module, val_batch: dict, ref_model=None) -> tuple[dict, dict]:
-        """``{param: grad L_meta}`` on the (global) validation batch, and diagnostics."""
+        """``{param: grad L_meta}`` on the (global) validation batch, and diagnostics.
+
+        The gradients come from ``torch.autograd.grad`` (no ``p.grad`` written, no gradient hook of
+        DeepSpeed fired), so this runs on a ZeRO-3-partitioned policy too: its layers are gathered
+        by ZeRO's own hooks, the LM head (which the fused loss reads directly) is gathered here
+        after the decoder forward, and ZeRO's accumulated gradient partitions are not touched. The
+        result holds the full gradient of every parameter: the meta pass's one model-sized set."""
         device = next(model.parameters()).device
         ctx = _BatchInputs(model, ref_model, val_batch, device)
         val_name, margin_name = meta_objective_losses(self.loss_type, self.val_objective)
         kw = dict(**self.params.kwargs(), compute_kl=False, backend=self.backend)
-        for p in model.parameters():
-            p.grad = None
+        params = [p for p in model.parameters() if p.requires_grad]
+        reentrant = _reentrant_checkpointing(model)
+        if reentrant and is_zero3_partitioned(model):
+            raise RuntimeError("MetaLearner: reentrant gradient checkpointing on a ZeRO-3 policy; enable it with "
+                               "gradient_checkpointing_kwargs={'use_reentrant': False} (the trainer does)")
+        self.before_forward()
         hidden = last_hidden_states(model, ctx.ids, ctx.mask, plan=ctx.plan)
         b_local = hidden.shape[0] // 2
         world = world_size()
-        # L_val = mean over the global batch of sigma(-z) or -log sigma(z): each rank's mean, averaged over ranks
-        val = fused_linear_preference_loss(hidden, ctx.head.weight, ctx.labels, bias=ctx.head.bias, **ctx.ref_kw,
-                                           loss_type=val_name, **kw)
-        z = val.margins
-        pos = (z > 0).to(hidden.dtype)
-        n_pos = pos.sum()
-        all_reduce_sum(n_pos)
-        # lambda * L_margin = -(lambda/|P|) sum_{z>0} z over all ranks: per rank a weighted fused loss
-        # (1/b_local) sum_i w_i (-z_i) with w_i = lambda * b_local / |P| on positive pairs (rank grads are summed)
-        w_margin = pos * (b_local / n_pos.clamp(min=1)) * self.lambda_margin
-        ref_logps = None if val.ref_chosen_logps is None else (val.ref_chosen_logps, val.ref_rejected_logps)
-        margin = fused_linear_preference_loss(hidden, ctx.head.weight, ctx.labels, bias=ctx.head.bias, ref_logps=ref_logps,
-                                              sample_weights=w_margin, loss_type=margin_name, **kw)
-        total = val.loss / world + margin.loss
-        total.backward()
-        # G takes the gradient tensors themselves (no clone: one model-sized copy at the peak, not two)
-        G = {p: p.grad.detach() for p in model.parameters() if p.grad is not None}
-        for p in model.parameters():
-            p.grad = None
+        with gathered(ctx.head.parameters()):  # ZeRO-3: the head, after the decoder forward, through the backward
+            # L_val = mean over the global batch of sigma(-z) or -log sigma(z): each rank's mean, averaged over ranks
+            val = fused_linear_preference_loss(hidden, ctx.head.weight, ctx.labels, bias=ctx.head.bias, **ctx.ref_kw,
+                                               loss_type=val_name, **kw)
+            z = val.margins
+            pos = (z > 0).to(hidden.dtype)
+            n_pos = pos.sum()
+            all_reduce_sum(n_pos)
+            # lambda * L_margin = -(lambda/|P|) sum_{z>0} z over all ranks: per rank a weighted fused loss
+            # (1/b_local) sum_i w_i (-z_i) with w_i = lambda * b_local / |P| on positive pairs (rank grads are summed)
+            w_margin = pos * (b_local / n_pos.clamp(min=1)) * self.lambda_margin
+            ref_logps = None if val.ref_chosen_logps is None else (val.ref_chosen_logps, val.ref_rejected_logps)
+            margin = fused_linear_preference_loss(hidden, ctx.head.weight, ctx.labels, bias=ctx.head.bias, ref_logps=ref_logps,
+                                                  sample_weights=w_margin, loss_type=margin_name, **kw)
+            total = val.loss / world + margin.loss
+            if reentrant:  # torch's reentrant checkpoint refuses autograd.grad: p.grad, taken as G (no clone)
+                saved = [p.grad for p in params]
+                for p in params:
+                    p.grad = None
+                total.backward()
+                grads = [p.grad for p in params]
+                for p, g in zip(params, saved):
+                    p.grad = g
+            else:
+                grads = torch.autograd.grad(total, params, allow_unused=True)
+                self.after_backward()  # ZeRO-3: the leftovers released while a tied head is still gathered here
+        G = {p: g.detach() for p, g in zip(params, grads) if g is not None}
         for g in G.values():
             all_reduce_sum(g)
         l_margin = all_reduce_sum(-(z * pos).sum())
@@ -328,7 +383,8 @@ class MetaLearner:
             G, diag = self.meta_gradient(model, val_batch, ref_model)
             if self.preconditioner == "adam":  # c_i = <g_meta, P g_i> = <P g_meta, g_i> (P diagonal): G scaled in place
                 G = adam_preconditioned(G, self.inner_optimizer, inplace=True)
-            c = torch.cat([pair_gradient_dots(model, b, G, self.loss_type, self.params, ref_model, self.backend)
+            c = torch.cat([pair_gradient_dots(model, b, G, self.loss_type, self.params, ref_model, self.backend,
+                                              before_forward=self.before_forward, after_backward=self.after_backward)
                            for b in batches])
         if features.shape[0] != c.shape[0]:
             raise ValueError(f"MetaLearner: {features.shape[0]} feature rows for {c.shape[0]} training pairs")

@@ -38,6 +38,26 @@ def _is_norm(m: nn.Module) -> bool:
             and set(own) <= {"weight", "bias"})
 
 
+@torch.no_grad()
+def _normalised(m: nn.Module, x: torch.Tensor, like_w: torch.Tensor, like_b: Optional[torch.Tensor]) -> torch.Tensor:
+    """``xhat``: the norm's output with weight 1 and bias 0, computed exactly by its own forward.
+    The parameters are swapped for constants shaped like the direction's (under ZeRO-3 the module's
+    own are partitioned outside its forward) and ``forward`` is called directly, so no module hook
+    (ZeRO's gather among them) runs."""
+    swap = {"weight": torch.ones(like_w.shape, dtype=like_w.dtype, device=x.device)}
+    if getattr(m, "bias", None) is not None:
+        shape = like_b.shape if like_b is not None else like_w.shape
+        swap["bias"] = torch.zeros(shape, dtype=like_w.dtype, device=x.device)
+    saved = {k: m._parameters[k] for k in swap}
+    try:
+        for k, v in swap.items():
+            m._parameters[k] = v
+        return m.forward(x)
+    finally:
+        for k, v in saved.items():
+            m._parameters[k] = v
+
+
 class GhostDots:
     """Context manager: hooks on the model's modules accumulate ``c (B,)`` during one backward.
 
@@ -101,11 +121,7 @@ class GhostDots:
         return (self.G[m.weight].to(b.dtype)[ids] * b).sum(-1)
 
     def _norm(self, m: nn.Module, x: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        params = {"weight": torch.ones_like(m.weight)}
-        if getattr(m, "bias", None) is not None:
-            params["bias"] = torch.zeros_like(m.bias)
-        with torch.no_grad():
-            xhat = torch.func.functional_call(m, params, (x,))
+        xhat = _normalised(m, x, self.G[m.weight], self.G.get(getattr(m, "bias", None)))
         out = (b * xhat * self.G[m.weight].to(b.dtype)).sum(-1)
         if getattr(m, "bias", None) is not None and m.bias in self.G:
             out = out + b @ self.G[m.bias].to(b.dtype)

@@ -186,14 +186,33 @@ def gathered(params):
     return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
 
 
-@torch.no_grad()
-def copy_full_into(model: nn.Module, replica: nn.Module) -> nn.Module:
-    """``replica`` (a plain module of ``model``'s architecture) takes ``model``'s full parameter
-    values, gathered first under ZeRO-3 (collective); returns ``replica``."""
-    with gathered(model.parameters()):
-        for r, p in zip(replica.parameters(), model.parameters()):
-            r.copy_(p)
-    return replica
+def _zero3_coordinator(engine):
+    """ZeRO-3's parameter coordinator of a DeepSpeed ``engine``, or None for other stages."""
+    opt = getattr(engine, "optimizer", None)
+    offload = getattr(opt, "parameter_offload", opt)  # stage-3 optimiser, or the optimiser-free engine's DeepSpeedZeRoOffload
+    return offload.get_param_coordinator() if hasattr(offload, "get_param_coordinator") else None
+
+
+def reset_zero3_trace(engine) -> None:
+    """Start of a forward for ZeRO-3's parameter coordinator (no-op for other stages). DeepSpeed
+    does this in a forward pre-hook of the engine's root module; the trainer and the meta pass
+    call the decoder (a submodule) directly, so without this the fetch trace is never completed
+    and nothing is prefetched."""
+    coord = _zero3_coordinator(engine)
+    if coord is not None:
+        coord.reset_step()
+
+
+def release_zero3_leftovers(engine) -> None:
+    """End of a backward that did not go through ``engine.backward`` (the meta pass's
+    ``autograd.grad``): release the parameters of modules whose post-backward hook never fired (the
+    input embedding, whose input needs no gradient), as DeepSpeed's backward epilogue does; else a
+    later ``GatheredParameters`` exit finds them still active. No-op for other stages (and for
+    DeepSpeed versions without it, which did not check)."""
+    coord = _zero3_coordinator(engine)
+    release = getattr(coord, "release_backward_leftovers", None)
+    if release is not None:
+        release()
 
 
 def is_checkpointed(model: nn.Module) -> bool:
@@ -202,26 +221,6 @@ def is_checkpointed(model: nn.Module) -> bool:
         if hasattr(type(model), name):
             return bool(getattr(model, name))
     return False
-
-
-def full_replica(model: nn.Module, device: torch.device) -> nn.Module:
-    """The meta-update's full replica of the policy (its values are copied in before each use): a
-    deep copy, or for a ZeRO-3-partitioned policy a full model of its architecture built without
-    initialisation (no random numbers drawn)."""
-    if not is_zero3_partitioned(model):
-        return copy.deepcopy(model)
-    from transformers.initialization import no_init_weights
-
-    with no_init_weights():
-        r = type(model)(copy.deepcopy(model.config))
-    r.tie_weights()  # skipped with the initialisation
-    r = r.to(next(model.parameters()).dtype)
-    if is_checkpointed(model):
-        r.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    with torch.no_grad():
-        for a, b in zip(model.buffers(), r.buffers()):
-            b.copy_(a)
-    return r.to(device)
 
 
 @torch.no_grad()

@@ -69,9 +69,11 @@ class Trainer:
         self.grad_accum = t.resolved_grad_accum(dist.world_size)
         self.total_steps = t.max_steps if t.max_steps is not None else self.sampler.batches_per_epoch // self.grad_accum * t.epochs
         with outputs.phase("setting up " + ("DeepSpeed" if uses_deepspeed(cfg, dist.world_size) else "the optimiser"), main):
-            par = build_engine(cfg, dist, self.model, models.ref, models.ref_placement, lr_schedule(cfg, self.total_steps),
-                               with_replica=learned)
-        self.eng, self.model, self.ref, self.ref_placement, self.meta_replica = par.eng, par.model, par.ref, par.ref_placement, par.meta_replica
+            par = build_engine(cfg, dist, self.model, models.ref, models.ref_placement, lr_schedule(cfg, self.total_steps))
+        self.eng, self.model, self.ref, self.ref_placement = par.eng, par.model, par.ref, par.ref_placement
+        if self.meta is not None:  # the meta pass runs on the engine's module (ZeRO-3: partitioned, gathered per layer)
+            self.meta.before_forward = self.eng.reset_fetch_trace
+            self.meta.after_backward = self.eng.release_leftovers
         if self.meta_net is not None and self.meta_net.normalize == "batch_mean" and not isinstance(self.eng, PlainEngine):
             self.eng.check_step_normalisation()  # what the engine cannot scale is refused before step 1
         if self.meta is not None and self.meta.preconditioner == "adam":  # the config refuses it with DeepSpeed
@@ -213,16 +215,10 @@ class Trainer:
         if grad_scale is not None:
             for k in ("loss", "metapo/weight_mean", "metapo/weight_std"):
                 metrics[k] = metrics[k] * grad_scale
-        meta_s = 0.0  # meta-update time in this step (the replica copy included), not training time
+        meta_s = 0.0  # meta-update time in this step, not training time
         if finite:
             if meta:
-                if self.meta_replica is not None:
-                    t_copy = time.perf_counter()
-                    self.eng.full_copy_into(self.meta_replica)  # theta_t: DeepSpeed's step is not taken yet
-                    copy_s = time.perf_counter() - t_copy
-                    self.counters["meta_time_s"] += copy_s
-                    meta_s += copy_s
-                meta_s += self._meta_update(micro)
+                meta_s += self._meta_update(micro)  # theta_t: the optimiser step is not taken yet
             if self.meta_net is not None:  # the step's features join the statistics after the step used them
                 self.meta_net.update_stats(torch.cat([f for _, f in micro]))
             self.eng.step()
@@ -318,12 +314,13 @@ class Trainer:
 
     def _meta_update(self, micro: list) -> float:
         """Move phi by one meta-update at theta_t (before this step's optimiser step), with the
-        lookahead over every micro-batch of the step. Under DeepSpeed it runs on the full replica
-        copied before the last micro-step; on the plain engine on the model itself, with the step's
-        accumulated gradients set aside. Returns its wall time; diagnostics go to ``self.meta_log``."""
+        lookahead over every micro-batch of the step, on the policy itself (under DeepSpeed its
+        module, ZeRO-3-partitioned or not: the meta pass writes no ``p.grad`` and fires no ZeRO
+        gradient hook, so the step's accumulated gradients are untouched; on the plain engine they
+        are set aside all the same). Returns its wall time; diagnostics go to ``self.meta_log``."""
         t0 = time.perf_counter()
         batches, feats = [b for b, _ in micro], torch.cat([f for _, f in micro])
-        model = self.meta_replica if self.meta_replica is not None else self.model
+        model = self.model
         params = list(model.parameters())
         grads = [p.grad for p in params]  # the step's gradients: the meta-update's backward must not touch them
         for p in params:

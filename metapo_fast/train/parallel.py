@@ -6,8 +6,8 @@ gloo on CPU).
 The trainer talks to both through the same small interface: ``module`` (for the forward),
 ``head_gathered()`` (the LM head's full weight for the fused loss, which reads it directly
 instead of calling the head module; kept gathered through the backward so the gradient reaches
-a full-size parameter), ``backward``, ``step``, ``save`` / ``load`` and ``full_copy_into`` (the
-full parameters, for the meta-update's replica).
+a full-size parameter), ``backward``, ``step``, ``save`` / ``load`` and ``reset_fetch_trace`` (before the meta
+pass's forwards, which run on the same module).
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..comm import world_size
-from ..models.hf import copy_full_into, gathered, lm_head_of
+from ..models.hf import gathered, lm_head_of, release_zero3_leftovers, reset_zero3_trace
 
 __all__ = ["DistInfo", "init_distributed", "destroy", "uses_deepspeed", "zero3_planned", "PlainEngine", "DeepSpeedEngine",
            "ShardedReference"]
@@ -88,16 +88,6 @@ def zero3_planned(cfg, world_size: int) -> bool:
     return ds.get("zero_optimization", {}).get("stage", 0) == 3
 
 
-def _reset_zero3_trace(engine) -> None:
-    """Start of a forward for ZeRO-3's parameter coordinator. DeepSpeed does this in a forward
-    pre-hook of the engine's root module, but the trainer calls the decoder (a submodule)
-    directly, so without this the fetch trace is never completed and nothing is prefetched."""
-    opt = engine.optimizer
-    offload = getattr(opt, "parameter_offload", opt)  # stage-3 optimiser, or the optimiser-free engine's DeepSpeedZeRoOffload
-    if hasattr(offload, "get_param_coordinator"):
-        offload.get_param_coordinator().reset_step()
-
-
 class PlainEngine:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, max_grad_norm: Optional[float]):
         self.module, self.optimizer, self.scheduler, self.max_grad_norm = model, optimizer, scheduler, max_grad_norm
@@ -157,8 +147,11 @@ class PlainEngine:
         if is_main:
             self.module.save_pretrained(path)
 
-    def full_copy_into(self, replica: nn.Module) -> nn.Module:
-        return self.module  # parameters are already full: the meta-update uses the model itself
+    def reset_fetch_trace(self) -> None:  # nothing is fetched: parameters are whole
+        pass
+
+    def release_leftovers(self) -> None:
+        pass
 
 
 class DeepSpeedEngine:
@@ -229,7 +222,13 @@ class DeepSpeedEngine:
         if isinstance(self.engine.optimizer, ZeROOptimizer):
             self.engine.optimizer.clear_backward_seen_flag()  # idempotent until the next backward
         if self.zero3:
-            _reset_zero3_trace(self.engine)
+            reset_zero3_trace(self.engine)
+
+    def release_leftovers(self) -> None:
+        """After a backward that is not ``engine.backward`` (the meta pass's): ZeRO-3 releases what
+        it left gathered, as DeepSpeed's backward epilogue does."""
+        if self.zero3:
+            release_zero3_leftovers(self.engine)
 
     def head_gathered(self):
         return gathered(lm_head_of(self.module).parameters())
@@ -397,9 +396,17 @@ class DeepSpeedEngine:
                 state = {k: v.detach().clone() for k, v in self.module.state_dict().items() if k not in tied}
                 self.module.save_pretrained(path, state_dict=state)
 
-    def full_copy_into(self, replica: nn.Module) -> nn.Module:
-        """Copy the full (gathered) parameters into ``replica`` (a plain module) and return it."""
-        return copy_full_into(self.module, replica)
+    def reset_fetch_trace(self) -> None:
+        """ZeRO-3's fetch trace restarted, for a forward that is not a training micro-batch's (the
+        meta pass's): unlike :meth:`begin_forward` it does not count a micro-step."""
+        if self.zero3:
+            reset_zero3_trace(self.engine)
+
+    def release_leftovers(self) -> None:
+        """After a backward that is not ``engine.backward`` (the meta pass's): ZeRO-3 releases what
+        it left gathered, as DeepSpeed's backward epilogue does."""
+        if self.zero3:
+            release_zero3_leftovers(self.engine)
 
 
 class ShardedReference:
@@ -434,7 +441,7 @@ class ShardedReference:
         return cfg
 
     def begin_forward(self) -> None:
-        _reset_zero3_trace(self.engine)
+        reset_zero3_trace(self.engine)
 
     def head(self):
         return gathered(lm_head_of(self.module).parameters())

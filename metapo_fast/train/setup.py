@@ -18,7 +18,7 @@ from torch import nn
 
 from ..config import MetaPOConfig
 from ..data import PreferenceCollator, PreferenceDataset, TokenizedPairs, build_datasets, load_preference_data
-from ..models.hf import (compute_device, copy_partitions, full_replica, is_checkpointed, is_zero3_partitioned,
+from ..models.hf import (compute_device, copy_partitions, is_checkpointed, is_zero3_partitioned,
                          last_hidden_states, lm_head_of)
 
 log = logging.getLogger(__name__)
@@ -468,16 +468,14 @@ class Parallel:
     ref_placement: str
     ref_head: Callable = contextlib.nullcontext  # gathers the reference head where it is sharded (ZeRO-3)
     ref_begin_forward: Callable = lambda: None  # (ZeRO-3) resets the sharded reference's fetch trace
-    meta_replica: Optional[nn.Module] = None
 
 
 def build_engine(cfg: MetaPOConfig, dist, model: nn.Module, ref: Optional[nn.Module], ref_placement: str,
-                 lr_fn: Callable[[int], float], with_replica: bool) -> Parallel:
+                 lr_fn: Callable[[int], float]) -> Parallel:
     """Plain PyTorch (AdamW or SGD, LambdaLR) on one process without ``train.deepspeed``; otherwise
     DeepSpeed (the bundled configs/zero3.json by default). Under ZeRO-3 the reference is sharded
-    like the policy (``parallel.ShardedReference``). The meta-update's replica (``with_replica``)
-    stays a full copy per rank, refreshed from the gathered parameters every K steps: it costs one
-    model's memory per rank."""
+    like the policy (``parallel.ShardedReference``). The meta-update runs on the engine's module
+    itself (no replica: ``metapo.bilevel``)."""
     from .parallel import DeepSpeedEngine, PlainEngine, ShardedReference, uses_deepspeed
 
     t = cfg.train
@@ -493,9 +491,8 @@ def build_engine(cfg: MetaPOConfig, dist, model: nn.Module, ref: Optional[nn.Mod
         raise ValueError(f"train.optimizer={t.optimizer!r}: the DeepSpeed path supports adamw only")
     _default_deepspeed(cfg)
     ds_cfg = deepspeed_config(cfg, dist.world_size, hidden_size=model.config.hidden_size)
-    replica = full_replica(model, dist.device) if with_replica else None
     eng = DeepSpeedEngine(model, ds_cfg, t.lr, t.weight_decay, lr_fn)
-    par = Parallel(eng, eng.module, ref, ref_placement, meta_replica=replica)
+    par = Parallel(eng, eng.module, ref, ref_placement)
     if ref is not None and eng.zero3:
         sharded = getattr(ref, "_metapo_sharded_ref", None) or ShardedReference(ref, ds_cfg, cfg.model.ref_offload_cpu)
         par.ref, par.ref_head, par.ref_begin_forward = sharded.module, sharded.head, sharded.begin_forward
