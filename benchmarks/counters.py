@@ -64,7 +64,7 @@ _GEMMS = {_aten.mm.default, _aten.addmm.default, _aten.bmm.default, _aten.baddbm
 _SYNCS = {_aten._local_scalar_dense.default, _aten.nonzero.default, _aten.masked_select.default,
           _aten.is_nonzero.default, _aten.equal.default, _aten.repeat_interleave.Tensor}
 _CPU_ONLY_FRAMES = {"_check_inputs", "_check", "rows_of", "_compact_rows",  # guarded by device == cpu / compact;
-                    "_check_label_values"}  # _compact_rows: the host-side row layout
+                    "check_label_values"}  # _compact_rows: the host-side row layout
 
 
 def _custom_bodies() -> dict:

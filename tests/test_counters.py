@@ -104,3 +104,17 @@ def test_ghost_pass_on_the_cuda_rule_costs_4_nhv_with_the_host_labels(rows):
     bare = _row(rows, "ghost", "ghost", "bare", 16)
     assert bare["flops_per_n_loss_hv"] == pytest.approx(4.0 * bare["rows"] / bare["n_loss"], rel=0.02)
     assert bare["flops_per_n_loss_hv"] > 5.0
+
+
+def test_ghost_pass_at_most_20_aten_ops_per_chunk(rows):
+    """Issue #14: the meta-update's LM-head ghost pass, every overhead of the call included: its rows,
+    targets, coefficients and pairs gathered once, then six ops per chunk (two GEMMs, the epilogue's
+    forward and backward, a product, a row sum) and one index_add at the end (25-30 before; ~40
+    fixed ops per call)."""
+    ghost = {(r["row_rule"], r["T"]): r for r in rows if r["what"] == "ghost"}
+    for rule in {k[0] for k in ghost}:
+        short, long = ghost[rule, 16], ghost[rule, 64]  # 1-2 chunks at T_llama 256, 5-8 at 1k
+        assert long["chunks"] >= 4 and long["aten_ops_per_chunk"] <= 20, long
+        marginal = (long["aten_ops"] - short["aten_ops"]) / (long["chunks"] - short["chunks"])
+        assert marginal <= 8, (marginal, short, long)
+        assert short["host_syncs"] == long["host_syncs"] == 0, (short, long)

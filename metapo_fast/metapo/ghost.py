@@ -19,10 +19,11 @@ from __future__ import annotations
 from typing import Callable, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..ops.chunking import ChunkSchedule, compact_rows, host_label_mask
-from ..ops.lce_epilogue import lce_epilogue_backward_, lce_epilogue_forward
+from ..ops.lce_epilogue import check_label_values, compute_dtype, lce_epilogue_backward_, lce_epilogue_forward
 
 __all__ = ["GhostCoverageError", "GhostDots", "head_ghost_dots"]
 
@@ -145,26 +146,32 @@ def head_ghost_dots(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[t
     ``host_labels``: the CPU copy of ``labels`` (the collated batch before its copy to the GPU), as
     the fused loss takes it: on CUDA the unlabelled rows are then dropped too, with the row indices
     computed on the host (no sync), so the two GEMMs cost 4 N_loss H V instead of 4 N H V.
+
+    The rows' hidden states, targets, coefficients and pairs are gathered once for all chunks
+    (``N x H``, hidden-sized); a chunk is then six ops: two GEMMs, the epilogue's forward and
+    backward, one product and one row sum into its slice of the per-row dots, which one
+    ``index_add`` sums into the pairs at the end.
     """
     n2, t, h = hidden.shape
     flat_h, flat_l = hidden.reshape(-1, h), labels.reshape(-1)
     mask = flat_l != ignore_index
-    targets = torch.where(mask, flat_l, torch.zeros_like(flat_l))
     compact = compact_rows(hidden.device) if compact is None else compact
     host_mask = host_label_mask(labels, host_labels, ignore_index)
     schedule = ChunkSchedule(mask, n2, t, rows_per_chunk, compact=compact, host_mask=host_mask)
-    c = torch.zeros(num_pairs, dtype=torch.float64, device=hidden.device)
-    for ch in schedule.token_chunks():
-        x = flat_h.index_select(0, ch.rows)
-        logits = x @ weight.t() if bias is None else torch.addmm(bias, x, weight.t())
-        tgt = targets.index_select(0, ch.rows)
-        lse = lce_epilogue_forward(logits, tgt, backend=backend)[0]
-        coef = coef_seq[ch.seq].to(lse.dtype) * mask.index_select(0, ch.rows).to(lse.dtype)
-        lce_epilogue_backward_(logits, lse, tgt, coef, backend=backend)  # logits <- dl/dlogits
-        u = x @ G_w.to(x.dtype).t()
-        if G_b is not None:
-            u = u + G_b.to(u.dtype)
+    rows, seq = schedule.token_rows()
+    cd = compute_dtype(hidden.dtype)
+    x_all = flat_h.index_select(0, rows)
+    tgt_all = torch.where(mask, flat_l, 0).index_select(0, rows)
+    if tgt_all.device.type == "cpu":  # once for every chunk (the C++ epilogue indexes with them)
+        check_label_values(tgt_all, weight.shape[0], ignore_index)
+    coef_all = coef_seq.to(cd).index_select(0, seq) * mask.index_select(0, rows).to(cd)  # 0 on unlabelled rows
+    dots = torch.empty(rows.numel(), dtype=torch.float64, device=hidden.device)  # per row
+    G_w = G_w.to(x_all.dtype)
+    G_b = None if G_b is None else G_b.to(x_all.dtype)
+    for i, (x, tgt, cf, out) in enumerate(zip(*(a.split(schedule.rows_per_chunk) for a in (x_all, tgt_all, coef_all, dots)))):
+        logits = F.linear(x, weight, bias)
+        lse = lce_epilogue_forward(logits, tgt, backend=backend, validate=False)[0]
+        lce_epilogue_backward_(logits, lse, tgt, cf, backend=backend, validate=False)  # logits <- dl/dlogits
         # in place into the chunk's own logits buffer, summed in float64: no [rows, V] float64 copies
-        # (two of them, 8 bytes x rows x V each, before)
-        c.index_add_(0, ch.seq % num_pairs, logits.mul_(u.to(logits.dtype)).sum(-1, dtype=torch.float64))
-    return c
+        torch.sum(logits.mul_(F.linear(x, G_w, G_b)), -1, dtype=torch.float64, out=out)
+    return torch.zeros(num_pairs, dtype=torch.float64, device=hidden.device).index_add_(0, seq % num_pairs, dots)

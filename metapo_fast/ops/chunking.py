@@ -233,12 +233,12 @@ class ChunkSchedule:
         per_seq = per_seq.numpy().tolist() if per_seq.device.type == "cpu" else per_seq.tolist()
         return rows[keep], cols[keep], per_seq
 
-    def token_chunks(self) -> list[Chunk]:
-        """Blocks of at most ``rows_per_chunk`` rows over all sequences (per-token work that needs
-        no pair grouping: the ghost pass)."""
-        all_rows = self.rows_of(torch.arange(self.b2, device=self._where))
-        return [Chunk(self.to_device(rows), self.to_device(torch.div(rows, self.t, rounding_mode="floor")))
-                for rows in all_rows.split(self.rows_per_chunk)]
+    def token_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every row the rule keeps, over all sequences in order, and its sequence: ``(rows, seq)``
+        on the device, computed where the rule's mask lives (no sync). Per-token work that needs no
+        pair grouping (the ghost pass) takes them in blocks of at most ``rows_per_chunk``."""
+        rows = self.rows_of(torch.arange(self.b2, device=self._where))
+        return self.to_device(rows), self.to_device(torch.div(rows, self.t, rounding_mode="floor"))
 
 
 def pair_rows_on_device(rows: int, seq_len: int, vocab: int, itemsize: int, with_reference: bool,

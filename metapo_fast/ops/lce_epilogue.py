@@ -15,7 +15,7 @@ import torch
 
 from .dispatch import resolve_backend
 
-__all__ = ["compute_dtype", "lce_epilogue_forward", "lce_epilogue_backward_", "lce_epilogue_forward_ref",
+__all__ = ["check_label_values", "compute_dtype", "lce_epilogue_forward", "lce_epilogue_backward_", "lce_epilogue_forward_ref",
            "lce_epilogue_backward_ref_"]
 
 _OP = "lce_epilogue"
@@ -73,6 +73,15 @@ def lce_epilogue_backward_ref_(
     grad.mul_(coef.to(cd).unsqueeze(-1))
     logits.copy_(grad)
     return logits
+
+
+def check_label_values(labels: torch.Tensor, v: int, ignore_index: int) -> None:
+    """Every label is ``ignore_index`` or in ``[0, V)`` (CPU tensors: the C++ epilogue indexes with them)."""
+    bad = ((labels != ignore_index) & ((labels < 0) | (labels >= v))).nonzero()
+    if bad.numel():
+        idx = bad[0].tolist()
+        raise ValueError(f"labels[{', '.join(map(str, idx))}] = {int(labels[tuple(idx)])} is outside [0, V={v}) and is not "
+                         f"ignore_index={ignore_index}")
 
 
 def _check(logits: torch.Tensor, targets: torch.Tensor, ref_logits: Optional[torch.Tensor] = None,

@@ -32,7 +32,7 @@ from torch import nn
 from .chunking import DEFAULT_CHUNK_BYTES, ChunkSchedule, compact_rows, host_label_mask, pair_rows_on_device
 from .dispatch import BACKENDS
 from ..losses import LossParams, PairBatch, get_loss, sequence_coefficients
-from .lce_epilogue import compute_dtype, lce_epilogue_backward_, lce_epilogue_forward
+from .lce_epilogue import check_label_values, compute_dtype, lce_epilogue_backward_, lce_epilogue_forward
 
 __all__ = ["PreferenceLossOutput", "fused_linear_preference_loss", "fused_sequence_logps", "FusedLinearPreferenceLoss",
            "DEFAULT_CHUNK_BYTES"]
@@ -172,15 +172,6 @@ class _LazyPairStats(PreferenceLossOutput):
         return f"_LazyPairStats(group={self._src[1]})"
 
 
-def _check_label_values(labels: torch.Tensor, v: int, ignore_index: int) -> None:
-    """Every label is ``ignore_index`` or in ``[0, V)`` (CPU tensors: the C++ epilogue indexes with them)."""
-    bad = ((labels != ignore_index) & ((labels < 0) | (labels >= v))).nonzero()
-    if bad.numel():
-        idx = bad[0].tolist()
-        raise ValueError(f"labels[{', '.join(map(str, idx))}] = {int(labels[tuple(idx)])} is outside [0, V={v}) and is not "
-                         f"ignore_index={ignore_index}")
-
-
 class _Chunker:
     """The fused loss's loop over :class:`~.chunking.PairLayout`. Per-sequence statistics live in
     ``S (2B, K)`` in layout order (columns: log-prob, reference log-prob if computed, KL if
@@ -200,7 +191,7 @@ class _Chunker:
         self.weight, self.bias, self.ref_weight, self.ref_bias = weight, bias, ref_weight, ref_bias
         self.labels = labels.reshape(-1)
         if labels.device.type == "cpu":  # the C++ epilogue indexes with them
-            _check_label_values(labels, self.v, ignore_index)
+            check_label_values(labels, self.v, ignore_index)
         self.mask = self.labels != ignore_index
         self.targets = torch.where(self.mask, self.labels, 0)
         self.spec, self.params, self.backend = spec, params, backend
