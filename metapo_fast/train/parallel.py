@@ -224,12 +224,6 @@ class DeepSpeedEngine:
         if self.zero3:
             reset_zero3_trace(self.engine)
 
-    def release_leftovers(self) -> None:
-        """After a backward that is not ``engine.backward`` (the meta pass's): ZeRO-3 releases what
-        it left gathered, as DeepSpeed's backward epilogue does."""
-        if self.zero3:
-            release_zero3_leftovers(self.engine)
-
     def head_gathered(self):
         return gathered(lm_head_of(self.module).parameters())
 
