@@ -419,6 +419,27 @@ def test_step_gradient_is_the_lookahead_per_unit_eta_plus_the_entropy_term():
     assert entropy.abs().max() > 1e-4 and lookahead.abs().max() > 0
 
 
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_meta_update_leaves_the_steps_gradients_untouched(checkpointing):
+    """The trainer and the TRL integration call MetaLearner.step between the step's backwards and its
+    optimiser step without setting p.grad aside: neither meta backward may write, replace or clear a
+    parameter's gradient (non-reentrant checkpointing, as the trainer enables it, and without)."""
+    model, ref = policy_and_reference(False)
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    grads = {p: (torch.randn_like(p),) for p in model.parameters()}
+    grads = {p: (g, g.clone()) for p, (g,) in grads.items()}
+    for p, (g, _) in grads.items():
+        p.grad = g
+    learner = MetaLearner(MetaWeightNet().double(), lr=0.01, inner_lr=1e-3, loss_params=PARAMS, backend="torch")
+    learner.step(model, [make_batch(3), make_batch(4)], make_batch(5), torch.randn(2 * B, 6, dtype=torch.float64), ref_model=ref)
+    assert learner.updates == 1
+    for p, (g, v) in grads.items():
+        assert p.grad is g and p.requires_grad  # the same tensor, and the ghost pass's freeze undone
+        assert torch.equal(g, v)  # its values: nothing accumulated into it
+
+
 def test_meta_gradient_holds_one_model_sized_copy():
     """#15 item 3: the validation backward's gradients become g_meta without a copy. Peak bytes of the
     tensors the meta-gradient creates, in units of the model's parameter bytes, on a model whose

@@ -43,7 +43,7 @@ from ..ops.preference_loss import fused_linear_preference_loss
 from ..losses import LossParams
 from ..metapo.bilevel import MetaLearner
 from ..metapo.weight_net import MetaWeightNet
-from ..models.hf import (gathered, is_zero3_partitioned, release_zero3_leftovers, reset_zero3_trace, last_hidden_states, lm_head_of, reference_head_inputs,
+from ..models.hf import (gathered, release_zero3_leftovers, reset_zero3_trace, last_hidden_states, lm_head_of, reference_head_inputs,
                          reference_hidden_states)
 from ..metapo.tracker import TemporalTracker
 
@@ -250,21 +250,14 @@ class MetaPOTrainer(DPOTrainer):
                 out["ref_logps"] = b["ref_logps"]
             return out
 
-        if is_zero3_partitioned(unwrapped):
-            # on the partitioned policy: the meta pass writes no p.grad (ZeRO's gradient partitions of the
-            # step stay as they are); its decoder forwards restart ZeRO-3's fetch trace, as the engine's would
-            engine = getattr(self, "deepspeed", None)
-            self.metapo_learner.before_forward = (lambda: reset_zero3_trace(engine)) if engine is not None else (lambda: None)
-            self.metapo_learner.after_backward = (lambda: release_zero3_leftovers(engine)) if engine is not None else (lambda: None)
-            with self._gathered(self.ref_model):  # the validation batch's reference pass reads its head
-                diag = self.metapo_learner.step(unwrapped, to_batch(inputs), to_batch(val), feats, ref_model=self.ref_model)
-        else:
-            saved = [p.grad for p in unwrapped.parameters()]  # keep the accumulated training gradients intact
-            for p in unwrapped.parameters():
-                p.grad = None
+        # on the policy itself, ZeRO-3-partitioned or not: the meta pass writes no p.grad (the step's accumulated
+        # gradients, ZeRO's partitions included, stay as they are); under ZeRO-3 its decoder forwards restart the
+        # fetch trace and its backwards release what they left gathered, as the engine's own would (no-ops otherwise)
+        engine = getattr(self, "deepspeed", None)
+        self.metapo_learner.before_forward = lambda: reset_zero3_trace(engine)
+        self.metapo_learner.after_backward = lambda: release_zero3_leftovers(engine)
+        with self._gathered(self.ref_model):  # the validation batch's reference pass reads its head (ZeRO-3)
             diag = self.metapo_learner.step(unwrapped, to_batch(inputs), to_batch(val), feats, ref_model=self.ref_model)
-            for p, g in zip(unwrapped.parameters(), saved):
-                p.grad = g
         m = self._metrics["train"]
         for name, v in self.metapo_net.coefficients().items() if self.metapo_net.arch == "linear" else []:
             m[f"metapo/coef/{name}"].append(v)

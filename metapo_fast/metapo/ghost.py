@@ -168,7 +168,7 @@ def head_ghost_dots(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[t
     dots = torch.empty(rows.numel(), dtype=torch.float64, device=hidden.device)  # per row
     G_w = G_w.to(x_all.dtype)
     G_b = None if G_b is None else G_b.to(x_all.dtype)
-    for i, (x, tgt, cf, out) in enumerate(zip(*(a.split(schedule.rows_per_chunk) for a in (x_all, tgt_all, coef_all, dots)))):
+    for x, tgt, cf, out in zip(*(a.split(schedule.rows_per_chunk) for a in (x_all, tgt_all, coef_all, dots))):
         logits = F.linear(x, weight, bias)
         lse = lce_epilogue_forward(logits, tgt, backend=backend, validate=False)[0]
         lce_epilogue_backward_(logits, lse, tgt, cf, backend=backend, validate=False)  # logits <- dl/dlogits

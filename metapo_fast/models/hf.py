@@ -3,7 +3,6 @@ so the fused loss replaces the head (the model's forward never returns logits in
 from __future__ import annotations
 
 import contextlib
-import copy
 from typing import Optional
 
 import torch
@@ -187,7 +186,8 @@ def gathered(params):
 
 
 def _zero3_coordinator(engine):
-    """ZeRO-3's parameter coordinator of a DeepSpeed ``engine``, or None for other stages."""
+    """ZeRO-3's parameter coordinator of a DeepSpeed ``engine``, or None for other stages (and for
+    ``engine=None``)."""
     opt = getattr(engine, "optimizer", None)
     offload = getattr(opt, "parameter_offload", opt)  # stage-3 optimiser, or the optimiser-free engine's DeepSpeedZeRoOffload
     return offload.get_param_coordinator() if hasattr(offload, "get_param_coordinator") else None

@@ -316,20 +316,11 @@ class Trainer:
         """Move phi by one meta-update at theta_t (before this step's optimiser step), with the
         lookahead over every micro-batch of the step, on the policy itself (under DeepSpeed its
         module, ZeRO-3-partitioned or not: the meta pass writes no ``p.grad`` and fires no ZeRO
-        gradient hook, so the step's accumulated gradients are untouched; on the plain engine they
-        are set aside all the same). Returns its wall time; diagnostics go to ``self.meta_log``."""
+        gradient hook, so the step's accumulated gradients are untouched, on the plain engine too).
+        Returns its wall time; diagnostics go to ``self.meta_log``."""
         t0 = time.perf_counter()
         batches, feats = [b for b, _ in micro], torch.cat([f for _, f in micro])
-        model = self.model
-        params = list(model.parameters())
-        grads = [p.grad for p in params]  # the step's gradients: the meta-update's backward must not touch them
-        for p in params:
-            p.grad = None
-        try:
-            diag = self.meta.step(model, batches, self._val_batch(), feats, ref_model=self.ref)
-        finally:
-            for p, g in zip(params, grads):
-                p.grad = g
+        diag = self.meta.step(self.model, batches, self._val_batch(), feats, ref_model=self.ref)
         dt = time.perf_counter() - t0
         self.counters["meta_time_s"] += dt
         self.counters["meta_updates"] += 1
