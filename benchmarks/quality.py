@@ -100,6 +100,12 @@ CANDIDATES = {
     # (+0.022 over cDPO) for its losses to cDPO alone at 40% / mixed / 60 per prompt
     "metapo_on_cdpo_lr1e-3": lambda eps, warm, total: [f"loss.label_smoothing={eps}", "meta.val_objective=sigmoid",
                                                        "meta.lr=0.001"],
+    # meta-updates only from a third of the run on (meta.start_step): every weight 1 until the margins carry the
+    # signal (weights_diagnosis_detectors: AUROC 0.68 / 0.54 at step 120 vs 0.92 / 0.64 at step 480, 20% / 40% flips),
+    # so early weighting cannot starve the clean pairs of hard prompts
+    "metapo_late": lambda eps, warm, total: [f"meta.start_step={round(total / 3)}"],
+    "metapo_on_cdpo_late": lambda eps, warm, total: [f"loss.label_smoothing={eps}", "meta.val_objective=sigmoid",
+                                                     "meta.lr=0.003", f"meta.start_step={round(total / 3)}"],
     # the static filter after two thirds of the run instead of two epochs (weights_diagnosis: the margin
     # flags flipped pairs at AUROC 0.66 at step 120, 0.92 at step 480 at 20% flips)
     "static_filter_late": lambda eps, warm, total: ["meta.weighting=static_filter",

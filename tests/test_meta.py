@@ -307,6 +307,11 @@ def test_meta_learner_state_round_trip_gives_identical_next_update():
     assert a.updates == b.updates == 2 and a.net.v.abs().sum() > 0
     with pytest.raises(ValueError, match="interval"):
         MetaLearner(MetaWeightNet(), interval=0)
+    with pytest.raises(ValueError, match="start_step"):
+        MetaLearner(MetaWeightNet(), start_step=-1)
+    late = MetaLearner(MetaWeightNet(), interval=3, start_step=7)
+    assert [t for t in range(1, 16) if late.due(t)] == [9, 12, 15]
+    assert [t for t in range(1, 8) if MetaLearner(MetaWeightNet(), interval=3).due(t)] == [3, 6]
 
 
 def test_precomputed_reference_logps_give_the_same_dots():

@@ -112,6 +112,22 @@ def test_ema_margin_baseline_weights_and_exact_resume(tmp_path):
     assert json.load(open(os.path.join(crashed, "summary.json")))["weight_std"] == pytest.approx(s["weight_std"], abs=1e-6)
 
 
+def test_meta_start_step_holds_every_weight_at_one_until_the_first_due_step(tmp_path):
+    """meta.start_step=7 with K=3: meta-updates at steps 9 and 12 only (not 3 and 6), every pair
+    weighs exactly 1 until the first one has moved phi, and a resume from step 6 (before the start)
+    reproduces the run."""
+    args = ["meta.start_step=7", "train.max_steps=12", "train.save_every=6"]
+    full = _run(tmp_path, "full", args)
+    s = json.load(open(os.path.join(full, "summary.json")))
+    assert s["meta_updates"] == 2 and max(abs(v) for k, v in s["coefficients"].items() if k != "bias") > 1e-3
+    recs = _metrics(full)
+    assert sorted(r["step"] for r in recs if "metapo/L_val" in r) == [9, 12]
+    logged = {r["step"]: r for r in recs if "metapo/weight_std" in r}
+    assert all(logged[k]["metapo/weight_std"] == 0.0 for k in range(1, 10))  # step 9's weights precede its update
+    assert max(logged[k]["metapo/weight_std"] for k in (10, 11, 12)) > 1e-4
+    _crash_before_the_end_and_resume(tmp_path, full, args, base=SMALL)
+
+
 def test_static_filter_drops_the_lowest_margins_after_warmup_and_resumes(tmp_path):
     """meta.weighting=static_filter: all weights 1 until meta.filter_after_steps, then the
     filter_fraction of training pairs with the lowest margin weigh 0 for good; a resume after the

@@ -60,6 +60,7 @@ class MetaPOTRLConfig(DPOConfig):
     metapo_enabled: bool = field(default=True, metadata={"help": "Learn per-pair weights (MetaPO); false = fused DPO."})
     metapo_alpha: float = field(default=0.9, metadata={"help": "EMA decay of the temporal features, in (0, 1)."})
     metapo_interval: int = field(default=100, metadata={"help": "K: a meta-update every K training steps."})
+    metapo_start_step: int = field(default=0, metadata={"help": "No meta-update before this training step (0 = from step K); every weight stays 1 until then."})
     metapo_lambda_margin: float = field(default=0.1, metadata={"help": "lambda of L_meta = L_val + lambda L_margin."})
     metapo_lr: float = field(default=0.003, metadata={"help": "Adam lr of the meta-network (the paper's 1e-4 does not move it; 0.003 is the trainer's default, see quality.md)."})
     metapo_val_objective: str = field(default="sigmoid", metadata={"help": "L_val's per-pair loss: sigmoid (sigma(-z), bounded; the trainer's default) or log (-log sigma(z), the paper's)."})
@@ -120,7 +121,8 @@ class MetaPOTrainer(DPOTrainer):
             self.metapo_learner = MetaLearner(self.metapo_net, lr=args.metapo_lr, interval=args.metapo_interval,
                                               lambda_margin=args.metapo_lambda_margin, inner_lr=args.learning_rate,
                                               loss_type=self._metapo_loss(), loss_params=self._metapo_params(),
-                                              backend=args.metapo_backend, val_objective=args.metapo_val_objective)
+                                              backend=args.metapo_backend, val_objective=args.metapo_val_objective,
+                                              start_step=args.metapo_start_step)
             self._meta_val = self._prepare_dataset(meta_val_dataset, self.processing_class, args, "meta_val")
         self._meta_cursor = 0
         self._metapo_last_batch = None
@@ -228,7 +230,7 @@ class MetaPOTrainer(DPOTrainer):
             finally:
                 self._metapo_stack = None
         step = self.state.global_step + 1  # the step this micro-batch belongs to
-        if (self.metapo_learner is not None and self._metapo_last_batch is not None and step % self.args.metapo_interval == 0
+        if (self.metapo_learner is not None and self._metapo_last_batch is not None and self.metapo_learner.due(step)
                 and self.accelerator.gradient_state.sync_gradients):
             self._meta_update(model)
         return loss

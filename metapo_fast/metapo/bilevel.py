@@ -252,7 +252,11 @@ class MetaLearner:
             meta-gradient to the momentum (steady-state steps of up to 10 lr) and a feature whose
             coordinate carries little of it moves little (Adam gives every
             coordinate a full-size step, noise included).
-        interval: K, steps between meta-updates (the trainer calls :meth:`step` every K steps).
+        interval: K, steps between meta-updates (the trainer calls :meth:`step` at the steps
+            :meth:`due` names).
+        start_step: no meta-update before this optimiser step (0 = from the first multiple of K):
+            phi keeps its initialisation (every weight 1) until then, so the first updates see
+            margins that already carry the signal (docs/math.md section 5a).
         lambda_margin: lambda of L_meta (paper: 0.1).
         val_objective: L_val's per-pair loss: ``sigmoid`` (``sigma(-z)``, bounded; the default, see
             docs/math.md section 5a) or ``log`` (``-log sigma(z)``, the paper's); see
@@ -270,12 +274,15 @@ class MetaLearner:
                  entropy_coef: float = 0.0, inner_lr: float = 1e-6, loss_type: str = "sigmoid",
                  loss_params: Optional[LossParams] = None, backend: str = "auto", optimizer: str = "adam",
                  val_objective: str = "sigmoid", preconditioner: str = "none",
-                 inner_optimizer: Optional[torch.optim.Optimizer] = None):
+                 inner_optimizer: Optional[torch.optim.Optimizer] = None, start_step: int = 0):
         if interval < 1:
             raise ValueError(f"MetaLearner: interval (K) must be >= 1, got {interval}")
+        if start_step < 0:
+            raise ValueError(f"MetaLearner: start_step must be >= 0, got {start_step}")
         if lr <= 0 or inner_lr <= 0:
             raise ValueError(f"MetaLearner: lr and inner_lr must be > 0, got {lr}, {inner_lr}")
         self.net, self.interval, self.lambda_margin = net, interval, lambda_margin
+        self.start_step = start_step
         self.entropy_coef, self.inner_lr, self.backend = entropy_coef, inner_lr, backend
         self.loss_type, self.params = loss_type, loss_params or LossParams()
         if optimizer == "adam":
@@ -295,6 +302,11 @@ class MetaLearner:
         # the trainer restarts the fetch trace, then releases what the backward left gathered
         self.before_forward: Callable[[], None] = lambda: None
         self.after_backward: Callable[[], None] = lambda: None
+
+    def due(self, step: int) -> bool:
+        """Whether optimiser step ``step`` (1-based) ends with a meta-update: every K-th step from
+        ``start_step`` on."""
+        return step >= self.start_step and step % self.interval == 0
 
     # -- the meta-gradient direction ------------------------------------------------------------
     def meta_gradient(self, model: nn.Module, val_batch: dict, ref_model=None) -> tuple[dict, dict]:

@@ -103,7 +103,7 @@ class Trainer:
         if self.dist.is_main:
             self.logger.info(self.start_line())
         while self.step < self.total_steps:
-            metrics = self._train_step(meta=self.meta is not None and (self.step + 1) % m.interval == 0)
+            metrics = self._train_step(meta=self.meta is not None and self.meta.due(self.step + 1))
             self.step += 1
             if self.pair_filter is not None and self.step == self.pair_filter.after_steps:
                 self._fit_filter()
@@ -124,7 +124,7 @@ class Trainer:
         t, m, ws = self.cfg.train, self.cfg.meta, self.dist.world_size
         per = t.per_device_batch_size
         stage = "plain PyTorch" if isinstance(self.eng, PlainEngine) else f"DeepSpeed ZeRO stage {self.eng.engine.zero_optimization_stage()}"
-        weights = ("MetaPO weights, meta-update every K=%d steps" % m.interval if m.enabled and m.weighting == "learned"
+        weights = ("MetaPO weights, meta-update every K=%d steps%s" % (m.interval, f" from step {m.start_step}" if m.start_step else "") if m.enabled and m.weighting == "learned"
                    else f"static filter (drops {m.filter_fraction:.0%} of the pairs, lowest margin first, after step "
                         f"{m.filter_after_steps})" if m.enabled and m.weighting == "static_filter"
                    else "ema_margin weights" if m.enabled else "no pair weights")
