@@ -29,6 +29,8 @@ path (no device-side compaction), given the host's copy of the labels as the tra
 * ``aten_ops_per_chunk``: every aten op dispatched in the measured call (forward and backward of the
   LM-head part) over the number of logits chunks (calls of the forward epilogue). The C++ epilogue is
   one op per call, like one Triton launch.
+  On the CUDA row rules each host-built tensor the schedule copies to the device counts as one op
+  too (``h2d_copies``; on this CPU run the copy is a no-op).
 * ``host_syncs``: ops that read device data on the host: ``_local_scalar_dense`` (``.item()``,
   ``int()``, ``.tolist()``), ``nonzero``, ``masked_select``, boolean-mask indexing, ``unique``,
   ``repeat_interleave`` without an output size. Those inside the CPU-only input checks (which run
@@ -201,6 +203,28 @@ def _count_chunks():
             m.lce_epilogue_forward = o
 
 
+@contextlib.contextmanager
+def _count_host_copies():
+    """On the CUDA row rules, count the host-built tensors the schedule moves to the device (row
+    indices, row-to-sequence matrices, loss constants): on a GPU each is one queued copy, on this
+    CPU run a no-op that no dispatch counter would see."""
+    from metapo_fast.ops import chunking
+
+    cuda_rule = not chunking.compact_rows(torch.device("cpu"))
+    orig, n = chunking.ChunkSchedule.to_device, [0]
+
+    def to_device(self, x):
+        if cuda_rule and x.device.type == "cpu":
+            n[0] += 1
+        return orig(self, x)
+
+    chunking.ChunkSchedule.to_device = to_device
+    try:
+        yield n
+    finally:
+        chunking.ChunkSchedule.to_device = orig
+
+
 def measure(fn: Callable[[], None], vocab: int, n_loss: int, hidden: int) -> dict:
     """Run ``fn`` under the counters; return the row's numbers."""
     import gc
@@ -208,12 +232,13 @@ def measure(fn: Callable[[], None], vocab: int, n_loss: int, hidden: int) -> dic
     gc.collect()
     mode = Counters(vocab)
     t0 = time.perf_counter()
-    with _count_chunks() as chunks, mode:
+    with _count_chunks() as chunks, _count_host_copies() as copies, mode:
         fn()
     gc.collect()
+    ops = mode.ops + copies[0]
     return dict(
         flops_per_n_loss_hv=round(mode.head_flops / (n_loss * hidden * vocab), 4),
-        aten_ops=mode.ops, chunks=chunks[0], aten_ops_per_chunk=round(mode.ops / max(chunks[0], 1), 1),
+        aten_ops=ops, chunks=chunks[0], aten_ops_per_chunk=round(ops / max(chunks[0], 1), 1), h2d_copies=copies[0],
         host_syncs=len(mode.syncs), host_syncs_cpu_only=len(mode.cpu_only_syncs), host_syncs_decoder=len(mode.decoder_syncs),
         sync_ops=sorted(set(mode.syncs)),
         peak_transient_mb=round((mode.peak - mode.cur) / 2**20, 1), wall_s=round(time.perf_counter() - t0, 1),

@@ -27,6 +27,7 @@ import contextlib
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
+import numpy as np
 import torch
 
 __all__ = ["DEFAULT_CHUNK_BYTES", "Chunk", "ChunkSchedule", "PairLayout", "compact_rows", "force_row_rule", "host_label_mask",
@@ -109,13 +110,15 @@ class PairLayout:
     groups: list
     group_rows: list
     blocks: list
+    col_host: Optional[np.ndarray] = None  # ``col`` on the host (NumPy), for host-built row-to-sequence matrices
 
 
 class ChunkSchedule:
     """Chunks over the rows of ``labels_mask`` (``(2B*T,)`` bool, True where a row carries a label).
 
     Args:
-        labels_mask: flat ``(2B*T,)`` mask of the rows that carry a label.
+        labels_mask: flat ``(2B*T,)`` mask of the rows that carry a label, on the op's device; may be
+            None when ``host_mask`` is given (then pass ``device``): the rule is the host's.
         num_seqs: 2B.
         seq_len: T.
         rows_per_chunk: the memory rule's row budget (see :func:`rows_per_chunk`).
@@ -124,16 +127,21 @@ class ChunkSchedule:
             before they are copied to the GPU). With it the rows without a label are dropped on
             any device: the row indices are computed on the host and copied to the device
             (``non_blocking``), so the GEMMs see only labelled rows and nothing syncs.
+        device: the op's device when ``labels_mask`` is None.
     """
 
-    def __init__(self, labels_mask: torch.Tensor, num_seqs: int, seq_len: int, rows_per_chunk: int, compact: bool,
-                 host_mask: Optional[torch.Tensor] = None):
+    def __init__(self, labels_mask: Optional[torch.Tensor], num_seqs: int, seq_len: int, rows_per_chunk: int, compact: bool,
+                 host_mask: Optional[torch.Tensor] = None, device: Optional[torch.device] = None):
+        if labels_mask is None and host_mask is None:
+            raise ValueError("ChunkSchedule: give labels_mask, or host_mask and device")
         self.mask, self.b2, self.t = labels_mask, num_seqs, seq_len
         self.bsz = num_seqs // 2
         self.rows_per_chunk = max(1, int(rows_per_chunk))
-        self.device = labels_mask.device
-        if host_mask is not None and not compact:  # the CUDA row rule, made exact by the host's copy
-            self._rule_mask, self._where, self.compact = host_mask.reshape(-1).bool(), torch.device("cpu"), True
+        self.device = labels_mask.device if labels_mask is not None else torch.device(device)
+        self._host_np: Optional[np.ndarray] = None
+        if host_mask is not None and (not compact or labels_mask is None):  # made exact by the host's copy
+            hm = host_mask.reshape(-1)
+            self._rule_mask, self._where, self.compact = hm if hm.dtype == torch.bool else hm.bool(), torch.device("cpu"), True
         else:
             self._rule_mask, self._where, self.compact = labels_mask, self.device, compact
 
@@ -188,24 +196,21 @@ class ChunkSchedule:
     def layout(self, streamed: bool) -> PairLayout:
         """The whole schedule of the fused loss at once (see :class:`PairLayout`): whole pairs per
         group (:meth:`pair_chunks`' grouping) or, ``streamed``, one pair per group in blocks of at
-        most ``rows_per_chunk`` rows of one sequence (:meth:`seq_chunks`' blocks)."""
+        most ``rows_per_chunk`` rows of one sequence (:meth:`seq_chunks`' blocks). Host arithmetic
+        in NumPy (no tensor op; on CUDA four queued copies of the results), from the host's mask."""
         t, bsz, b2 = self.t, self.bsz, self.b2
         npc = 1 if streamed else max(1, self.rows_per_chunk // (2 * t))
         groups = [(i0, min(i0 + npc, bsz)) for i0 in range(0, bsz, npc)]
-        order, col = [], []
-        for i0, i1 in groups:
-            for side in (0, 1):
-                order += [i + side * bsz for i in range(i0, i1)]
-                col += [side * (i1 - i0) + j for j in range(i1 - i0)]
-        pos = [0] * b2
-        for p, s in enumerate(order):
-            pos[s] = p
-        where = self._where
-        order_w = torch.tensor(order, dtype=torch.long).to(where)
-        rows = (order_w.unsqueeze(1) * t + torch.arange(t, device=where)).reshape(-1)
-        cols = torch.tensor(col, dtype=torch.long).to(where).unsqueeze(1).expand(b2, t).reshape(-1)
+        order = np.concatenate([np.r_[i0:i1, bsz + i0:bsz + i1] for i0, i1 in groups]).astype(np.int64)
+        col = np.concatenate([np.arange(2 * (i1 - i0)) for i0, i1 in groups]).astype(np.int64)
+        pos = np.empty(b2, dtype=np.int64)
+        pos[order] = np.arange(b2)
+        rows = (order[:, None] * t + np.arange(t)).reshape(-1)
+        cols = np.repeat(col, t)
         if self.compact:
-            rows, cols, per_seq = self._compact_rows(rows, cols)
+            keep = self.host_rule_mask()[rows]
+            rows, cols = rows[keep], cols[keep]
+            per_seq = keep.reshape(b2, t).sum(1).tolist()
         else:
             per_seq = [t] * b2
         blocks, group_rows, k = [], [], 0
@@ -220,18 +225,16 @@ class ChunkSchedule:
                 bl = [(sum(seq_rows), -1)]
             blocks.append(bl)
             group_rows.append(sum(seq_rows))
-        return PairLayout(self.to_device(rows), self.to_device(cols), self.to_device(order_w),
-                          self.to_device(torch.tensor(pos, dtype=torch.long)), groups, group_rows, blocks)
+        dev = lambda x: self.to_device(torch.from_numpy(x))  # noqa: E731
+        return PairLayout(dev(rows), dev(cols), dev(order), dev(pos), groups, group_rows, blocks, col_host=cols)
 
-    def _compact_rows(self, rows: torch.Tensor, cols: torch.Tensor):
-        """The labelled rows only, and the number per sequence, computed where the rule's mask lives
-        (CPU, or the host's copy of the labels): no device sync."""
-        keep = self._rule_mask[rows]
-        per_seq = keep.view(self.b2, self.t).sum(1)
-        # a host tensor (CPU, or the host's copy of the labels) is read through NumPy: no device read;
-        # only the rule forced onto a device mask (force_row_rule on CUDA, tests) reads the device
-        per_seq = per_seq.numpy().tolist() if per_seq.device.type == "cpu" else per_seq.tolist()
-        return rows[keep], cols[keep], per_seq
+    def host_rule_mask(self) -> np.ndarray:
+        """The rule's mask as a host array: a view of the host's mask, or (the compact rule forced onto
+        a device mask: tests only) a copy that reads the device."""
+        if self._host_np is None:
+            m = self._rule_mask
+            self._host_np = (m if m.device.type == "cpu" else m.cpu()).reshape(-1).numpy()
+        return self._host_np
 
     def token_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Every row the rule keeps, over all sequences in order, and its sequence: ``(rows, seq)``

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+import numpy as np
 import torch
 
 from .dispatch import resolve_backend
@@ -75,11 +76,16 @@ def lce_epilogue_backward_ref_(
     return logits
 
 
-def check_label_values(labels: torch.Tensor, v: int, ignore_index: int) -> None:
-    """Every label is ``ignore_index`` or in ``[0, V)`` (CPU tensors: the C++ epilogue indexes with them)."""
-    bad = ((labels != ignore_index) & ((labels < 0) | (labels >= v))).nonzero()
-    if bad.numel():
-        idx = bad[0].tolist()
+def check_label_values(labels: torch.Tensor, v: int, ignore_index: int, host: Optional[np.ndarray] = None) -> None:
+    """Every label is ``ignore_index`` or in ``[0, V)`` (CPU tensors: the C++ epilogue indexes with them).
+    ``host``: the labels as a NumPy array already (CPU labels: checked there, no tensor op)."""
+    if host is not None or labels.device.type == "cpu":  # host data: read in NumPy
+        arr = labels.detach().numpy() if host is None else host
+        bad = np.argwhere((arr != ignore_index) & ((arr < 0) | (arr >= v)))
+    else:
+        bad = ((labels != ignore_index) & ((labels < 0) | (labels >= v))).nonzero()
+    if len(bad):
+        idx = [int(i) for i in bad[0]]
         raise ValueError(f"labels[{', '.join(map(str, idx))}] = {int(labels[tuple(idx)])} is outside [0, V={v}) and is not "
                          f"ignore_index={ignore_index}")
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence, Union
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -172,6 +173,9 @@ class _LazyPairStats(PreferenceLossOutput):
         return f"_LazyPairStats(group={self._src[1]})"
 
 
+_NP_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
+
+
 class _Chunker:
     """The fused loss's loop over :class:`~.chunking.PairLayout`. Per-sequence statistics live in
     ``S (2B, K)`` in layout order (columns: log-prob, reference log-prob if computed, KL if
@@ -190,10 +194,9 @@ class _Chunker:
         self.ref_hidden = None if ref_hidden is None else ref_hidden.reshape(-1, ref_hidden.shape[-1])
         self.weight, self.bias, self.ref_weight, self.ref_bias = weight, bias, ref_weight, ref_bias
         self.labels = labels.reshape(-1)
-        if labels.device.type == "cpu":  # the C++ epilogue indexes with them
-            check_label_values(labels, self.v, ignore_index)
-        self.mask = self.labels != ignore_index
-        self.targets = torch.where(self.mask, self.labels, 0)
+        labels_np = self.labels.numpy() if labels.device.type == "cpu" else None  # host data: read in NumPy
+        if labels_np is not None:  # the C++ epilogue indexes with them
+            check_label_values(labels, self.v, ignore_index, host=labels_np)
         self.spec, self.params, self.backend = spec, params, backend
         self.has_ref_logits = ref_hidden is not None
         self.compute_kl = compute_kl and self.has_ref_logits
@@ -209,17 +212,32 @@ class _Chunker:
             self.grad_bias = None if bias is None else torch.zeros(self.v, dtype=self.grad_weight.dtype, device=dev)
         rows = ChunkSchedule.rows_for(chunk_bytes, self.v, hidden.element_size(), self.has_ref_logits)
         rows = pair_rows_on_device(rows, self.t, self.v, hidden.element_size(), self.has_ref_logits, dev)
-        self.schedule = ChunkSchedule(self.mask, self.b2, self.t, rows, compact=compact_rows(dev), host_mask=host_mask)
+        compact = compact_rows(dev)
+        if host_mask is None and compact and labels_np is not None:  # the CPU rule: the mask is host data
+            host_mask = torch.from_numpy(labels_np != ignore_index)
+        # exact: the rule's mask is on the host, so every scheduled row carries a label (no device mask)
+        self.exact = host_mask is not None
+        mask = None if self.exact else self.labels != ignore_index
+        self.schedule = ChunkSchedule(mask, self.b2, self.t, rows, compact=compact, host_mask=host_mask, device=dev)
         self.streamed = not self.schedule.pairs_fit
         lay = self.layout = self.schedule.layout(self.streamed)
         # every block's rows, targets and mask, and every group's P_g, split once
         sizes = [n for bl in lay.blocks for n, _ in bl]
-        m_all = self.mask.to(cd).index_select(0, lay.rows)
-        self.blk_rows, self.blk_tgt, self.blk_m = (x.split(sizes) for x in (lay.rows, self.targets.index_select(0, lay.rows), m_all))
+        if self.exact:  # the targets are the labels, the mask all ones
+            tgt_all, m_all = self.labels.index_select(0, lay.rows), torch.ones(lay.rows.numel(), dtype=cd, device=dev)
+        else:
+            m_all = mask.to(cd).index_select(0, lay.rows)
+            tgt_all = torch.where(mask, self.labels, 0).index_select(0, lay.rows)
+        self.blk_rows, self.blk_tgt, self.blk_m = (x.split(sizes) for x in (lay.rows, tgt_all, m_all))
         buf = torch.empty(lay.rows.numel(), self.K, dtype=cd, device=dev)  # per-row statistics
         self.blk_buf, self.grp_buf = buf.split(sizes), buf.split(lay.group_rows)
         width = 2 * (lay.groups[0][1] - lay.groups[0][0])
-        P = torch.zeros(lay.rows.numel(), width, dtype=cd, device=dev).scatter_(1, lay.col.unsqueeze(1), m_all.unsqueeze(1))
+        if self.exact:  # built on the host: one queued copy on CUDA
+            P_host = np.zeros((lay.rows.numel(), width), dtype=_NP_DTYPES[cd])
+            P_host[np.arange(len(lay.col_host)), lay.col_host] = 1
+            P = self.schedule.to_device(torch.from_numpy(P_host))
+        else:
+            P = torch.zeros(lay.rows.numel(), width, dtype=cd, device=dev).scatter_(1, lay.col.unsqueeze(1), m_all.unsqueeze(1))
         self.grp_PT = list(P.t().split(lay.group_rows, dim=1))
         self.grp_P = P.split(lay.group_rows) if not self.streamed else None
         n_list = [i1 - i0 for i0, i1 in lay.groups]
@@ -245,7 +263,8 @@ class _Chunker:
             dz = [[beta if k == j else (-beta if k == n + j else 0.0) for k in range(2 * n)] for j in range(n)]
             dc = [[dz[j][k] * inv_b for j in range(n)] for k in range(2 * n)]
             a = [1.0, -1.0 if self.has_ref_logits else 0.0] + [0.0] * (self.K - 2)
-            c = self._consts[n] = tuple(self.schedule.to_device(torch.tensor(x, dtype=self.cd)) for x in (dz, dc, a))
+            c = self._consts[n] = tuple(self.schedule.to_device(torch.from_numpy(np.asarray(x, dtype=_NP_DTYPES[self.cd])))
+                                        for x in (dz, dc, a))
         return c
 
     # -- the statistics of a group, as the losses see them -----------------------------------------
