@@ -80,38 +80,43 @@ METHODS = {  # name: function of (eps, warm-up steps, total steps) -> overrides
 CANDIDATES = {
     # Each candidate names every setting it was recorded with that differs from today's defaults, so
     # its rows stay what they say when a default changes (the "metapo" rows are always the defaults).
+    # Every candidate recorded before meta.start_fraction's default became 1/3 ran with meta-updates from step K.
+    # the default until then (rows recorded as "metapo" at d419ddf; the rows recorded as "metapo_late" at 658200f,
+    # start at a third of the run, are the "metapo" rows since)
+    "metapo_start0": lambda eps, warm, total: ["meta.start_fraction=0"],
     # the default before 20a219f: meta lr 0.03, log L_val (rows recorded as "metapo" before it)
-    "metapo_lr3e-2": lambda eps, warm, total: ["meta.lr=0.03", "meta.val_objective=log"],
+    "metapo_lr3e-2": lambda eps, warm, total: ["meta.lr=0.03", "meta.val_objective=log", "meta.start_fraction=0"],
     # the default from 20a219f to the switch to the bounded L_val: meta lr 0.003, log L_val
-    "metapo_lr3e-3": lambda eps, warm, total: ["meta.lr=0.003", "meta.val_objective=log"],
+    "metapo_lr3e-3": lambda eps, warm, total: ["meta.lr=0.003", "meta.val_objective=log", "meta.start_fraction=0"],
     "metapo_cdpo": lambda eps, warm, total: [f"loss.label_smoothing={eps}", "meta.lr=0.03",  # MetaPO's weights on cDPO's loss
-                                             "meta.val_objective=log"],
+                                             "meta.val_objective=log", "meta.start_fraction=0"],
     "metapo_mlp": lambda eps, warm, total: ["meta.arch=mlp", "meta.lr=0.03",  # a non-monotone weight function (6-32-1)
-                                            "meta.val_objective=log"],
+                                            "meta.val_objective=log", "meta.start_fraction=0"],
     # the bounded L_val sigma(-z) (now the default): late in training the validation set's own flipped pairs
     # are the only unsaturated terms of -log sigma(z), so g_meta follows them and the weights can invert
-    "metapo_sigval": lambda eps, warm, total: ["meta.val_objective=sigmoid", "meta.lr=0.003"],
+    "metapo_sigval": lambda eps, warm, total: ["meta.val_objective=sigmoid", "meta.lr=0.003", "meta.start_fraction=0"],
     # c_i = <g_meta, P g_i> with the policy AdamW's diagonal P: the lookahead of the step Adam takes
-    "metapo_adamP": lambda eps, warm, total: ["meta.preconditioner=adam", "meta.val_objective=sigmoid", "meta.lr=0.003"],
+    "metapo_adamP": lambda eps, warm, total: ["meta.preconditioner=adam", "meta.val_objective=sigmoid", "meta.lr=0.003",
+                                              "meta.start_fraction=0"],
     # MetaPO's weights on cDPO's loss with the bounded L_val and meta lr 0.003 (cDPO is the best baseline
     # at 24 epochs in four of five conditions; metapo_cdpo above is the old settings at 12 epochs)
-    "metapo_on_cdpo": lambda eps, warm, total: [f"loss.label_smoothing={eps}", "meta.val_objective=sigmoid", "meta.lr=0.003"],
+    "metapo_on_cdpo": lambda eps, warm, total: [f"loss.label_smoothing={eps}", "meta.val_objective=sigmoid", "meta.lr=0.003",
+                                                "meta.start_fraction=0"],
     # the same with a third of the meta lr: the weights stay nearer 1, trading metapo_on_cdpo's gain at 20% flips
     # (+0.022 over cDPO) for its losses to cDPO alone at 40% / mixed / 60 per prompt
     "metapo_on_cdpo_lr1e-3": lambda eps, warm, total: [f"loss.label_smoothing={eps}", "meta.val_objective=sigmoid",
-                                                       "meta.lr=0.001"],
-    # meta-updates only from a third of the run on (meta.start_step): every weight 1 until the margins carry the
-    # signal (weights_diagnosis_detectors: AUROC 0.68 / 0.54 at step 120 vs 0.92 / 0.64 at step 480, 20% / 40% flips),
-    # so early weighting cannot starve the clean pairs of hard prompts
-    "metapo_late": lambda eps, warm, total: [f"meta.start_step={round(total / 3)}"],
+                                                       "meta.lr=0.001", "meta.start_fraction=0"],
+    # metapo_on_cdpo with meta-updates only from a third of the run on (recorded with meta.start_step = round(total / 3),
+    # the same step as today's default start_fraction 1/3): every weight 1 until the margins carry the signal
+    # (weights_diagnosis_detectors: AUROC 0.68 / 0.54 at step 120 vs 0.92 / 0.64 at step 480, 20% / 40% flips)
     "metapo_on_cdpo_late": lambda eps, warm, total: [f"loss.label_smoothing={eps}", "meta.val_objective=sigmoid",
-                                                     "meta.lr=0.003", f"meta.start_step={round(total / 3)}"],
+                                                     "meta.lr=0.003"],
     # the same with a larger meta lr (sharper weights once they start): metapo_on_cdpo_late closed 37% of the gap at
     # 20% flips with flipped pairs weighted 0.78 against 1.06 for clean ones
     "metapo_on_cdpo_late_lr1e-2": lambda eps, warm, total: [f"loss.label_smoothing={eps}", "meta.val_objective=sigmoid",
-                                                            "meta.lr=0.01", f"meta.start_step={round(total / 3)}"],
+                                                            "meta.lr=0.01"],
     "metapo_on_cdpo_late_lr3e-2": lambda eps, warm, total: [f"loss.label_smoothing={eps}", "meta.val_objective=sigmoid",
-                                                            "meta.lr=0.03", f"meta.start_step={round(total / 3)}"],
+                                                            "meta.lr=0.03"],
     # the static filter after two thirds of the run instead of two epochs (weights_diagnosis: the margin
     # flags flipped pairs at AUROC 0.66 at step 120, 0.92 at step 480 at 20% flips)
     "static_filter_late": lambda eps, warm, total: ["meta.weighting=static_filter",
@@ -119,6 +124,11 @@ CANDIDATES = {
                                              f"meta.filter_fraction={eps}"],
 }
 ALL_METHODS = {**METHODS, **CANDIDATES}
+# rows keep the name of the settings they ran with: when a default changes, the rows recorded as "metapo" take the
+# candidate name of the old default and the candidate recorded with the new default becomes "metapo"
+RENAMED = ("Method names are today's (`CANDIDATES` in benchmarks/quality.py): the rows recorded as `metapo` at d419ddf "
+           "(meta-updates from step K) are `metapo_start0`, and those recorded as `metapo_late` at 658200f (from a third "
+           "of the run, today's default `meta.start_fraction`) are `metapo`.")
 BASE = ["data.synthetic.num_eval_pairs=500", "train.log_every=100000", "train.eval_every=0", "train.save_every=0"]
 QUICK = ["train.max_steps=60", "data.synthetic.num_eval_pairs=100"]
 
@@ -302,6 +312,7 @@ def render(rows, conditions, methods, seeds, prov, quick, wall_min, epochs: int 
              f"command: `{prov['command']}`; seeds: {seeds}; wall time {wall_min:.1f} min", "",
              "Rows by invocation (a --resume run adds rows to the file):", "",
              *[f"- {n} rows: `{cmd}` at {commit}" for (cmd, commit), n in _invocations(rows)], "",
+             *([RENAMED, ""] if not quick else []),
              "Protocol: issue #13 (benchmarks/quality.py docstring). Accuracy = clean held-out preference accuracy "
              "(500 clean pairs). Delta = paired per-seed difference to DPO (same data and seed), wins = seeds "
              "where the method is above DPO. Gap closed = mean(method - DPO) / mean(oracle - DPO). AUROC: "

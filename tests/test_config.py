@@ -276,6 +276,7 @@ _MODE_CASES = {
     "meta.filter_after_steps": ("50", [], ["meta.weighting=static_filter"]),
     "meta.filter_fraction": ("0.3", ["meta.weighting=ema_margin"], ["meta.weighting=static_filter"]),
     "meta.interval": ("7", ["meta.weighting=ema_margin"], []),
+    "meta.start_fraction": ("0.5", ["meta.weighting=ema_margin"], []),
     "meta.lambda_margin": ("0.2", ["meta.weighting=ema_margin"], []),
     "meta.entropy_coef": ("0.01", ["meta.weighting=ema_margin"], []),
     "meta.arch": ("mlp", ["meta.weighting=ema_margin"], []),

@@ -13,7 +13,7 @@ from metapo_fast.train.cli import _default_config, main
 
 SMALL = ["data.synthetic.num_pairs=160", "data.synthetic.num_eval_pairs=40", "data.val_fraction=0.1",
          "train.per_device_batch_size=8", "train.sft_warmup_steps=5", "train.log_every=1", "train.eval_every=0",
-         "meta.interval=3", "meta.val_batch_size=8"]
+         "meta.interval=3", "meta.val_batch_size=8", "meta.start_fraction=0"]
 
 
 def _metrics(run_dir):
@@ -32,7 +32,7 @@ def _run(tmp_path, name, extra, base=SMALL):
 
 
 # the learned meta-network's settings are refused with meta.weighting=ema_margin (config.schema.MODE_DEPENDENT)
-SMALL_NO_LEARNING = [a for a in SMALL if not a.startswith(("meta.interval=", "meta.val_batch_size="))]
+SMALL_NO_LEARNING = [a for a in SMALL if not a.startswith(("meta.interval=", "meta.val_batch_size=", "meta.start_fraction="))]
 
 
 def _crash_before_the_end_and_resume(tmp_path, full, args, base=SMALL_NO_LEARNING):
@@ -112,11 +112,11 @@ def test_ema_margin_baseline_weights_and_exact_resume(tmp_path):
     assert json.load(open(os.path.join(crashed, "summary.json")))["weight_std"] == pytest.approx(s["weight_std"], abs=1e-6)
 
 
-def test_meta_start_step_holds_every_weight_at_one_until_the_first_due_step(tmp_path):
-    """meta.start_step=7 with K=3: meta-updates at steps 9 and 12 only (not 3 and 6), every pair
-    weighs exactly 1 until the first one has moved phi, and a resume from step 6 (before the start)
-    reproduces the run."""
-    args = ["meta.start_step=7", "train.max_steps=12", "train.save_every=6"]
+def test_meta_start_fraction_holds_every_weight_at_one_until_the_first_due_step(tmp_path):
+    """meta.start_fraction=0.58 of 12 steps (step 7) with K=3: meta-updates at steps 9 and 12 only
+    (not 3 and 6), every pair weighs exactly 1 until the first one has moved phi, and a resume from
+    step 6 (before the start) reproduces the run."""
+    args = ["meta.start_fraction=0.58", "train.max_steps=12", "train.save_every=6"]
     full = _run(tmp_path, "full", args)
     s = json.load(open(os.path.join(full, "summary.json")))
     assert s["meta_updates"] == 2 and max(abs(v) for k, v in s["coefficients"].items() if k != "bias") > 1e-3

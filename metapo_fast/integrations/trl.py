@@ -60,7 +60,7 @@ class MetaPOTRLConfig(DPOConfig):
     metapo_enabled: bool = field(default=True, metadata={"help": "Learn per-pair weights (MetaPO); false = fused DPO."})
     metapo_alpha: float = field(default=0.9, metadata={"help": "EMA decay of the temporal features, in (0, 1)."})
     metapo_interval: int = field(default=100, metadata={"help": "K: a meta-update every K training steps."})
-    metapo_start_step: int = field(default=0, metadata={"help": "No meta-update before this training step (0 = from step K); every weight stays 1 until then."})
+    metapo_start_fraction: float = field(default=1 / 3, metadata={"help": "No meta-update before this fraction of the run's steps (0 = from step K, the paper's); every weight stays 1 until then (the trainer's default, see its meta.start_fraction)."})
     metapo_lambda_margin: float = field(default=0.1, metadata={"help": "lambda of L_meta = L_val + lambda L_margin."})
     metapo_lr: float = field(default=0.003, metadata={"help": "Adam lr of the meta-network (the paper's 1e-4 does not move it; 0.003 is the trainer's default, see quality.md)."})
     metapo_val_objective: str = field(default="sigmoid", metadata={"help": "L_val's per-pair loss: sigmoid (sigma(-z), bounded; the trainer's default) or log (-log sigma(z), the paper's)."})
@@ -116,13 +116,14 @@ class MetaPOTrainer(DPOTrainer):
         self.metapo_tracker = TemporalTracker(len(train_dataset), alpha=args.metapo_alpha, device=dev, backend=args.metapo_backend)
         self.metapo_net = self.metapo_learner = self._meta_val = None
         if args.metapo_enabled:
+            if not 0.0 <= args.metapo_start_fraction < 1.0:
+                raise ValueError(f"metapo_start_fraction must be in [0, 1), got {args.metapo_start_fraction}")
             normalize = "batch_mean" if "adam" in str(args.optim).lower() else "none"
             self.metapo_net = MetaWeightNet(args.metapo_arch, args.metapo_features, normalize).to(dev)
             self.metapo_learner = MetaLearner(self.metapo_net, lr=args.metapo_lr, interval=args.metapo_interval,
                                               lambda_margin=args.metapo_lambda_margin, inner_lr=args.learning_rate,
                                               loss_type=self._metapo_loss(), loss_params=self._metapo_params(),
-                                              backend=args.metapo_backend, val_objective=args.metapo_val_objective,
-                                              start_step=args.metapo_start_step)
+                                              backend=args.metapo_backend, val_objective=args.metapo_val_objective)
             self._meta_val = self._prepare_dataset(meta_val_dataset, self.processing_class, args, "meta_val")
         self._meta_cursor = 0
         self._metapo_last_batch = None
@@ -230,6 +231,8 @@ class MetaPOTrainer(DPOTrainer):
             finally:
                 self._metapo_stack = None
         step = self.state.global_step + 1  # the step this micro-batch belongs to
+        if self.metapo_learner is not None:  # the run's length is known once training has started
+            self.metapo_learner.start_step = round(self.args.metapo_start_fraction * self.state.max_steps)
         if (self.metapo_learner is not None and self._metapo_last_batch is not None and self.metapo_learner.due(step)
                 and self.accelerator.gradient_state.sync_gradients):
             self._meta_update(model)

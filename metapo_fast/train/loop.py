@@ -68,6 +68,8 @@ class Trainer:
         self.sampler = PairSampler(n, t.per_device_batch_size, dist.world_size, dist.rank, seed=t.seed)
         self.grad_accum = t.resolved_grad_accum(dist.world_size)
         self.total_steps = t.max_steps if t.max_steps is not None else self.sampler.batches_per_epoch // self.grad_accum * t.epochs
+        if self.meta is not None:
+            self.meta.start_step = round(m.start_fraction * self.total_steps)
         with outputs.phase("setting up " + ("DeepSpeed" if uses_deepspeed(cfg, dist.world_size) else "the optimiser"), main):
             par = build_engine(cfg, dist, self.model, models.ref, models.ref_placement, lr_schedule(cfg, self.total_steps))
         self.eng, self.model, self.ref, self.ref_placement = par.eng, par.model, par.ref, par.ref_placement
@@ -124,7 +126,7 @@ class Trainer:
         t, m, ws = self.cfg.train, self.cfg.meta, self.dist.world_size
         per = t.per_device_batch_size
         stage = "plain PyTorch" if isinstance(self.eng, PlainEngine) else f"DeepSpeed ZeRO stage {self.eng.engine.zero_optimization_stage()}"
-        weights = ("MetaPO weights, meta-update every K=%d steps%s" % (m.interval, f" from step {m.start_step}" if m.start_step else "") if m.enabled and m.weighting == "learned"
+        weights = ("MetaPO weights, meta-update every K=%d steps%s" % (m.interval, f" from step {self.meta.start_step}" if self.meta is not None and self.meta.start_step else "") if m.enabled and m.weighting == "learned"
                    else f"static filter (drops {m.filter_fraction:.0%} of the pairs, lowest margin first, after step "
                         f"{m.filter_after_steps})" if m.enabled and m.weighting == "static_filter"
                    else "ema_margin weights" if m.enabled else "no pair weights")

@@ -519,4 +519,4 @@ def make_meta_learner(cfg: MetaPOConfig, net):
     return MetaLearner(net, lr=m.lr, interval=m.interval, lambda_margin=m.lambda_margin, entropy_coef=m.entropy_coef,
                        inner_lr=cfg.lookahead_lr, loss_type=cfg.loss.loss_type, loss_params=cfg.loss.to_loss_params(),
                        backend=cfg.loss.backend, optimizer=m.optimizer, val_objective=m.val_objective,
-                       preconditioner=m.preconditioner, start_step=m.start_step)
+                       preconditioner=m.preconditioner)
