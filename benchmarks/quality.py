@@ -117,6 +117,11 @@ CANDIDATES = {
                                                             "meta.lr=0.01"],
     "metapo_on_cdpo_late_lr3e-2": lambda eps, warm, total: [f"loss.label_smoothing={eps}", "meta.val_objective=sigmoid",
                                                             "meta.lr=0.03"],
+    # without the volatility features (std, ema_std: the coefficients whose sign is not stable over seeds, quality.md),
+    # so the weights are a function of the margins and the KLs only
+    "metapo_novol": lambda eps, warm, total: ["meta.features=no_volatility"],
+    "metapo_on_cdpo_late_novol": lambda eps, warm, total: [f"loss.label_smoothing={eps}", "meta.val_objective=sigmoid",
+                                                           "meta.lr=0.003", "meta.features=no_volatility"],
     # the static filter after two thirds of the run instead of two epochs (weights_diagnosis: the margin
     # flags flipped pairs at AUROC 0.66 at step 120, 0.92 at step 480 at 20% flips)
     "static_filter_late": lambda eps, warm, total: ["meta.weighting=static_filter",
