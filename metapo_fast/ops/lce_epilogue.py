@@ -78,7 +78,7 @@ def lce_epilogue_backward_ref_(
 
 def check_label_values(labels: torch.Tensor, v: int, ignore_index: int, host: Optional[np.ndarray] = None) -> None:
     """Every label is ``ignore_index`` or in ``[0, V)`` (CPU tensors: the C++ epilogue indexes with them).
-    ``host``: the labels as a NumPy array already (CPU labels: checked there, no tensor op)."""
+    ``host``: ``labels`` as a NumPy array already, same shape (CPU labels: checked there, no tensor op)."""
     if host is not None or labels.device.type == "cpu":  # host data: read in NumPy
         arr = labels.detach().numpy() if host is None else host
         bad = np.argwhere((arr != ignore_index) & ((arr < 0) | (arr >= v)))

@@ -196,7 +196,7 @@ class _Chunker:
         self.labels = labels.reshape(-1)
         labels_np = self.labels.numpy() if labels.device.type == "cpu" else None  # host data: read in NumPy
         if labels_np is not None:  # the C++ epilogue indexes with them
-            check_label_values(labels, self.v, ignore_index, host=labels_np)
+            check_label_values(labels, self.v, ignore_index, host=labels_np.reshape(labels.shape))
         self.spec, self.params, self.backend = spec, params, backend
         self.has_ref_logits = ref_hidden is not None
         self.compute_kl = compute_kl and self.has_ref_logits
