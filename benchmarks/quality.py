@@ -117,6 +117,9 @@ CANDIDATES = {
                                                             "meta.lr=0.01"],
     "metapo_on_cdpo_late_lr3e-2": lambda eps, warm, total: [f"loss.label_smoothing={eps}", "meta.val_objective=sigmoid",
                                                             "meta.lr=0.03"],
+    # the default's start (a third of the run) against half as late and half again as late
+    "metapo_start1of6": lambda eps, warm, total: [f"meta.start_fraction={1 / 6}"],
+    "metapo_start1of2": lambda eps, warm, total: ["meta.start_fraction=0.5"],
     # without the volatility features (std, ema_std: the coefficients whose sign is not stable over seeds, quality.md),
     # so the weights are a function of the margins and the KLs only
     "metapo_novol": lambda eps, warm, total: ["meta.features=no_volatility"],
