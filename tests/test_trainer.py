@@ -119,7 +119,8 @@ def test_meta_start_fraction_holds_every_weight_at_one_until_the_first_due_step(
     args = ["meta.start_fraction=0.58", "train.max_steps=12", "train.save_every=6"]
     full = _run(tmp_path, "full", args)
     s = json.load(open(os.path.join(full, "summary.json")))
-    assert s["meta_updates"] == 2 and max(abs(v) for k, v in s["coefficients"].items() if k != "bias") > 1e-3
+    assert s["meta_updates"] == 2 and s["meta_start_step"] == 7
+    assert max(abs(v) for k, v in s["coefficients"].items() if k != "bias") > 1e-3
     recs = _metrics(full)
     assert sorted(r["step"] for r in recs if "metapo/L_val" in r) == [9, 12]
     logged = {r["step"]: r for r in recs if "metapo/weight_std" in r}

@@ -130,8 +130,9 @@ def summary_lines(s: dict, cfg) -> list[str]:
         rows.append(("pair weights", f"mean {s['weight_mean']:.3f}, std {s['weight_std']:.3f} (no pairs known to be "
                                      "flipped: pair_weights.csv ranks them, lowest first)"))
     if m.enabled and m.weighting == "learned":
-        rows.append(("meta-updates", f"{s['meta_updates']} at K={m.interval}, {s['meta_overhead_pct']:.1f}% of the training "
-                                     f"time at this K"))
+        start = f" from step {s['meta_start_step']}" if s.get("meta_start_step") else ""
+        rows.append(("meta-updates", f"{s['meta_updates']} at K={m.interval}{start}, {s['meta_overhead_pct']:.1f}% of the "
+                                     f"training time at this K"))
     rows.append(("tokens/s", f"{s['tokens_per_s']:.0f}"))
     if s.get("nonfinite_skips"):
         rows.append(("non-finite steps skipped", str(s["nonfinite_skips"])))
@@ -295,6 +296,7 @@ def finish(tr) -> dict:
                "tokens_per_s": c["tokens"] / max(c["train_time_s"], 1e-9),
                "meta_overhead_pct": 100 * c["meta_time_s"] / max(c["train_time_s"], 1e-9),
                "meta_updates": c["meta_updates"], "nonfinite_skips": c["nonfinite_skips"],
+               **({"meta_start_step": tr.meta.start_step} if tr.meta is not None else {}),
                "weight_mean": float(w.mean()), "weight_std": float(w.std()), **reference_footprint(tr.ref, tr.ref_placement)}
     if "is_flipped" in extra and extra["is_flipped"].min() >= 0:
         clean = extra["is_flipped"] == 0
