@@ -37,6 +37,15 @@ def test_lm_head_is_8_nhv(rows, what, path, rule, t):
     assert _row(rows, what, path, rule, t)["flops_per_n_loss_hv"] == pytest.approx(8.0, rel=0.02)
 
 
+def test_host_built_tensors_count_as_copies_on_the_cuda_rule_only(rows):
+    """On the CUDA row rules each host-built tensor the schedule moves to the device is one more op
+    (a queued copy on a GPU, a no-op here); on the CPU rule nothing is copied."""
+    for t in (16, 64):
+        cuda, cpu = _row(rows, "op", "dpo", "cuda", t), _row(rows, "op", "dpo", "cpu", t)
+        assert cuda["h2d_copies"] >= 2 and cpu["h2d_copies"] == 0, (cuda, cpu)
+        assert _row(rows, "ghost", "ghost", "cuda", t)["h2d_copies"] >= 1
+
+
 def test_bare_row_path_pays_for_unlabelled_rows(rows):
     """Without the host's labels the CUDA path multiplies every row: the counter sees it."""
     r = _row(rows, "op", "dpo", "bare", 64)
