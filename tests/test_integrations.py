@@ -76,6 +76,28 @@ def test_metapo_trainer_trains_and_keeps_pair_identity(tmp_path):
     assert batch["input_ids"][0, :len(first["prompt_ids"])].tolist() == first["prompt_ids"]
 
 
+def test_metapo_start_fraction_delays_the_meta_updates(tmp_path):
+    """metapo_start_fraction=0.5 of 4 steps with K=1: meta-updates at steps 2, 3 and 4 (not 1), as the
+    trainer's meta.start_fraction; a fraction outside [0, 1) is refused at construction."""
+    tok, model, ds = _setup()
+    ref = copy.deepcopy(model).eval()
+    tr = MetaPOTrainer(model=model, ref_model=ref, args=_args(tmp_path, max_steps=4, metapo_interval=1, metapo_start_fraction=0.5),
+                       train_dataset=ds, processing_class=tok)
+    steps = []
+    real = tr.metapo_learner.step
+
+    def spy(*a, **k):
+        steps.append(tr.state.global_step + 1)
+        return real(*a, **k)
+
+    tr.metapo_learner.step = spy
+    tr.train()
+    assert steps == [2, 3, 4] and tr.metapo_learner.updates == 3
+    with pytest.raises(ValueError, match="metapo_start_fraction"):
+        MetaPOTrainer(model=model, ref_model=ref, args=_args(tmp_path, metapo_start_fraction=1.0), train_dataset=ds,
+                      processing_class=tok)
+
+
 def test_metrics_are_read_to_the_host_once_per_log_not_per_micro_batch(tmp_path, monkeypatch):
     """#15 item 4: the integration's per-micro-batch metrics stay on the device; every host read
     (.item / .tolist / float / bool of a tensor) made from metapo_fast/integrations/trl.py is
