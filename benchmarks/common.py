@@ -208,7 +208,8 @@ def ours_overrides(model_dir: str, data: str, a, out: str, *, meta: bool, attn: 
             "data.val_split=random", f"train.per_device_batch_size={a.batch}", f"train.max_steps={a.steps}", "train.eval_every=0",
             "train.save_every=0", f"train.lr={a.lr}", "train.lr_scheduler=constant", "train.warmup_ratio=0",
             "train.weight_decay=0", "loss.loss_type=sigmoid", "loss.beta=0.1", f"meta.enabled={str(meta).lower()}",
-            f"meta.interval={a.meta_interval}", f"meta.val_batch_size={a.batch}", f"train.output_dir={out}",
+            f"meta.interval={a.meta_interval}", "meta.start_fraction=0",  # every K-th step: the overhead per K
+            f"meta.val_batch_size={a.batch}", f"train.output_dir={out}",
             f"model.dtype={'bfloat16' if device == 'cuda' else 'float32'}", f"model.attn_implementation={attn}",
             "data.max_length=512", "data.max_prompt_length=256", f"train.device={device}",
             "train.sync_step_timing=true"]  # TRL's clock synchronises after its optimiser step too

@@ -65,8 +65,8 @@ _GEMMS = {_aten.mm.default, _aten.addmm.default, _aten.bmm.default, _aten.baddbm
           _aten.mm.out, _aten.addmm.out, _aten.addmm_.default, _aten.linear.default}
 _SYNCS = {_aten._local_scalar_dense.default, _aten.nonzero.default, _aten.masked_select.default,
           _aten.is_nonzero.default, _aten.equal.default, _aten.repeat_interleave.Tensor}
-_CPU_ONLY_FRAMES = {"_check_inputs", "_check", "rows_of", "_compact_rows",  # guarded by device == cpu / compact;
-                    "check_label_values"}  # _compact_rows: the host-side row layout
+_CPU_ONLY_FRAMES = {"_check_inputs", "_check", "rows_of",  # guarded by device == cpu / compact;
+                    "check_label_values"}  # rows_of: the host-side rows of the ghost pass
 
 
 def _custom_bodies() -> dict:
@@ -206,8 +206,9 @@ def _count_chunks():
 @contextlib.contextmanager
 def _count_host_copies():
     """On the CUDA row rules, count the host-built tensors the schedule moves to the device (row
-    indices, row-to-sequence matrices, loss constants): on a GPU each is one queued copy, on this
-    CPU run a no-op that no dispatch counter would see."""
+    indices, row-to-sequence matrices, loss constants: every ``to_device`` call is one, as the
+    schedule calls it only for what it built on the host): on a GPU each is one queued copy, on
+    this CPU run a no-op that no dispatch counter would see."""
     from metapo_fast.ops import chunking
 
     cuda_rule = not chunking.compact_rows(torch.device("cpu"))

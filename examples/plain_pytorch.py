@@ -31,7 +31,7 @@ collate = PreferenceCollator(tok.pad_token_id)
 
 tracker = TemporalTracker(len(train), alpha=0.9)                 # 24 bytes of history per pair
 net = MetaWeightNet(normalize="batch_mean")                       # all weights exactly 1 at start
-meta = MetaLearner(net, lr=0.003, interval=args.K, inner_lr=3e-4)
+meta = MetaLearner(net, lr=0.003, interval=args.K, inner_lr=3e-4, start_step=args.steps // 3)  # the trainer's default start
 opt = torch.optim.AdamW(model.parameters(), lr=3e-4)
 
 
@@ -53,7 +53,7 @@ for step in range(1, args.steps + 1):
     out.loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
-    if step % args.K == 0:                                         # bilevel update of the weights on validation pairs
+    if meta.due(step):                                             # bilevel update of the weights on validation pairs
         meta.step(model, batch, collate([val[i] for i in range(16)]), features, ref_model=ref)
     print(f"step {step}: loss {out.loss.item():.4f} margin {stats.margins.mean().item():.4f} "
           f"weights {weights.min().item():.3f}..{weights.max().item():.3f}")

@@ -68,3 +68,13 @@ def test_head_ghost_dots_both_row_rules_equal_the_definition(rows_per_chunk):
     for x in got:
         torch.testing.assert_close(x, want, rtol=1e-12, atol=1e-12)
     assert want.abs().min() > 1e-3  # non-trivial values
+
+
+def test_a_schedule_without_a_device_mask_needs_the_host_mask_and_the_device():
+    with pytest.raises(ValueError, match="host_mask and device"):
+        ChunkSchedule(None, 4, 3, 8, compact=True)
+    with pytest.raises(ValueError, match="host_mask and device"):
+        ChunkSchedule(None, 4, 3, 8, compact=True, host_mask=torch.ones(12, dtype=torch.bool))
+    s = ChunkSchedule(None, 4, 3, 8, compact=False, host_mask=_mask(4, 3), device=torch.device("cpu"))
+    rows, _ = s.token_rows()
+    assert torch.equal(rows, _mask(4, 3).nonzero().squeeze(1))  # the host's rule: labelled rows only

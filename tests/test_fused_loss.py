@@ -332,3 +332,28 @@ def test_bad_inputs_raise_clear_errors(mutate, match):
     mutate(args)
     with pytest.raises(ValueError, match=match):
         fused_linear_preference_loss(**args)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+@pytest.mark.parametrize("rule", [None, False])  # the CPU rule, and the CUDA row rule forced on CPU
+def test_cpu_labels_are_their_own_mask_whatever_host_labels_say(backend, rule):
+    """On CPU the op reads the labels' own values on the host: a host_labels copy that disagrees with
+    them (here: two labelled rows marked ignored and two ignored rows marked labelled) changes
+    nothing, where trusting it sent -100 into the epilogue."""
+    if backend == "cpp" and not cpp_compiler_present():
+        pytest.skip("no C++ compiler")
+    hid, w, labels, kw = make_inputs(torch.float64)
+    wrong = labels.clone()
+    wrong[0, -1], wrong[1, 0] = 3, 3  # ignored rows (padding, prompt) marked labelled
+    wrong[0, T // 2], wrong[2, T // 2 + 1] = -100, -100  # labelled rows marked ignored
+    assert (wrong != labels).sum() == 4
+    out = {}
+    for name, host in (("none", None), ("wrong", wrong)):
+        h, wt = hid.clone().requires_grad_(), w.clone().requires_grad_()
+        with contextlib.nullcontext() if rule is None else force_row_rule(rule):
+            o = fused_linear_preference_loss(h, wt, labels, backend=backend, host_labels=host, **kw)
+        o.loss.backward()
+        out[name] = (o.loss.detach(), o.chosen_counts, o.rejected_counts, h.grad, wt.grad)
+    tol = 0 if rule is None else 1e-12  # the forced CUDA rule without host labels keeps every row: other sums
+    for a, b in zip(out["none"], out["wrong"]):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol)

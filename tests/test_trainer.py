@@ -114,9 +114,12 @@ def test_ema_margin_baseline_weights_and_exact_resume(tmp_path):
 
 def test_meta_start_fraction_holds_every_weight_at_one_until_the_first_due_step(tmp_path):
     """meta.start_fraction=0.58 of 12 steps (step 7) with K=3: meta-updates at steps 9 and 12 only
-    (not 3 and 6), every pair weighs exactly 1 until the first one has moved phi, and a resume from
-    step 6 (before the start) reproduces the run."""
-    args = ["meta.start_fraction=0.58", "train.max_steps=12", "train.save_every=6"]
+    (not 3 and 6), every pair weighs exactly 1 until the first one has moved phi; resumes from step 6
+    (before the start) and step 9 (after the first update) reproduce the run, and a resume that
+    lengthens the run keeps the start it was saved with."""
+    import shutil
+
+    args = ["meta.start_fraction=0.58", "train.max_steps=12", "train.save_every=3", "train.keep_checkpoints=4"]
     full = _run(tmp_path, "full", args)
     s = json.load(open(os.path.join(full, "summary.json")))
     assert s["meta_updates"] == 2 and s["meta_start_step"] == 7
@@ -126,7 +129,24 @@ def test_meta_start_fraction_holds_every_weight_at_one_until_the_first_due_step(
     logged = {r["step"]: r for r in recs if "metapo/weight_std" in r}
     assert all(logged[k]["metapo/weight_std"] == 0.0 for k in range(1, 10))  # step 9's weights precede its update
     assert max(logged[k]["metapo/weight_std"] for k in (10, 11, 12)) > 1e-4
-    _crash_before_the_end_and_resume(tmp_path, full, args, base=SMALL)
+    for keep in (6, 9):  # a crash after step `keep`: the later checkpoints are gone
+        crashed = str(tmp_path / f"crashed{keep}")
+        shutil.copytree(full, crashed)
+        for later in range(keep + 3, 13, 3):
+            shutil.rmtree(os.path.join(crashed, "checkpoints", f"step_{later:08d}"))
+        assert main([*SMALL, f"train.output_dir={crashed}", *args, "train.resume=auto"]) == 0
+        a, b = _train_losses(full), _train_losses(crashed)
+        assert [t for t, _ in a] == [t for t, _ in b] == list(range(1, 13))
+        for (_, la), (_, lb) in zip(a, b):
+            assert la == pytest.approx(lb, abs=1e-6)
+        assert json.load(open(os.path.join(crashed, "summary.json")))["coefficients"] == pytest.approx(s["coefficients"], abs=1e-6)
+    # twice the length from step 9's checkpoint: the start stays step 7 (not round(0.58 * 24) = 14)
+    longer = str(tmp_path / "longer")
+    shutil.copytree(full, longer)
+    shutil.rmtree(os.path.join(longer, "checkpoints", "step_00000012"))
+    assert main([*SMALL, f"train.output_dir={longer}", *args, "train.max_steps=18", "train.resume=auto"]) == 0
+    s18 = json.load(open(os.path.join(longer, "summary.json")))
+    assert s18["meta_start_step"] == 7 and s18["meta_updates"] == 4  # steps 9, 12, 15, 18
 
 
 def test_static_filter_drops_the_lowest_margins_after_warmup_and_resumes(tmp_path):

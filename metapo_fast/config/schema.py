@@ -237,7 +237,7 @@ class MetaConfig:
 
     enabled: bool = _f(True, "Learn per-pair weights (MetaPO); false = the plain base loss.")
     interval: int = _f(100, "K: meta-update every K training steps (paper: 100).")
-    start_fraction: float = _f(1 / 3, "No meta-update before this fraction of the run's steps (step round(fraction * total steps); 0 = from step K, the paper's): phi keeps its initialisation, every weight 1, until the margins carry the signal (they flag flipped pairs only late in training, benchmarks/results/weights_diagnosis_detectors.md). A third beat 0 in every noisy condition of the quality benchmark (meta_ablation.md run 8) and takes a third of the meta-updates' cost off. Not in the paper.")
+    start_fraction: float = _f(1 / 3, "No meta-update before this fraction of the run's steps (step round(fraction * total steps); 0 = from step K, the paper's): phi keeps its initialisation, every weight 1, until the margins carry the signal (they flag flipped pairs only late in training, benchmarks/results/weights_diagnosis_detectors.md). A third beat 0 in every noisy condition of the quality benchmark (meta_ablation.md run 8) and takes a third of the meta-updates' cost off. The step is fixed when the run starts and saved in its checkpoints (a resume that changes the run length keeps it). Not in the paper.")
     lambda_margin: float = _f(0.1, "lambda of L_meta = L_val + lambda * L_margin (paper: 0.1).")
     entropy_coef: float = _f(0.0, "Coefficient of a weight-entropy bonus in L_meta (0 = off, the paper's objective).")
     arch: Literal["linear", "mlp"] = _f("linear", "Meta-network: linear (7 parameters, paper default) or mlp (6-mlp_hidden-1).")

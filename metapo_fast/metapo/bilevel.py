@@ -418,9 +418,13 @@ class MetaLearner:
         return out
 
     def state_dict(self) -> dict:
-        return {"net": self.net.state_dict(), "optimizer": self.opt.state_dict(), "updates": self.updates}
+        return {"net": self.net.state_dict(), "optimizer": self.opt.state_dict(), "updates": self.updates,
+                "start_step": self.start_step}
 
     def load_state_dict(self, sd: dict) -> None:
+        """The saved state; the saved ``start_step`` too (a resumed run keeps the schedule it started
+        with even when its length changes; a state saved before it existed keeps the current one)."""
         self.net.load_state_dict(sd["net"])
         self.opt.load_state_dict(sd["optimizer"])
         self.updates = int(sd["updates"])
+        self.start_step = int(sd.get("start_step", self.start_step))

@@ -132,14 +132,15 @@ class ChunkSchedule:
 
     def __init__(self, labels_mask: Optional[torch.Tensor], num_seqs: int, seq_len: int, rows_per_chunk: int, compact: bool,
                  host_mask: Optional[torch.Tensor] = None, device: Optional[torch.device] = None):
-        if labels_mask is None and host_mask is None:
+        if labels_mask is None and (host_mask is None or device is None):
             raise ValueError("ChunkSchedule: give labels_mask, or host_mask and device")
         self.mask, self.b2, self.t = labels_mask, num_seqs, seq_len
         self.bsz = num_seqs // 2
         self.rows_per_chunk = max(1, int(rows_per_chunk))
         self.device = labels_mask.device if labels_mask is not None else torch.device(device)
         self._host_np: Optional[np.ndarray] = None
-        if host_mask is not None and (not compact or labels_mask is None):  # made exact by the host's copy
+        self.host_rule = host_mask is not None and (not compact or labels_mask is None)
+        if self.host_rule:  # made exact by the host's copy: rows are built on the host, then copied
             hm = host_mask.reshape(-1)
             self._rule_mask, self._where, self.compact = hm if hm.dtype == torch.bool else hm.bool(), torch.device("cpu"), True
         else:
@@ -241,7 +242,10 @@ class ChunkSchedule:
         on the device, computed where the rule's mask lives (no sync). Per-token work that needs no
         pair grouping (the ghost pass) takes them in blocks of at most ``rows_per_chunk``."""
         rows = self.rows_of(torch.arange(self.b2, device=self._where))
-        return self.to_device(rows), self.to_device(torch.div(rows, self.t, rounding_mode="floor"))
+        seq = torch.div(rows, self.t, rounding_mode="floor")
+        if not self.host_rule:  # built where the device mask lives: nothing to copy
+            return rows, seq
+        return self.to_device(rows), self.to_device(seq)
 
 
 def pair_rows_on_device(rows: int, seq_len: int, vocab: int, itemsize: int, with_reference: bool,

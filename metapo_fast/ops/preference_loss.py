@@ -213,8 +213,8 @@ class _Chunker:
         rows = ChunkSchedule.rows_for(chunk_bytes, self.v, hidden.element_size(), self.has_ref_logits)
         rows = pair_rows_on_device(rows, self.t, self.v, hidden.element_size(), self.has_ref_logits, dev)
         compact = compact_rows(dev)
-        if host_mask is None and compact and labels_np is not None:  # the CPU rule: the mask is host data
-            host_mask = torch.from_numpy(labels_np != ignore_index)
+        if labels_np is not None and (compact or host_mask is not None):  # CPU labels: their own mask, on the host
+            host_mask = torch.from_numpy(labels_np != ignore_index)  # (a CPU host_labels copy is not needed, not trusted)
         # exact: the rule's mask is on the host, so every scheduled row carries a label (no device mask)
         self.exact = host_mask is not None
         mask = None if self.exact else self.labels != ignore_index
@@ -591,7 +591,8 @@ def fused_linear_preference_loss(
         backend: epilogue implementation: ``auto`` | ``torch`` | ``triton`` | ``cpp``.
         host_labels: optional CPU copy of ``labels`` (the collated batch before its copy to the
             GPU). On CUDA it lets the op drop prompt and padding rows before the GEMMs without a
-            host sync (row indices computed on the host); ignored for CPU tensors.
+            host sync (row indices computed on the host); it must equal ``labels`` (the rows it marks
+            are read as labelled). Ignored for CPU tensors (their own values are on the host).
         weights_fn: optional per-pair weights known only from this pass's statistics (MetaPO):
             ``weights_fn(pairs, stats) -> (n,)`` is called once per chunk, after the chunk's
             forward and before its gradient, with the indices of the chunk's pairs and their

@@ -1,7 +1,7 @@
 """The trainer behind ``torchrun -m metapo_fast.train`` (``__main__.py`` -> ``cli.main``).
 
 - ``cli.py``: command line -> config -> process group -> ``Trainer(cfg, dist).train()``.
-- ``loop.py``: the training loop, top to bottom (micro-batches, step, meta-update every K, logging).
+- ``loop.py``: the training loop, top to bottom (micro-batches, step, meta-update every K from ``meta.start_fraction`` of the run, logging).
 - ``forward.py``: one micro-batch's forward: policy and reference hidden states, the fused loss.
 - ``setup.py``: tokenizer, policy, reference, SFT warm-up, data and its validation split.
 - ``state.py``: crash-safe checkpoints and exact resume.

@@ -8,7 +8,7 @@ One optimiser step (:meth:`Trainer._train_step`):
   Then the weights' normalisation over the whole step (``batch_mean``: the step's gradient is
   divided by the mean raw weight of all its micro-batches and ranks, by the engine), clip, skip
   the step if anything is non-finite,
-  every K steps the meta-update (:meth:`Trainer._meta_update`: at theta_t, before the optimiser
+  every K steps from ``meta.start_fraction`` of the run the meta-update (:meth:`Trainer._meta_update`: at theta_t, before the optimiser
   step, on every micro-batch of the step), optimiser and scheduler step.
 Every E steps an evaluation;
 crash-safe checkpoints every S steps (``state.py``). Building the run is ``setup.py``'s job, the
