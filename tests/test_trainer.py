@@ -472,6 +472,22 @@ def test_phase_lines_and_resume_line(tmp_path, caplog):
     assert not any("SFT warm-up" in m for m in said)  # the resumed run loads the saved reference
 
 
+def test_a_run_without_any_meta_update_says_so(tmp_path, caplog):
+    """K=4 from step round(0.9 * 6) = 5 leaves no meta-update in 6 steps: the run warns once, names the
+    settings, and still finishes (every weight 1); a run with meta-updates does not warn."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="metapo_fast.train")
+    s = json.load(open(os.path.join(_run(tmp_path, "none", ["meta.interval=4", "meta.start_fraction=0.9",
+                                                                 "train.max_steps=6"]), "summary.json")))
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "no meta-update" in r.getMessage()]
+    assert len(warned) == 1 and "meta.interval=4 from step 5" in warned[0], warned
+    assert s["meta_updates"] == 0 and s["weight_std"] == 0.0
+    caplog.clear()
+    _run(tmp_path, "some", ["train.max_steps=6"])
+    assert not any("no meta-update" in r.getMessage() for r in caplog.records)
+
+
 def test_a_training_step_reads_the_host_once(tmp_path):
     """One host read per optimiser step from the trainer's code (the finite flag of the whole step),
     counted on CPU over every .item/.tolist/bool/float/int of a tensor made from metapo_fast: MetaPO

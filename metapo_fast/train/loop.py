@@ -104,6 +104,10 @@ class Trainer:
         t, m = self.cfg.train, self.cfg.meta
         if self.dist.is_main:
             self.logger.info(self.start_line())
+            if self.meta is not None and not any(self.meta.due(s) for s in range(self.step + 1, self.total_steps + 1)):
+                outputs.log.warning(f"no meta-update will run: meta.interval={m.interval} from step {self.meta.start_step} "
+                                    f"(meta.start_fraction={m.start_fraction:g}) leaves none in steps {self.step + 1}-"
+                                    f"{self.total_steps}; every pair weighs 1 (plain {self.cfg.loss.loss_type} loss)")
         while self.step < self.total_steps:
             metrics = self._train_step(meta=self.meta is not None and self.meta.due(self.step + 1))
             self.step += 1
