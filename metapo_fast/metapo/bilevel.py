@@ -170,6 +170,9 @@ def pair_gradient_dots(model: nn.Module, batch: dict, direction: dict, loss_type
     # layer computes weight gradients to discard (autograd Functions such as ZeRO-3's linear decide
     # from requires_grad, not from what the backward asks for: a model-sized waste of FLOPs)
     grad_path = first is not None and not _reentrant_checkpointing(model)
+    if not grad_path and is_zero3_partitioned(model):  # refused before any forward
+        raise RuntimeError("MetaLearner: the ghost pass on a ZeRO-3 policy needs a trained input embedding and "
+                           "non-reentrant gradient checkpointing (a backward into p.grad would reach ZeRO's partitions)")
     frozen = [p for p in model.parameters() if p.requires_grad and p is not first] if grad_path else []
     before_forward()
     with GhostDots(model, direction, token_pair, bsz, exclude=(head,)) as gd, _requires_grad_off(frozen):
@@ -197,9 +200,6 @@ def pair_gradient_dots(model: nn.Module, batch: dict, direction: dict, loss_type
         if grad_path:  # reentrant checkpoints refuse autograd.grad
             torch.autograd.grad(hidden, [first], g_h, allow_unused=True)
             after_backward()
-        elif is_zero3_partitioned(model):
-            raise RuntimeError("MetaLearner: the ghost pass on a ZeRO-3 policy needs a trained input embedding and "
-                               "non-reentrant gradient checkpointing (a backward into p.grad would reach ZeRO's partitions)")
         else:
             saved = [p.grad for p in model.parameters()]
             hidden.backward(g_h)

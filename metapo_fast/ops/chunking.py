@@ -24,8 +24,9 @@ streaming while memory allows a whole pair). Schedules:
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -94,6 +95,10 @@ class PairLayout:
     to end are the *layout order* (group g occupies positions ``2 i0 .. 2 i1 - 1``). A group is one
     chunk (whole pairs) or, streamed, one pair whose rows come in blocks of one sequence each.
 
+    Built on the host (NumPy, the ``*_host`` arrays); the device tensors are copied on first use
+    only (``to_device``: on CUDA one queued copy each), so a caller that needs no ``col`` or
+    ``order`` pays no copy for them.
+
     Attributes:
         rows: ``(R,)`` flat rows of every block, block after block (on the schedule's device).
         col: ``(R,)`` the column of each row's sequence within its group (``side * n_g + j``).
@@ -103,14 +108,30 @@ class PairLayout:
             whole-pairs chunk).
     """
 
-    rows: torch.Tensor
-    col: torch.Tensor
-    order: torch.Tensor
-    pos: torch.Tensor
+    rows_host: np.ndarray
+    col_host: np.ndarray
+    order_host: np.ndarray
+    pos_host: np.ndarray
     groups: list
     group_rows: list
     blocks: list
-    col_host: Optional[np.ndarray] = None  # ``col`` on the host (NumPy), for host-built row-to-sequence matrices
+    to_device: Callable[[torch.Tensor], torch.Tensor]
+
+    @functools.cached_property
+    def rows(self) -> torch.Tensor:
+        return self.to_device(torch.from_numpy(self.rows_host))
+
+    @functools.cached_property
+    def col(self) -> torch.Tensor:
+        return self.to_device(torch.from_numpy(self.col_host))
+
+    @functools.cached_property
+    def order(self) -> torch.Tensor:
+        return self.to_device(torch.from_numpy(self.order_host))
+
+    @functools.cached_property
+    def pos(self) -> torch.Tensor:
+        return self.to_device(torch.from_numpy(self.pos_host))
 
 
 class ChunkSchedule:
@@ -198,7 +219,7 @@ class ChunkSchedule:
         """The whole schedule of the fused loss at once (see :class:`PairLayout`): whole pairs per
         group (:meth:`pair_chunks`' grouping) or, ``streamed``, one pair per group in blocks of at
         most ``rows_per_chunk`` rows of one sequence (:meth:`seq_chunks`' blocks). Host arithmetic
-        in NumPy (no tensor op; on CUDA four queued copies of the results), from the host's mask."""
+        in NumPy (no tensor op; on CUDA a queued copy of each result the caller uses), from the host's mask."""
         t, bsz, b2 = self.t, self.bsz, self.b2
         npc = 1 if streamed else max(1, self.rows_per_chunk // (2 * t))
         groups = [(i0, min(i0 + npc, bsz)) for i0 in range(0, bsz, npc)]
@@ -226,8 +247,7 @@ class ChunkSchedule:
                 bl = [(sum(seq_rows), -1)]
             blocks.append(bl)
             group_rows.append(sum(seq_rows))
-        dev = lambda x: self.to_device(torch.from_numpy(x))  # noqa: E731
-        return PairLayout(dev(rows), dev(cols), dev(order), dev(pos), groups, group_rows, blocks, col_host=cols)
+        return PairLayout(rows, cols, order, pos, groups, group_rows, blocks, self.to_device)
 
     def host_rule_mask(self) -> np.ndarray:
         """The rule's mask as a host array: a view of the host's mask, or (the compact rule forced onto

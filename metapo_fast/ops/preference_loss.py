@@ -233,8 +233,8 @@ class _Chunker:
         self.blk_buf, self.grp_buf = buf.split(sizes), buf.split(lay.group_rows)
         width = 2 * (lay.groups[0][1] - lay.groups[0][0])
         if self.exact:  # built on the host: one queued copy on CUDA
-            P_host = np.zeros((lay.rows.numel(), width), dtype=_NP_DTYPES[cd])
-            P_host[np.arange(len(lay.col_host)), lay.col_host] = 1
+            P_host = np.zeros((len(lay.rows_host), width), dtype=_NP_DTYPES[cd])
+            P_host[np.arange(len(lay.rows_host)), lay.col_host] = 1
             P = self.schedule.to_device(torch.from_numpy(P_host))
         else:
             P = torch.zeros(lay.rows.numel(), width, dtype=cd, device=dev).scatter_(1, lay.col.unsqueeze(1), m_all.unsqueeze(1))
