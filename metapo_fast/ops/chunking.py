@@ -24,7 +24,6 @@ streaming while memory allows a whole pair). Schedules:
 from __future__ import annotations
 
 import contextlib
-import functools
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
 
@@ -117,21 +116,17 @@ class PairLayout:
     blocks: list
     to_device: Callable[[torch.Tensor], torch.Tensor]
 
-    @functools.cached_property
-    def rows(self) -> torch.Tensor:
-        return self.to_device(torch.from_numpy(self.rows_host))
+    def _copied(self, name: str) -> torch.Tensor:
+        """``<name>_host`` on the device, copied once."""
+        cache = self.__dict__.setdefault("_copies", {})
+        if name not in cache:
+            cache[name] = self.to_device(torch.from_numpy(getattr(self, name + "_host")))
+        return cache[name]
 
-    @functools.cached_property
-    def col(self) -> torch.Tensor:
-        return self.to_device(torch.from_numpy(self.col_host))
-
-    @functools.cached_property
-    def order(self) -> torch.Tensor:
-        return self.to_device(torch.from_numpy(self.order_host))
-
-    @functools.cached_property
-    def pos(self) -> torch.Tensor:
-        return self.to_device(torch.from_numpy(self.pos_host))
+    rows = property(lambda self: self._copied("rows"))
+    col = property(lambda self: self._copied("col"))
+    order = property(lambda self: self._copied("order"))
+    pos = property(lambda self: self._copied("pos"))
 
 
 class ChunkSchedule:
