@@ -74,3 +74,63 @@ def imported_modules(path: str) -> set[str]:
     tree = ast.parse(open(path).read())
     return {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names} | \
         {(n.module or "").split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and not n.level}
+
+
+# --- the checkout's kernels/ never shadows Hugging Face's `kernels` (transformers >= 5.25 imports it) ---
+
+def _run_from_root(code: str):
+    """``python -c code`` with the checkout's root as the working directory (so it is sys.path[0],
+    as under ``python -m``, torchrun and pytest)."""
+    import subprocess
+    import sys
+    env = dict(os.environ)
+    env.pop("PYTHONPATH", None)
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=120)
+
+
+def _fake_hf_kernels(tmp_path):
+    site = tmp_path / "site"
+    (site / "kernels").mkdir(parents=True)
+    (site / "kernels" / "__init__.py").write_text("ORIGIN = 'elsewhere'\nfrom kernels.sub import VALUE\n")
+    (site / "kernels" / "sub.py").write_text("VALUE = 3\n")
+    return str(site)
+
+
+def test_top_level_kernels_is_the_other_package_when_one_is_installed(tmp_path):
+    site = _fake_hf_kernels(tmp_path)
+    code = ("import kernels, kernels.sub\n"
+            "assert kernels.ORIGIN == 'elsewhere' and kernels.VALUE == 3, kernels.__file__\n"
+            "import metapo_fast.kernels as ours\n"
+            "assert ours.__file__.endswith('kernels/__init__.py') and not hasattr(ours, 'ORIGIN')\n"
+            "print(kernels.__file__)\n")
+    # the fake goes first among the others, so an installed real one (CI) does not answer instead
+    r = _run_from_root("import sys\nsys.path.insert(1, " + repr(site) + ")\n" + code)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == os.path.join(site, "kernels", "__init__.py")
+
+
+def test_top_level_kernels_is_not_found_when_none_is_installed():
+    code = ("sys.path[:] = [p for p in sys.path if 'site-packages' not in p and 'editable' not in p]\n"
+            "try:\n"
+            "    import kernels\n"
+            "except ModuleNotFoundError as e:\n"
+            "    assert e.name == 'kernels' and 'metapo_fast.kernels' in str(e), e\n"
+            "    assert 'kernels' not in sys.modules\n"
+            "    print('not found')\n")
+    r = _run_from_root("import sys\n" + code)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "not found"
+
+
+def test_transformers_imports_hugging_face_kernels_from_the_checkout_root():
+    """transformers >= 5.25 requires Hugging Face's ``kernels`` and imports it with every model."""
+    from importlib import metadata
+    try:
+        metadata.version("kernels")
+    except metadata.PackageNotFoundError:
+        pytest.skip("Hugging Face's kernels is not installed (transformers < 5.25)")
+    r = _run_from_root("import transformers.activations, kernels, os\n"
+                       "assert not os.path.samefile(os.path.dirname(kernels.__file__), 'kernels'), kernels.__file__\n"
+                       "import metapo_fast.kernels.tracker\n")
+    assert r.returncode == 0, r.stderr
