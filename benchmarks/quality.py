@@ -130,6 +130,11 @@ CANDIDATES = {
     "static_filter_late": lambda eps, warm, total: ["meta.weighting=static_filter",
                                                     f"meta.filter_after_steps={round(2 * total / 3)}",
                                              f"meta.filter_fraction={eps}"],
+    # diagnostics, not methods: the ceiling of any detector. The static filter fed the true flip flags (exactly the
+    # flipped pairs dropped, from step 1, from a sixth of the run, and from a third: where MetaPO's weights start)
+    **{f"oracle_filter_from_{name}": (lambda eps, warm, total, f=f: ["meta.weighting=static_filter", "meta.filter_by=oracle",
+                                                                    f"meta.filter_after_steps={max(1, round(f * total))}"])
+       for name, f in (("start", 0.0), ("1of6", 1 / 6), ("1of3", 1 / 3))},
 }
 ALL_METHODS = {**METHODS, **CANDIDATES}
 # rows keep the name of the settings they ran with: when a default changes, the rows recorded as "metapo" take the

@@ -172,6 +172,33 @@ def test_static_filter_drops_the_lowest_margins_after_warmup_and_resumes(tmp_pat
     assert again == w.tolist()
 
 
+def test_oracle_filter_drops_exactly_the_flipped_pairs(tmp_path):
+    """meta.filter_by=oracle (a diagnostic): at meta.filter_after_steps the pairs the data marks
+    is_flipped weigh 0, every other pair the same; no forward pass, nothing learned."""
+    import numpy as np
+
+    args = ["meta.weighting=static_filter", "meta.filter_by=oracle", "meta.filter_after_steps=2", "train.max_steps=4",
+            "data.synthetic.flip_fraction=0.3"]
+    out = _run(tmp_path, "oracle", args, base=SMALL_NO_LEARNING)
+    rows = list(csv.DictReader(open(os.path.join(out, "pair_weights.csv"))))
+    w = np.array([float(r["weight"]) for r in rows])
+    flipped = np.array([int(r["is_flipped"]) == 1 for r in rows])
+    assert 0 < flipped.sum() < len(rows)
+    assert (w[flipped] == 0).all() and (w[~flipped] > 0).all() and np.allclose(w[~flipped], w[~flipped][0])
+    s = json.load(open(os.path.join(out, "summary.json")))
+    assert s["weights_auroc_clean_vs_flipped"] == 1.0
+
+
+def test_oracle_filter_needs_the_is_flipped_column(tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"{i}+{i}=", "chosen": str(2 * i), "rejected": str(2 * i + 1)}) + "\n"
+                            for i in range(40)))
+    with pytest.raises(ValueError, match=r"filter_by=oracle .*pairs\.jsonl has no is_flipped column"):
+        main([f"data.path={path}", "data.val_fraction=0.1", "train.per_device_batch_size=8", "train.sft_warmup_steps=0",
+              "meta.weighting=static_filter", "meta.filter_by=oracle", "meta.filter_after_steps=2", "train.max_steps=4",
+              f"train.output_dir={tmp_path / 'out'}"])
+
+
 @pytest.mark.parametrize("loss", ["sigmoid", "ipo", "focal", "simpo", "orpo", "robust"])
 def test_every_loss_runs_with_the_meta_learner(tmp_path, loss):
     extra = [f"loss.loss_type={loss}", "train.max_steps=4"]

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Iterable, Sequence
+from typing import Iterable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -244,15 +244,17 @@ class PairFilter(nn.Module):
         self.register_buffer("keep", torch.ones(num_pairs))
 
     @torch.no_grad()
-    def fit(self, margins) -> int:
-        """Drop the ``fraction`` of pairs with the lowest ``margins`` (one per pair, in pair-id
-        order); returns how many were dropped. Deterministic: the same margins give the same set
-        on every rank."""
+    def fit(self, margins, count: Optional[int] = None) -> int:
+        """Drop the ``count`` pairs (default ``round(fraction * n)``) with the lowest ``margins``
+        (one per pair, in pair-id order); returns how many were dropped. Deterministic: the same
+        margins give the same set on every rank."""
         z = torch.as_tensor(margins, dtype=torch.float64).cpu()
         if z.shape != self.keep.shape:
             raise ValueError(f"PairFilter.fit: margins must have shape {tuple(self.keep.shape)} (one per training pair), "
                              f"got {tuple(z.shape)}")
-        k = int(round(self.fraction * z.numel()))
+        k = int(round(self.fraction * z.numel())) if count is None else int(count)
+        if not 0 <= k <= z.numel():
+            raise ValueError(f"PairFilter.fit: count must be in [0, {z.numel()}], got {count}")
         order = torch.sort(z, stable=True).indices  # ties: the lower pair id first
         keep = torch.ones_like(z)
         keep[order[:k]] = 0.0

@@ -63,6 +63,8 @@ class Trainer:
         self.last_seen = torch.zeros(n, 2, dtype=torch.float32, device=self.device)
         self.meta_net = make_meta_net(cfg, self.device, n) if m.enabled else None
         self.pair_filter = self.meta_net if m.enabled and m.weighting == "static_filter" else None
+        if self.pair_filter is not None and m.filter_by == "oracle":
+            self.oracle_flipped = self._flipped_column()
         learned = m.enabled and m.weighting == "learned"
         self.meta = make_meta_learner(cfg, self.meta_net) if learned else None
         self.sampler = PairSampler(n, t.per_device_batch_size, dist.world_size, dist.rank, seed=t.seed)
@@ -241,8 +243,16 @@ class Trainer:
 
     def _fit_filter(self) -> None:
         """Static filtering: the margins of every training pair under the current policy, once;
-        the lowest ``meta.filter_fraction`` are dropped for the rest of the run."""
+        the lowest ``meta.filter_fraction`` are dropped for the rest of the run. With
+        ``meta.filter_by=oracle``, exactly the pairs marked ``is_flipped`` (no forward pass)."""
         t0 = time.perf_counter()
+        if self.cfg.meta.filter_by == "oracle":
+            flipped = self.oracle_flipped
+            dropped = self.pair_filter.fit(-flipped.astype(np.float64), count=int(flipped.sum()))
+            if self.dist.is_main:
+                self.logger.info(f"step {self.step}: oracle filter dropped the {dropped} of {len(flipped)} training "
+                                 f"pairs marked is_flipped (a diagnostic: the ceiling of a detector acting from here)")
+            return
         z, _ = self.fwd.margins(self.data.train, self.data.collator)
         dropped = self.pair_filter.fit(z)
         dt = time.perf_counter() - t0
@@ -250,6 +260,18 @@ class Trainer:
         if self.dist.is_main:
             self.logger.info(f"step {self.step}: static filter dropped {dropped} of {len(z)} training pairs "
                              f"(margin <= {float(np.sort(z)[max(dropped - 1, 0)]):.4g}) in {dt:.1f} s")
+
+    def _flipped_column(self) -> np.ndarray:
+        """The training set's ``is_flipped`` flags (pair-id order) for ``meta.filter_by=oracle``;
+        refused at start-up when the data has none for some pair."""
+        ds = self.data.train
+        flags = ds.column("is_flipped") if "is_flipped" in ds.pairs.extra else None
+        if flags is None or len(flags) == 0 or np.asarray(flags).min() < 0:
+            where = self.cfg.data.path or "the synthetic task"
+            missing = "no is_flipped column" if flags is None else "rows without is_flipped"
+            raise ValueError(f"meta.filter_by=oracle drops the pairs the training data marks is_flipped, but "
+                             f"{where} has {missing} (use meta.filter_by=margin)")
+        return np.asarray(flags) > 0
 
     def _pinned(self, batch: dict) -> dict:
         """On CUDA, the collated batch in pinned host memory, so that its copies to the device are
