@@ -5,8 +5,10 @@ This folder is installed and imported as ``metapo_fast.kernels``. Run from a che
 (``python -m ...``, ``torchrun -m ...``, pytest), the root is on ``sys.path`` and the folder would
 also answer to the top-level name ``kernels``: the name of Hugging Face's ``kernels`` package, which
 transformers >= 5.25 requires and imports from ``transformers.activations``. Imported under that
-name, this file hands the import to the first ``kernels`` found elsewhere on ``sys.path`` (or raises
-the ``ModuleNotFoundError`` a plain ``import kernels`` would), so a checkout never shadows it.
+name, this file hands the import to the first ``kernels`` found elsewhere on ``sys.path``, so a
+checkout never shadows it. With none installed it stays this inert module, without a
+``__version__``: transformers before 5.25 probes ``kernels`` by importing it and reads a module
+without a version as "not available".
 """
 if __name__ == "kernels":
     import importlib.machinery
@@ -19,10 +21,8 @@ if __name__ == "kernels":
         elsewhere = [p for p in sys.path
                      if not isinstance(p, str) or os.path.abspath(p or os.curdir) != checkout]
         spec = importlib.machinery.PathFinder.find_spec("kernels", elsewhere)
-        if spec is None or spec.loader is None:  # the import system drops this half-made module
-            raise ModuleNotFoundError(
-                "No module named 'kernels' (the checkout's kernels/ folder is metapo_fast's Triton code, "
-                "imported as metapo_fast.kernels)", name="kernels")
+        if spec is None or spec.loader is None:
+            return
         module = importlib.util.module_from_spec(spec)
         sys.modules["kernels"] = module  # the import statement returns what sys.modules holds
         spec.loader.exec_module(module)
