@@ -135,6 +135,12 @@ CANDIDATES = {
     **{f"oracle_filter_from_{name}": (lambda eps, warm, total, f=f: ["meta.weighting=static_filter", "meta.filter_by=oracle",
                                                                     f"meta.filter_after_steps={max(1, round(f * total))}"])
        for name, f in (("start", 0.0), ("1of6", 1 / 6), ("1of3", 1 / 3))},
+    # the static filter on the policy's margin at the same steps (the oracle filter from a third of the run closes
+    # 87-98% of the 20% / 40% gaps: how much of that does the margin's detection at that step keep?)
+    **{f"static_filter_from_{name}": (lambda eps, warm, total, f=f: ["meta.weighting=static_filter",
+                                                                     f"meta.filter_after_steps={max(1, round(f * total))}",
+                                                                     f"meta.filter_fraction={eps}"])
+       for name, f in (("1of6", 1 / 6), ("1of3", 1 / 3))},
 }
 ALL_METHODS = {**METHODS, **CANDIDATES}
 # rows keep the name of the settings they ran with: when a default changes, the rows recorded as "metapo" take the
