@@ -141,6 +141,15 @@ CANDIDATES = {
                                                                      f"meta.filter_after_steps={max(1, round(f * total))}",
                                                                      f"meta.filter_fraction={eps}"])
        for name, f in (("1of6", 1 / 6), ("1of3", 1 / 3))},
+    # the same filter ranking each pair's margin minus its prompt's mean margin (the margin filter's wrong drops are
+    # the clean pairs of hard prompts: weights_diagnosis.md), after the warm-up of static_filter and at the same steps
+    "static_filter_prompt": lambda eps, warm, total: ["meta.weighting=static_filter", "meta.filter_by=prompt_margin",
+                                                      f"meta.filter_after_steps={warm}", f"meta.filter_fraction={eps}"],
+    **{f"static_filter_prompt_from_{name}": (lambda eps, warm, total, f=f: ["meta.weighting=static_filter",
+                                                                            "meta.filter_by=prompt_margin",
+                                                                            f"meta.filter_after_steps={max(1, round(f * total))}",
+                                                                            f"meta.filter_fraction={eps}"])
+       for name, f in (("1of6", 1 / 6), ("1of3", 1 / 3))},
 }
 ALL_METHODS = {**METHODS, **CANDIDATES}
 # rows keep the name of the settings they ran with: when a default changes, the rows recorded as "metapo" take the

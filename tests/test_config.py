@@ -275,7 +275,7 @@ _MODE_CASES = {
     "meta.kappa": ("3.0", [], ["meta.weighting=ema_margin"]),
     "meta.filter_after_steps": ("50", [], ["meta.weighting=static_filter"]),
     "meta.filter_fraction": ("0.3", ["meta.weighting=static_filter", "meta.filter_by=oracle"], ["meta.weighting=static_filter"]),
-    "meta.filter_by": ("oracle", ["meta.weighting=ema_margin"], ["meta.weighting=static_filter"]),
+    "meta.filter_by": ("prompt_margin", ["meta.weighting=ema_margin"], ["meta.weighting=static_filter"]),
     "meta.interval": ("7", ["meta.weighting=ema_margin"], []),
     "meta.start_fraction": ("0.5", ["meta.weighting=ema_margin"], []),
     "meta.lambda_margin": ("0.2", ["meta.weighting=ema_margin"], []),

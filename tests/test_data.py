@@ -547,6 +547,18 @@ def test_true_labels_view_swaps_back_only_the_flipped_pairs():
     assert got == [(31, 30), (10, 11), (21, 20)] and len(view) == 3
 
 
+def test_prompt_groups_number_identical_prompts_in_pair_id_order():
+    from metapo_fast.data import TokenizedPairs
+
+    i32 = lambda *v: np.array(v, np.int32)  # noqa: E731
+    prompts = [i32(1, 2), i32(3), i32(1, 2), i32(1), i32(3)]
+    pairs = TokenizedPairs(source="x", prompt_ids=prompts, chosen_ids=[i32(9)] * 5, rejected_ids=[i32(8)] * 5,
+                           source_rows=np.arange(5))
+    assert PreferenceDataset(pairs).prompt_groups().tolist() == [0, 1, 0, 2, 1]
+    # pair_id order of a split: pairs 4, 0, 2, 3 -> prompts (3), (1 2), (1 2), (1)
+    assert PreferenceDataset(pairs, [4, 0, 2, 3]).prompt_groups().tolist() == [0, 1, 1, 2]
+
+
 @pytest.mark.parametrize("case", ["missing_file", "invalid_rows", "too_few_pairs"])
 def test_train_data_errors_are_one_line_exit_2_and_leave_no_run_directory(tmp_path, case, capsys):
     """A data error at start-up: exit code 2, one line on stderr naming the file and the 1-based

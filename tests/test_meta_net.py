@@ -131,6 +131,23 @@ def test_margin_baseline_is_sigmoid_of_the_normalised_ema_margin():
         MarginWeights(kappa=0.0)
 
 
+def test_prompt_centred_margins_against_a_loop():
+    """meta.filter_by=prompt_margin ranks z_i minus the mean margin of its prompt's pairs."""
+    import numpy as np
+
+    from metapo_fast.metapo.weight_net import prompt_centred
+
+    rng = np.random.default_rng(0)
+    z, g = rng.normal(size=37), rng.integers(0, 6, size=37)
+    want = [z[i] - z[g == g[i]].mean() for i in range(37)]
+    np.testing.assert_allclose(prompt_centred(z, g), want, rtol=0, atol=1e-12)
+    # a hard prompt (all margins low) keeps its pairs: only the pair below its own prompt's others is lowest
+    got = prompt_centred([-3.0, -3.2, -2.8, 2.0, 2.1, -1.0], [0, 0, 0, 1, 1, 1])
+    assert int(np.argmin(got)) == 5
+    with pytest.raises(ValueError, match="two"):
+        prompt_centred(np.zeros(3), np.zeros(4, int))
+
+
 def test_static_filter_drops_exactly_the_lowest_margins():
     """PairFilter (meta.weighting=static_filter, paper App. A.8): weight 1 until fitted, then the
     round(fraction * n) lowest-margin pairs weigh 0 (ties: lower pair id dropped first), the rest

@@ -149,15 +149,18 @@ def test_meta_start_fraction_holds_every_weight_at_one_until_the_first_due_step(
     assert s18["meta_start_step"] == 7 and s18["meta_updates"] == 4  # steps 9, 12, 15, 18
 
 
-def test_static_filter_drops_the_lowest_margins_after_warmup_and_resumes(tmp_path):
+@pytest.mark.parametrize("by", ["margin", "prompt_margin"])
+def test_static_filter_drops_the_lowest_margins_after_warmup_and_resumes(tmp_path, by, capsys):
     """meta.weighting=static_filter: all weights 1 until meta.filter_after_steps, then the
-    filter_fraction of training pairs with the lowest margin weigh 0 for good; a resume after the
-    fit restores the kept set exactly (same losses)."""
+    filter_fraction of training pairs with the lowest margin (or margin minus its prompt's mean)
+    weigh 0 for good; a resume after the fit restores the kept set exactly (same losses)."""
     import numpy as np
 
     args = ["meta.weighting=static_filter", "meta.filter_after_steps=2", "meta.filter_fraction=0.25",
-            "train.max_steps=6", "train.save_every=4"]
+            "train.max_steps=6", "train.save_every=4", f"meta.filter_by={by}"]
     full = _run(tmp_path, "full", args, base=SMALL_NO_LEARNING)
+    ranked = {"margin": "(margin <= ", "prompt_margin": "(margin minus its prompt's mean <= "}[by]
+    assert f"step 2: static filter dropped {round(0.25 * 144)} of 144 training pairs {ranked}" in capsys.readouterr().out
     s = json.load(open(os.path.join(full, "summary.json")))
     assert s["meta_updates"] == 0 and "coefficients" not in s
     rows = list(csv.DictReader(open(os.path.join(full, "pair_weights.csv"))))

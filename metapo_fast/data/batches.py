@@ -110,6 +110,13 @@ class PreferenceDataset(torch.utils.data.Dataset):
         """Source row of every pair_id."""
         return self.pairs.source_rows[self.indices]
 
+    def prompt_groups(self) -> np.ndarray:
+        """``(N,)`` int64: per pair_id, the index of its prompt among the distinct prompts (pairs
+        whose prompt token ids are identical share one), numbered in order of first appearance."""
+        seen: dict = {}
+        return np.array([seen.setdefault(np.asarray(self.pairs.prompt_ids[j]).tobytes(), len(seen))
+                         for j in self.indices], dtype=np.int64)
+
     def column(self, name: str) -> np.ndarray:
         """A ground-truth column (e.g. ``is_flipped``) per pair_id."""
         if name not in self.pairs.extra:

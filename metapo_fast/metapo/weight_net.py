@@ -32,6 +32,7 @@ import math
 import warnings
 from typing import Iterable, Optional, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 import torch.nn.functional as F
@@ -273,6 +274,19 @@ class PairFilter(nn.Module):
 
     def extra_repr(self) -> str:
         return f"after_steps={self.after_steps}, fraction={self.fraction}, normalize={self.normalize}"
+
+
+def prompt_centred(margins, groups) -> np.ndarray:
+    """``z_i - mean(z_j : j in the prompt group of i)``, float64: each pair's margin relative to the
+    other pairs of its prompt (``meta.filter_by=prompt_margin``), so that a prompt whose pairs all
+    have low margins (a hard prompt, not a mislabelled one) does not lose them all."""
+    z = np.asarray(margins, dtype=np.float64)
+    g = np.asarray(groups, dtype=np.int64)
+    if z.shape != g.shape or z.ndim != 1:
+        raise ValueError(f"prompt_centred: margins and groups must be two (N,) arrays, got {z.shape} and {g.shape}")
+    sums = np.bincount(g, weights=z)
+    counts = np.bincount(g)
+    return z - sums[g] / counts[g]
 
 
 def global_mean(w: torch.Tensor, over_ranks: bool = True) -> torch.Tensor:

@@ -27,6 +27,7 @@ from ..comm import barrier
 from ..config import MetaPOConfig, save_yaml
 from ..data.batches import PairSampler
 from ..metapo.tracker import TemporalTracker
+from ..metapo.weight_net import prompt_centred
 from . import outputs, state
 from .forward import PairForward, kl_or_zeros
 from .outputs import make_logger
@@ -254,12 +255,15 @@ class Trainer:
                                  f"pairs marked is_flipped (a diagnostic: the ceiling of a detector acting from here)")
             return
         z, _ = self.fwd.margins(self.data.train, self.data.collator)
+        by = "margin"
+        if self.cfg.meta.filter_by == "prompt_margin":
+            z, by = prompt_centred(z, self.data.train.prompt_groups()), "margin minus its prompt's mean"
         dropped = self.pair_filter.fit(z)
         dt = time.perf_counter() - t0
         self.counters["meta_time_s"] += dt  # overhead of the weighting, like a meta-update
         if self.dist.is_main:
             self.logger.info(f"step {self.step}: static filter dropped {dropped} of {len(z)} training pairs "
-                             f"(margin <= {float(np.sort(z)[max(dropped - 1, 0)]):.4g}) in {dt:.1f} s")
+                             f"({by} <= {float(np.sort(z)[max(dropped - 1, 0)]):.4g}) in {dt:.1f} s")
 
     def _flipped_column(self) -> np.ndarray:
         """The training set's ``is_flipped`` flags (pair-id order) for ``meta.filter_by=oracle``;
