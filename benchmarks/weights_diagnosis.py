@@ -85,6 +85,21 @@ def analyse(run_dir: str, condition: str, seed: int) -> dict:
             "eta2_margin_clean": eta_squared(z[clean], prompt[clean])}
 
 
+def gradient_shares(z: np.ndarray, flipped: np.ndarray, dropped: dict) -> dict:
+    """Where DPO's gradient comes from at this pass: a pair's loss gradient in its margin z is
+    sigma(-z), so ``flipped_grad_share`` = sum over flipped pairs of sigma(-z) / sum over all pairs
+    (what fraction of the step's push is the wrong way). For each filter in ``dropped`` (name -> boolean
+    mask of the pairs it drops): the flipped share of what is left, and ``clean_grad_lost``, the
+    share of the clean pairs' sigma(-z) it removes."""
+    g = 1.0 / (1.0 + np.exp(z))  # sigma(-z)
+    out = {"flipped_grad_share": float(g[flipped].sum() / g.sum())}
+    for name, d in dropped.items():
+        kept = ~d
+        out[f"flipped_grad_share_after_{name}"] = float(g[kept & flipped].sum() / g[kept].sum())
+        out[f"clean_grad_lost_by_{name}"] = float(g[d & ~flipped].sum() / g[~flipped].sum())
+    return out
+
+
 def trajectory(condition: str, seed: int, every: int, workdir: str) -> list[dict]:
     """Plain DPO under benchmarks.quality's settings, measuring every training pair's margin each
     ``every`` steps (see the module docstring)."""
@@ -119,10 +134,13 @@ def trajectory(condition: str, seed: int, every: int, workdir: str) -> list[dict
             centred = z - (np.bincount(groups, weights=z) / np.bincount(groups))[groups]
             trend = z - z_prev if z_prev is not None else np.zeros_like(z)
             z_prev = z
+            low_c = np.zeros(len(z), bool)
+            low_c[np.argsort(centred, kind="stable")[:k]] = True
             rows.append({"condition": condition, "seed": seed, "step": tr.step, "margin_auroc": auroc(z, ~flipped),
                          "centred_auroc": auroc(centred, ~flipped), "trend_auroc": auroc(trend, ~flipped),
                          "precision_lowest": float(flipped[low].mean()), "top10_prompt_share": sum(counts[:10]) / max(k, 1),
-                         "eta2_margin_clean": eta_squared(z[~flipped], prompt[~flipped])})
+                         "eta2_margin_clean": eta_squared(z[~flipped], prompt[~flipped]),
+                         **gradient_shares(z, flipped, {"margin_filter": low, "centred_filter": low_c})})
         if tr.step >= tr.total_steps:
             break
         tr._train_step(meta=False)
@@ -188,11 +206,16 @@ def main(argv=None):
             lines.append(f"| {c} | {m} | " + " | ".join(mean_std([r[k] for r in rs]) for k in keys) + " |")
     if traj:
         tkeys = [k for k in ("margin_auroc", "centred_auroc", "trend_auroc", "precision_lowest", "top10_prompt_share",
-                             "eta2_margin_clean") if k in traj[0]]
+                             "eta2_margin_clean", "flipped_grad_share", "flipped_grad_share_after_margin_filter",
+                             "clean_grad_lost_by_margin_filter", "flipped_grad_share_after_centred_filter",
+                             "clean_grad_lost_by_centred_filter") if k in traj[0]]
         lines += ["", "## DPO's margin over training (every training pair, the pass a static filter makes)", "",
                   "precision_lowest = flipped share of the eps lowest margins (chance = the flip rate); centred_auroc: "
                   "the margin minus its prompt's mean margin; trend_auroc: the margin's change since the previous "
-                  "pass (0.5 at the first).", "",
+                  "pass (0.5 at the first). flipped_grad_share: the flipped pairs' share of sum sigma(-z), DPO's "
+                  "per-pair gradient scale; _after_margin_filter / _after_centred_filter: the same once the eps lowest "
+                  "margins (centred margins) are dropped; clean_grad_lost_by_*: the share of the clean pairs' sigma(-z) "
+                  "that filter drops.", "",
                   "| condition | step | " + " | ".join(tkeys) + " |", "|---|---|" + "---|" * len(tkeys)]
         for c in args.conditions.split(","):
             for step in sorted({r["step"] for r in traj if r["condition"] == c}):

@@ -84,3 +84,18 @@ def test_weights_diagnosis_measures_prompt_concentration(tmp_path):
     assert a["chance"] == pytest.approx(0.2) and abs(a["precision"] - 0.2) < 0.08  # no better than chance
     assert a["top10_prompt_share"] > 0.4 and a["prompts_half_suppressed"] >= 15
     assert a["eta2_weight_clean"] == pytest.approx(1.0) and a["eta2_margin_clean"] == pytest.approx(1.0)
+
+
+def test_gradient_shares_by_hand():
+    """sigma(-z) is DPO's per-pair gradient scale: z = 0 gives 1/2, z = log 3 gives 1/4."""
+    import numpy as np
+
+    from benchmarks.weights_diagnosis import gradient_shares
+
+    z = np.array([0.0, np.log(3.0), 0.0, np.log(3.0)])  # sigma(-z): 1/2, 1/4, 1/2, 1/4
+    flipped = np.array([True, False, False, False])
+    drop = np.array([False, False, True, False])  # a filter that drops one clean pair
+    got = gradient_shares(z, flipped, {"f": drop})
+    assert got["flipped_grad_share"] == pytest.approx(0.5 / 1.5)
+    assert got["flipped_grad_share_after_f"] == pytest.approx(0.5 / 1.0)
+    assert got["clean_grad_lost_by_f"] == pytest.approx(0.5 / 1.0)
