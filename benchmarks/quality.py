@@ -134,7 +134,7 @@ CANDIDATES = {
     # flipped pairs dropped, from step 1, from a sixth of the run, and from a third: where MetaPO's weights start)
     **{f"oracle_filter_from_{name}": (lambda eps, warm, total, f=f: ["meta.weighting=static_filter", "meta.filter_by=oracle",
                                                                     f"meta.filter_after_steps={max(1, round(f * total))}"])
-       for name, f in (("start", 0.0), ("1of6", 1 / 6), ("1of3", 1 / 3))},
+       for name, f in (("start", 0.0), ("1of6", 1 / 6), ("1of3", 1 / 3), ("2of3", 2 / 3))},
     # the static filter on the policy's margin at the same steps (the oracle filter from a third of the run closes
     # 87-98% of the 20% / 40% gaps: how much of that does the margin's detection at that step keep?)
     **{f"static_filter_from_{name}": (lambda eps, warm, total, f=f: ["meta.weighting=static_filter",
