@@ -241,6 +241,12 @@ def _vals(rows, c, m, key):
             and r.get(key) not in (None, "") and math.isfinite(float(r[key]))}
 
 
+def uses_true_labels(method: str) -> bool:
+    """The yardsticks that read the true labels (clean-label DPO, the oracle filters): never a
+    baseline a user could pick."""
+    return method == "dpo_oracle" or method.startswith("oracle_")
+
+
 def paired(rows, c, m, base="dpo", key="eval_accuracy"):
     """Per-seed differences m - base on the seeds both have."""
     a, b = _vals(rows, c, m, key), _vals(rows, c, base, key)
@@ -299,7 +305,7 @@ def criteria(rows, conditions, methods, who: str = "metapo") -> list[str]:
         line(None if gc is None else gc >= 0.5 and wins >= min(4, len(d)),
              f"{c}: closes {_fmt(gc, True)} of the DPO -> oracle gap ({_fmt(gap)}), >= 50% and winning >= 4 of 5 seeds "
              f"(wins {wins}/{len(d)})")
-        base = [m for m in methods if m not in ("dpo", "dpo_oracle", "metapo") and not m.startswith("metapo")]
+        base = [m for m in methods if m != "dpo" and not m.startswith("metapo") and not uses_true_labels(m)]
         base = [m for m in base if _vals(rows, c, m, "eval_accuracy")]
         best = max(base, key=lambda m: statistics.mean(_vals(rows, c, m, "eval_accuracy").values()), default=None)
         if best:

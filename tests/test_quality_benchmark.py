@@ -40,6 +40,10 @@ def test_paired_difference_gap_closed_and_criteria():
     lines = criteria(rows, ["flip40"], ["dpo", "dpo_oracle", "cdpo", "metapo"])
     assert any(l.startswith("- PASS: flip40: closes 55%") and "wins 4/5" in l for l in lines), lines
     assert any(l.startswith("- PASS: flip40: not below the best baseline (cdpo") for l in lines), lines
+    # a filter that reads the true labels is a yardstick, not a baseline, however high it scores
+    rows_o = rows + _rows({("flip40", "oracle_filter_from_1of3"): [0.99] * 5})
+    lines = criteria(rows_o, ["flip40"], ["dpo", "dpo_oracle", "cdpo", "metapo", "oracle_filter_from_1of3"])
+    assert any(l.startswith("- PASS: flip40: not below the best baseline (cdpo") for l in lines), lines
     rows = [r if r["method"] != "metapo" else {**r, "eval_accuracy": r["eval_accuracy"] - 0.15} for r in rows]
     lines = criteria(rows, ["flip40"], ["dpo", "dpo_oracle", "cdpo", "metapo"])
     assert any(l.startswith("- FAIL: flip40: closes") for l in lines) and any(l.startswith("- FAIL: flip40: not below") for l in lines)
