@@ -100,6 +100,25 @@ def gradient_shares(z: np.ndarray, flipped: np.ndarray, dropped: dict) -> dict:
     return out
 
 
+def _margins_and_logps(tr, ds, batch_size: int = 64):
+    """Every pair's policy margin ``(N,)`` and its chosen / rejected sequence log-probs ``(N, 2)``
+    (the trainer's ``margins`` pass, keeping the log-probs too)."""
+    import contextlib
+
+    import torch
+
+    zs, lps = [], []
+    for s in range(0, len(ds), batch_size):
+        batch = tr.data.collator([ds[i] for i in range(s, min(s + batch_size, len(ds)))])
+        tr.model.eval()
+        with torch.no_grad(), contextlib.ExitStack() as stack:
+            _, stats, _ = tr.fwd(batch, stack=stack)
+        tr.model.train()
+        zs.append(stats.margins.double().cpu())
+        lps.append(torch.stack([stats.chosen_logps, stats.rejected_logps], 1).double().cpu())
+    return torch.cat(zs).numpy(), torch.cat(lps).numpy()
+
+
 def trajectory(condition: str, seed: int, every: int, workdir: str) -> list[dict]:
     """Plain DPO under benchmarks.quality's settings, measuring every training pair's margin each
     ``every`` steps (see the module docstring)."""
@@ -123,11 +142,11 @@ def trajectory(condition: str, seed: int, every: int, workdir: str) -> list[dict
     prompt = np.array([task.train_rows[int(r)]["prompt"] for r in ds.source_rows])
     flipped = ds.column("is_flipped") == 1
     k = int(round(eps * len(ds)))
-    rows, z_prev = [], None
+    rows, z_prev, lp_prev = [], None, None
     groups = np.unique(prompt, return_inverse=True)[1]
     while True:
         if tr.step % every == 0 or tr.step == tr.total_steps:
-            z, _ = tr.fwd.margins(ds, tr.data.collator)
+            z, lp = _margins_and_logps(tr, ds)
             low = np.zeros(len(z), bool)
             low[np.argsort(z, kind="stable")[:k]] = True
             counts = sorted((int(low[prompt == p].sum()) for p in np.unique(prompt)), reverse=True)
@@ -136,11 +155,19 @@ def trajectory(condition: str, seed: int, every: int, workdir: str) -> list[dict
             z_prev = z
             low_c = np.zeros(len(z), bool)
             low_c[np.argsort(centred, kind="stable")[:k]] = True
+            # among the eps lowest margins (the pairs a margin rule would suppress, and most of DPO's gradient):
+            # does the margin, its trend, or the trend of either response's log-prob tell the flipped from the
+            # hard clean? (a flipped pair's "chosen" is the wrong answer: learning the rule lowers it)
+            d_lp = lp - lp_prev if lp_prev is not None else np.zeros_like(lp)
+            lp_prev = lp
+            within = {f"low_{name}_auroc": auroc(x[low], ~flipped[low]) if 0 < flipped[low].sum() < low.sum() else None
+                      for name, x in (("margin", z), ("trend", trend), ("chosen_logp_trend", d_lp[:, 0]),
+                                      ("rejected_logp_fall", -d_lp[:, 1]))}
             rows.append({"condition": condition, "seed": seed, "step": tr.step, "margin_auroc": auroc(z, ~flipped),
                          "centred_auroc": auroc(centred, ~flipped), "trend_auroc": auroc(trend, ~flipped),
                          "precision_lowest": float(flipped[low].mean()), "top10_prompt_share": sum(counts[:10]) / max(k, 1),
                          "eta2_margin_clean": eta_squared(z[~flipped], prompt[~flipped]),
-                         **gradient_shares(z, flipped, {"margin_filter": low, "centred_filter": low_c})})
+                         **gradient_shares(z, flipped, {"margin_filter": low, "centred_filter": low_c}), **within})
         if tr.step >= tr.total_steps:
             break
         tr._train_step(meta=False)
@@ -208,14 +235,16 @@ def main(argv=None):
         tkeys = [k for k in ("margin_auroc", "centred_auroc", "trend_auroc", "precision_lowest", "top10_prompt_share",
                              "eta2_margin_clean", "flipped_grad_share", "flipped_grad_share_after_margin_filter",
                              "clean_grad_lost_by_margin_filter", "flipped_grad_share_after_centred_filter",
-                             "clean_grad_lost_by_centred_filter") if k in traj[0]]
+                             "clean_grad_lost_by_centred_filter", "low_margin_auroc", "low_trend_auroc",
+                             "low_chosen_logp_trend_auroc", "low_rejected_logp_fall_auroc") if k in traj[0]]
         lines += ["", "## DPO's margin over training (every training pair, the pass a static filter makes)", "",
                   "precision_lowest = flipped share of the eps lowest margins (chance = the flip rate); centred_auroc: "
                   "the margin minus its prompt's mean margin; trend_auroc: the margin's change since the previous "
                   "pass (0.5 at the first). flipped_grad_share: the flipped pairs' share of sum sigma(-z), DPO's "
                   "per-pair gradient scale; _after_margin_filter / _after_centred_filter: the same once the eps lowest "
                   "margins (centred margins) are dropped; clean_grad_lost_by_*: the share of the clean pairs' sigma(-z) "
-                  "that filter drops.", "",
+                  "that filter drops. low_*_auroc: clean vs flipped among the eps lowest margins only, by the margin, its change "
+                  "since the previous pass, the chosen response's log-prob change, and the rejected one's fall.", "",
                   "| condition | step | " + " | ".join(tkeys) + " |", "|---|---|" + "---|" * len(tkeys)]
         for c in args.conditions.split(","):
             for step in sorted({r["step"] for r in traj if r["condition"] == c}):
