@@ -135,6 +135,12 @@ CANDIDATES = {
     **{f"oracle_filter_from_{name}": (lambda eps, warm, total, f=f: ["meta.weighting=static_filter", "meta.filter_by=oracle",
                                                                     f"meta.filter_after_steps={max(1, round(f * total))}"])
        for name, f in (("start", 0.0), ("1of6", 1 / 6), ("1of3", 1 / 3), ("2of3", 2 / 3))},
+    # the oracle from a third of the run, down-weighting the flipped pairs instead of dropping them: how sharp must a
+    # perfect detector's weights be? (MetaPO's final flipped / clean weight ratio is about 0.8 at 20% flips)
+    **{f"oracle_soft{w}_from_1of3": (lambda eps, warm, total, w=w: ["meta.weighting=static_filter", "meta.filter_by=oracle",
+                                                                   f"meta.filter_after_steps={round(total / 3)}",
+                                                                   f"meta.filter_weight={w}"])
+       for w in ("0.25", "0.75")},
     # the static filter on the policy's margin at the same steps (the oracle filter from a third of the run closes
     # 87-98% of the 20% / 40% gaps: how much of that does the margin's detection at that step keep?)
     **{f"static_filter_from_{name}": (lambda eps, warm, total, f=f: ["meta.weighting=static_filter",

@@ -276,6 +276,7 @@ _MODE_CASES = {
     "meta.filter_after_steps": ("50", [], ["meta.weighting=static_filter"]),
     "meta.filter_fraction": ("0.3", ["meta.weighting=static_filter", "meta.filter_by=oracle"], ["meta.weighting=static_filter"]),
     "meta.filter_by": ("prompt_margin", ["meta.weighting=ema_margin"], ["meta.weighting=static_filter"]),
+    "meta.filter_weight": ("0.5", ["meta.weighting=ema_margin"], ["meta.weighting=static_filter"]),
     "meta.interval": ("7", ["meta.weighting=ema_margin"], []),
     "meta.start_fraction": ("0.5", ["meta.weighting=ema_margin"], []),
     "meta.lambda_margin": ("0.2", ["meta.weighting=ema_margin"], []),
@@ -337,7 +338,9 @@ def test_sft_warmup_with_user_data_is_refused_in_one_line(tmp_path, capsys):
 
 @pytest.mark.parametrize("override,match", [("meta.filter_fraction=1.0", "meta.filter_fraction"),
                                             ("meta.filter_fraction=0", "meta.filter_fraction"),
-                                            ("meta.filter_after_steps=0", "meta.filter_after_steps")])
+                                            ("meta.filter_after_steps=0", "meta.filter_after_steps"),
+                                            ("meta.filter_weight=1.0", "meta.filter_weight"),
+                                            ("meta.filter_weight=-0.1", "meta.filter_weight")])
 def test_static_filter_settings_out_of_range_are_refused(override, match):
     with pytest.raises(ConfigError, match=re.escape(match)):
         load_config(None, ["meta.weighting=static_filter", override])

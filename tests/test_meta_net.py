@@ -175,3 +175,10 @@ def test_static_filter_drops_exactly_the_lowest_margins():
         f.fit(torch.zeros(9))
     with pytest.raises(ValueError, match="fraction"):
         PairFilter(10, 3, 1.0)
+    # down-weighting instead of dropping: the 3 filtered pairs keep 0.25 before normalisation
+    s = PairFilter(10, after_steps=3, fraction=0.3, filtered_weight=0.25)
+    s.fit(z)
+    torch.testing.assert_close(s.pair_weights(ids, normalize=False), torch.tensor([1.0, 1.0, 1.0, 0.25]))
+    torch.testing.assert_close(s.pair_weights(ids), torch.tensor([1.0, 1.0, 1.0, 0.25]) / 0.8125)
+    with pytest.raises(ValueError, match="filtered_weight"):
+        PairFilter(10, 3, 0.3, filtered_weight=1.0)

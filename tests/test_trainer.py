@@ -190,6 +190,9 @@ def test_oracle_filter_drops_exactly_the_flipped_pairs(tmp_path):
     assert (w[flipped] == 0).all() and (w[~flipped] > 0).all() and np.allclose(w[~flipped], w[~flipped][0])
     s = json.load(open(os.path.join(out, "summary.json")))
     assert s["weights_auroc_clean_vs_flipped"] == 1.0
+    soft = _run(tmp_path, "soft", args + ["meta.filter_weight=0.25"], base=SMALL_NO_LEARNING)
+    ws = np.array([float(r["weight"]) for r in csv.DictReader(open(os.path.join(soft, "pair_weights.csv")))])
+    assert np.allclose(ws[flipped] / ws[~flipped][0], 0.25) and np.allclose(ws[~flipped], ws[~flipped][0])
 
 
 def test_oracle_filter_needs_the_is_flipped_column(tmp_path):

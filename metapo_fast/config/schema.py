@@ -251,6 +251,7 @@ class MetaConfig:
     kappa: float = _f(2.0, "Sharpness of the ema_margin baseline's sigmoid, on the normalised EMA of the margin.")
     filter_after_steps: int = _f(200, "static_filter: the step after which the margins of all training pairs are computed once and the lowest are dropped (a short DPO warm-up).")
     filter_fraction: float = _f(0.2, "static_filter: fraction of training pairs dropped (those with the lowest margin), in (0, 1).")
+    filter_weight: float = _f(0.0, "static_filter: the weight the filtered pairs keep, before normalisation, in [0, 1): 0 drops them (the paper's filter); between 0 and 1 down-weights them (how sharp a weighting must be: with meta.filter_by=oracle it is the ceiling of a soft weighting with a perfect detector).")
     filter_by: Literal["margin", "prompt_margin", "oracle"] = _f("margin", "static_filter: which pairs are dropped at meta.filter_after_steps. margin: the meta.filter_fraction with the lowest policy margin (paper App. A.8); prompt_margin: the same fraction with the lowest margin minus the mean margin of their prompt's pairs (pairs with identical prompts), so a hard prompt does not lose all its pairs; oracle: exactly the pairs the training set marks is_flipped (a diagnostic, not a method: the ceiling of any detector that acts from that step on; needs an is_flipped column, as the synthetic task has).")
     feature_norm: Literal["rms", "standardize"] = _f("rms", "Feature normalisation of the meta-network: rms (divide by the running RMS; keeps signs) or standardize (subtract the running mean, divide by the running standard deviation).")
     normalize: Literal["auto", "none", "batch_mean"] = _f("auto", "Weight normalisation: batch_mean divides by the batch mean; auto = batch_mean when train.optimizer is adaptive (adamw), none otherwise (math.md section 4).")
@@ -268,6 +269,7 @@ class MetaConfig:
         _check_range(p, self, "lr", lo=0.0, lo_open=True)
         _check_range(p, self, "filter_after_steps", lo=1)
         _check_range(p, self, "filter_fraction", 0.0, 1.0, lo_open=True, hi_open=True)
+        _check_range(p, self, "filter_weight", 0.0, 1.0, hi_open=True)
         _check_range(p, self, "inner_lr_for_lookahead", lo=0.0, lo_open=True, optional=True)
         _check_range(p, self, "val_batch_size", lo=1)
         _check_range(p, self, "stats_momentum", 0.0, 1.0, hi_open=True)
@@ -448,7 +450,7 @@ MODE_DEPENDENT: dict[str, tuple[str, Any]] = {
     "meta.mlp_hidden": ("meta.arch='mlp'", lambda c: not c.meta.enabled or c.meta.arch == "mlp"),
     "meta.kappa": ("meta.weighting='ema_margin'", lambda c: not c.meta.enabled or c.meta.weighting == "ema_margin"),
     **{f"meta.{k}": ("meta.weighting='static_filter'", lambda c: not c.meta.enabled or c.meta.weighting == "static_filter")
-       for k in ("filter_after_steps", "filter_by")},
+       for k in ("filter_after_steps", "filter_by", "filter_weight")},
     "meta.filter_fraction": ("meta.weighting='static_filter' and meta.filter_by='margin' or 'prompt_margin'",
                              lambda c: not c.meta.enabled or (c.meta.weighting == "static_filter" and c.meta.filter_by != "oracle")),
     **{f"meta.{k}": ("meta.weighting='learned'", lambda c: not c.meta.enabled or c.meta.weighting == "learned")

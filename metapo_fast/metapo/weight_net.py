@@ -226,22 +226,27 @@ class PairFilter(nn.Module):
     """Static filtering (paper App. A.8; ``meta.weighting=static_filter``): every pair weighs 1
     until step ``after_steps``; then :meth:`fit` drops, for the rest of the run, the ``fraction`` of
     training pairs with the lowest policy margin z (exactly ``round(fraction * n)`` pairs; ties
-    broken by pair id), i.e. weight 0, the others 1 (normalised like ``batch_mean`` when that is
-    the run's normalisation). The kept set is a buffer, so it resumes exactly. Nothing is learned.
+    broken by pair id), i.e. weight ``filtered_weight`` (0: dropped), the others 1 (normalised like
+    ``batch_mean`` when that is the run's normalisation). The kept set is a buffer, so it resumes
+    exactly. Nothing is learned.
 
     Weights depend on the pair, not on its features: call :meth:`pair_weights` with pair ids.
     """
 
     arch = "filter"
 
-    def __init__(self, num_pairs: int, after_steps: int, fraction: float, normalize: str = "batch_mean"):
+    def __init__(self, num_pairs: int, after_steps: int, fraction: float, normalize: str = "batch_mean",
+                 filtered_weight: float = 0.0):
         super().__init__()
         if num_pairs < 1 or after_steps < 1 or not 0.0 < fraction < 1.0:
             raise ValueError(f"PairFilter: need num_pairs >= 1, after_steps >= 1 and 0 < fraction < 1, "
                              f"got {num_pairs}, {after_steps}, {fraction}")
         if normalize not in ("none", "batch_mean"):
             raise ValueError(f"PairFilter: normalize must be 'none' or 'batch_mean', got {normalize!r}")
+        if not 0.0 <= filtered_weight < 1.0:
+            raise ValueError(f"PairFilter: filtered_weight must be in [0, 1), got {filtered_weight}")
         self.after_steps, self.fraction, self.normalize = after_steps, fraction, normalize
+        self.filtered_weight = filtered_weight
         self.register_buffer("keep", torch.ones(num_pairs))
 
     @torch.no_grad()
@@ -258,12 +263,12 @@ class PairFilter(nn.Module):
             raise ValueError(f"PairFilter.fit: count must be in [0, {z.numel()}], got {count}")
         order = torch.sort(z, stable=True).indices  # ties: the lower pair id first
         keep = torch.ones_like(z)
-        keep[order[:k]] = 0.0
+        keep[order[:k]] = self.filtered_weight
         self.keep.copy_(keep.to(self.keep.dtype))
         return k
 
     def pair_weights(self, pair_ids: torch.Tensor, normalize: bool = True, over_ranks: bool = True) -> torch.Tensor:
-        """Weights ``(B,)`` of the pairs ``pair_ids`` (0 = dropped)."""
+        """Weights ``(B,)`` of the pairs ``pair_ids`` (``filtered_weight`` for a filtered pair, before normalisation)."""
         w = self.keep[pair_ids]
         if normalize and self.normalize == "batch_mean":
             w = w / global_mean(w, over_ranks).clamp(min=1e-12)
@@ -273,7 +278,8 @@ class PairFilter(nn.Module):
         return None
 
     def extra_repr(self) -> str:
-        return f"after_steps={self.after_steps}, fraction={self.fraction}, normalize={self.normalize}"
+        return (f"after_steps={self.after_steps}, fraction={self.fraction}, normalize={self.normalize}, "
+                f"filtered_weight={self.filtered_weight}")
 
 
 def prompt_centred(margins, groups) -> np.ndarray:

@@ -251,7 +251,7 @@ class Trainer:
             flipped = self.oracle_flipped
             dropped = self.pair_filter.fit(-flipped.astype(np.float64), count=int(flipped.sum()))
             if self.dist.is_main:
-                self.logger.info(f"step {self.step}: oracle filter dropped the {dropped} of {len(flipped)} training "
+                self.logger.info(f"step {self.step}: oracle filter {self._filtered_to()} the {dropped} of {len(flipped)} training "
                                  f"pairs marked is_flipped (a diagnostic: the ceiling of a detector acting from here)")
             return
         z, _ = self.fwd.margins(self.data.train, self.data.collator)
@@ -262,8 +262,12 @@ class Trainer:
         dt = time.perf_counter() - t0
         self.counters["meta_time_s"] += dt  # overhead of the weighting, like a meta-update
         if self.dist.is_main:
-            self.logger.info(f"step {self.step}: static filter dropped {dropped} of {len(z)} training pairs "
+            self.logger.info(f"step {self.step}: static filter {self._filtered_to()} {dropped} of {len(z)} training pairs "
                              f"({by} <= {float(np.sort(z)[max(dropped - 1, 0)]):.4g}) in {dt:.1f} s")
+
+    def _filtered_to(self) -> str:
+        w = self.pair_filter.filtered_weight
+        return "dropped" if w == 0 else f"down-weighted to {w:g}"
 
     def _flipped_column(self) -> np.ndarray:
         """The training set's ``is_flipped`` flags (pair-id order) for ``meta.filter_by=oracle``;

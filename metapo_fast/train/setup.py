@@ -506,7 +506,7 @@ def make_meta_net(cfg: MetaPOConfig, device: torch.device, num_pairs: int):
 
     m = cfg.meta
     if m.weighting == "static_filter":
-        return PairFilter(num_pairs, m.filter_after_steps, m.filter_fraction, cfg.meta_normalize).to(device)
+        return PairFilter(num_pairs, m.filter_after_steps, m.filter_fraction, cfg.meta_normalize, m.filter_weight).to(device)
     if m.weighting == "ema_margin":
         return MarginWeights(m.kappa, cfg.meta_normalize, m.stats_momentum, m.feature_norm).to(device)
     return MetaWeightNet(m.arch, m.features, cfg.meta_normalize, m.mlp_hidden, m.stats_momentum, m.feature_norm).to(device)
