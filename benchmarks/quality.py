@@ -142,7 +142,7 @@ CANDIDATES = {
                                                                    f"meta.filter_weight={w}"])
        for w in ("0.25", "0.75")},
     # the static filter on the policy's margin at the same steps (the oracle filter from a third of the run closes
-    # 87-98% of the 20% / 40% gaps: how much of that does the margin's detection at that step keep?)
+    # 99% / 86% of the 20% / 40% gaps: how much of that does the margin's detection at that step keep?)
     **{f"static_filter_from_{name}": (lambda eps, warm, total, f=f: ["meta.weighting=static_filter",
                                                                      f"meta.filter_after_steps={max(1, round(f * total))}",
                                                                      f"meta.filter_fraction={eps}"])

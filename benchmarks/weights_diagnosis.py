@@ -100,25 +100,6 @@ def gradient_shares(z: np.ndarray, flipped: np.ndarray, dropped: dict) -> dict:
     return out
 
 
-def _margins_and_logps(tr, ds, batch_size: int = 64):
-    """Every pair's policy margin ``(N,)`` and its chosen / rejected sequence log-probs ``(N, 2)``
-    (the trainer's ``margins`` pass, keeping the log-probs too)."""
-    import contextlib
-
-    import torch
-
-    zs, lps = [], []
-    for s in range(0, len(ds), batch_size):
-        batch = tr.data.collator([ds[i] for i in range(s, min(s + batch_size, len(ds)))])
-        tr.model.eval()
-        with torch.no_grad(), contextlib.ExitStack() as stack:
-            _, stats, _ = tr.fwd(batch, stack=stack)
-        tr.model.train()
-        zs.append(stats.margins.double().cpu())
-        lps.append(torch.stack([stats.chosen_logps, stats.rejected_logps], 1).double().cpu())
-    return torch.cat(zs).numpy(), torch.cat(lps).numpy()
-
-
 def trajectory(condition: str, seed: int, every: int, workdir: str) -> list[dict]:
     """Plain DPO under benchmarks.quality's settings, measuring every training pair's margin each
     ``every`` steps (see the module docstring)."""
@@ -126,6 +107,7 @@ def trajectory(condition: str, seed: int, every: int, workdir: str) -> list[dict
 
     from metapo_fast.config import load_config
     from metapo_fast.data.synthetic import task_from_config
+    from metapo_fast.metapo.weight_net import prompt_centred
     from metapo_fast.train.cli import _default_config
     from metapo_fast.train.loop import Trainer
     from metapo_fast.train.outputs import auroc
@@ -146,11 +128,12 @@ def trajectory(condition: str, seed: int, every: int, workdir: str) -> list[dict
     groups = np.unique(prompt, return_inverse=True)[1]
     while True:
         if tr.step % every == 0 or tr.step == tr.total_steps:
-            z, lp = _margins_and_logps(tr, ds)
+            st = tr.fwd.pair_stats(ds, tr.data.collator, ("margins", "chosen_logps", "rejected_logps"))
+            z, lp = st["margins"], np.stack([st["chosen_logps"], st["rejected_logps"]], 1)
             low = np.zeros(len(z), bool)
             low[np.argsort(z, kind="stable")[:k]] = True
             counts = sorted((int(low[prompt == p].sum()) for p in np.unique(prompt)), reverse=True)
-            centred = z - (np.bincount(groups, weights=z) / np.bincount(groups))[groups]
+            centred = prompt_centred(z, groups)
             trend = z - z_prev if z_prev is not None else np.zeros_like(z)
             z_prev = z
             low_c = np.zeros(len(z), bool)

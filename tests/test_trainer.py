@@ -568,3 +568,25 @@ def test_metapo_weights_per_chunk_take_the_two_pass_step_at_8nhv(tmp_path):
     torch.testing.assert_close(a.tracker.state, b.tracker.state, rtol=1e-5, atol=1e-6)
     assert float(ma["metapo/weight_std"]) > 0.1
     torch.testing.assert_close(ma["loss"], mb["loss"], rtol=1e-5, atol=1e-6)
+
+
+def test_pair_stats_reads_every_pair_in_pair_id_order(tmp_path):
+    """PairForward.pair_stats (the static filter's and the diagnostics' pass): the margins it reads
+    are beta times the policy's log-ratio difference over the reference's, pair by pair, and
+    margins() is its (margins, kl) pair."""
+    import numpy as np
+
+    tr = _trainer(tmp_path, "stats", [])
+    tr._train_step()  # margins away from 0
+    ds = tr.data.train
+    fields = ("margins", "chosen_logps", "rejected_logps", "ref_chosen_logps", "ref_rejected_logps", "kl")
+    s = tr.fwd.pair_stats(ds, tr.data.collator, fields, batch_size=7)  # batches that do not divide N
+    assert all(s[f].shape == (len(ds),) and s[f].dtype == np.float64 for f in fields)
+    want = tr.cfg.loss.beta * ((s["chosen_logps"] - s["ref_chosen_logps"]) - (s["rejected_logps"] - s["ref_rejected_logps"]))
+    np.testing.assert_allclose(s["margins"], want, rtol=1e-5, atol=1e-6)
+    assert np.abs(s["margins"]).max() > 0 and (s["kl"] >= -1e-6).all()
+    z, kl = tr.fwd.margins(ds, tr.data.collator)
+    np.testing.assert_allclose(z, s["margins"], rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(kl, s["kl"], rtol=1e-6, atol=1e-7)
+    one = tr.fwd.pair_stats(torch.utils.data.Subset(ds, [5]), tr.data.collator, ("margins",))
+    np.testing.assert_allclose(one["margins"], s["margins"][5:6], rtol=1e-5, atol=1e-6)

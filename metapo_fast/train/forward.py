@@ -109,19 +109,26 @@ class PairForward:
             return fused_sequence_logps(rh, r["ref_weight"], labels, bias=r["ref_bias"], chunk_bytes=self.loss_kw["chunk_bytes"],
                                         backend=self.loss_kw["backend"])
 
-    @torch.no_grad()
     def margins(self, ds, collator, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
         """Policy margins z (the loss's logit) and per-pair KL (zeros without one) for every pair of ``ds``."""
-        zs, kls = [], []
+        s = self.pair_stats(ds, collator, ("margins", "kl"), batch_size)
+        return s["margins"], s["kl"]
+
+    @torch.no_grad()
+    def pair_stats(self, ds, collator, fields, batch_size: int = 64) -> dict:
+        """``{field: (N,) float64 array}`` for every pair of ``ds`` in eval mode: ``fields`` name
+        per-pair tensors of :class:`PreferenceLossOutput` (``margins``, ``chosen_logps``, ...), and
+        ``kl`` is the per-pair KL (zeros without one)."""
+        out = {f: [] for f in fields}
         for s in range(0, len(ds), batch_size):
             batch = collator([ds[i] for i in range(s, min(s + batch_size, len(ds)))])
             self.model.eval()
             with contextlib.ExitStack() as stack:
                 _, stats, _ = self(batch, stack=stack)
             self.model.train()
-            zs.append(stats.margins.double().cpu())
-            kls.append(kl_or_zeros(stats).double().cpu())
-        return torch.cat(zs).numpy(), torch.cat(kls).numpy()
+            for f in fields:
+                out[f].append((kl_or_zeros(stats) if f == "kl" else getattr(stats, f)).double().cpu())
+        return {f: torch.cat(v).numpy() for f, v in out.items()}
 
 
 def kl_or_zeros(stats: PreferenceLossOutput) -> torch.Tensor:
