@@ -7,6 +7,10 @@
 //     kl_r  = sum_v softmax(x_r)_v (x_rv - y_rv) - lse_r + lse_y_r
 //           = E_p[(x - max x) - (y - max y)] - log sum exp(x - max x) + log sum exp(y - max y)  (computed so)
 //   backward (in place): x_rv <- coef_r * (1[v == t_r] - exp(x_rv - lse_r))
+//   forward "into" (lce_epilogue_fwd_into): the forward writing logp / ref_logp / kl into columns 0 / 1 / 2
+//     of a caller's (n, K) statistics buffer (any row stride), returning only lse; with grad=true it then
+//     overwrites the row with the backward's gradient for coef_r = 1 while the row is still in cache (the
+//     streamed-pair blocks of the fused loss: one op instead of two).
 //
 // Rows run in parallel (at::parallel_for). Each row is read twice (max, then the exp sums, in double
 // accumulators); a row
@@ -54,21 +58,24 @@ template <> struct Acc<double> { using type = double; };
 template <> struct Acc<c10::BFloat16> { using type = float; };
 template <> struct Acc<c10::Half> { using type = float; };
 
+// In place: x_v <- c * (1[v == t] - exp(x_v - l)) over one row.
+template <typename scalar_t, typename acc_t>
+inline void grad_row(scalar_t* x, int64_t V, int64_t t, acc_t l, acc_t c) {
+#pragma omp simd
+  for (int64_t v = 0; v < V; ++v) x[v] = static_cast<scalar_t>(-c * fast_exp(static_cast<acc_t>(x[v]) - l));
+  x[t] = static_cast<scalar_t>(static_cast<acc_t>(x[t]) + c);
+}
+
+// Outputs: LSE[r]; LP / RLP / KL at r * so (so: the row stride of the output, 1 for separate vectors).
+// grad: then the row's gradient for coefficient 1, in place.
 template <typename scalar_t>
-void forward_impl(const at::Tensor& logits, const at::Tensor& targets, const c10::optional<at::Tensor>& ref,
-                  at::Tensor& lse, at::Tensor& logp, at::Tensor& ref_logp, at::Tensor& kl) {
+void forward_impl(scalar_t* X, const int64_t n, const int64_t V, const scalar_t* Y, const int64_t* T,
+                  typename Acc<scalar_t>::type* LSE, typename Acc<scalar_t>::type* LP, typename Acc<scalar_t>::type* RLP,
+                  typename Acc<scalar_t>::type* KL, const int64_t so, const bool grad) {
   using acc_t = typename Acc<scalar_t>::type;
-  const int64_t n = logits.size(0), V = logits.size(1);
-  const scalar_t* X = logits.data_ptr<scalar_t>();
-  const scalar_t* Y = ref.has_value() ? ref->data_ptr<scalar_t>() : nullptr;
-  const int64_t* T = targets.data_ptr<int64_t>();
-  acc_t* LSE = lse.data_ptr<acc_t>();
-  acc_t* LP = logp.data_ptr<acc_t>();
-  acc_t* RLP = Y ? ref_logp.data_ptr<acc_t>() : nullptr;
-  acc_t* KL = Y ? kl.data_ptr<acc_t>() : nullptr;
   at::parallel_for(0, n, 1, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
-      const scalar_t* x = X + r * V;
+      scalar_t* x = X + r * V;
       acc_t mx = -std::numeric_limits<acc_t>::infinity();
 #pragma omp simd reduction(max : mx)
       for (int64_t v = 0; v < V; ++v) mx = std::max(mx, static_cast<acc_t>(x[v]));
@@ -83,7 +90,8 @@ void forward_impl(const at::Tensor& logits, const at::Tensor& targets, const c10
           sx += bx;
         }
         LSE[r] = mx + static_cast<acc_t>(std::log(sx));
-        LP[r] = static_cast<acc_t>(x[t]) - LSE[r];
+        LP[r * so] = static_cast<acc_t>(x[t]) - LSE[r];
+        if (grad) grad_row<scalar_t, acc_t>(x, V, t, LSE[r], acc_t(1));
         continue;
       }
       const scalar_t* y = Y + r * V;
@@ -108,9 +116,10 @@ void forward_impl(const at::Tensor& logits, const at::Tensor& targets, const c10
       }
       const double lx = mx + std::log(sx), ly = my + std::log(sy);
       LSE[r] = static_cast<acc_t>(lx);
-      LP[r] = static_cast<acc_t>(static_cast<double>(x[t]) - lx);
-      RLP[r] = static_cast<acc_t>(static_cast<double>(y[t]) - ly);
-      KL[r] = static_cast<acc_t>(sxy / sx - std::log(sx) + std::log(sy));  // E_p[(x-mx)-(y-my)] - log sx + log sy
+      LP[r * so] = static_cast<acc_t>(static_cast<double>(x[t]) - lx);
+      RLP[r * so] = static_cast<acc_t>(static_cast<double>(y[t]) - ly);
+      KL[r * so] = static_cast<acc_t>(sxy / sx - std::log(sx) + std::log(sy));  // E_p[(x-mx)-(y-my)] - log sx + log sy
+      if (grad) grad_row<scalar_t, acc_t>(x, V, t, LSE[r], acc_t(1));
     }
   });
 }
@@ -124,13 +133,7 @@ void backward_impl(at::Tensor& logits, const at::Tensor& lse, const at::Tensor& 
   const acc_t* C = coef.data_ptr<acc_t>();
   const int64_t* T = targets.data_ptr<int64_t>();
   at::parallel_for(0, n, 1, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      scalar_t* x = X + r * V;
-      const acc_t l = LSE[r], c = C[r];
-#pragma omp simd
-      for (int64_t v = 0; v < V; ++v) x[v] = static_cast<scalar_t>(-c * fast_exp(static_cast<acc_t>(x[v]) - l));
-      x[T[r]] = static_cast<scalar_t>(static_cast<acc_t>(x[T[r]]) + c);
-    }
+    for (int64_t r = r0; r < r1; ++r) grad_row<scalar_t, acc_t>(X + r * V, V, T[r], LSE[r], C[r]);
   });
 }
 
@@ -159,9 +162,40 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lce_epilogue_fwd(cons
   auto lse = at::empty({n}, opts), logp = at::empty({n}, opts);
   auto ref_logp = at::empty({ref ? n : 0}, opts), kl = at::empty({ref ? n : 0}, opts);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "lce_epilogue_fwd", [&] {
-    forward_impl<scalar_t>(logits, tgt, ref, lse, logp, ref_logp, kl);
+    using acc_t = typename Acc<scalar_t>::type;
+    forward_impl<scalar_t>(const_cast<scalar_t*>(logits.data_ptr<scalar_t>()), n, logits.size(1),
+                           ref ? ref->data_ptr<scalar_t>() : nullptr, tgt.data_ptr<int64_t>(), lse.data_ptr<acc_t>(),
+                           logp.data_ptr<acc_t>(), ref ? ref_logp.data_ptr<acc_t>() : nullptr,
+                           ref ? kl.data_ptr<acc_t>() : nullptr, 1, false);
   });
   return {lse, logp, ref_logp, kl};
+}
+
+at::Tensor lce_epilogue_fwd_into(at::Tensor logits, const at::Tensor& targets, const c10::optional<at::Tensor>& ref_logits,
+                                 at::Tensor stats, bool grad) {
+  check_common(logits, targets);
+  auto tgt = targets.to(at::kLong).contiguous();
+  c10::optional<at::Tensor> ref;
+  if (ref_logits.has_value()) {
+    TORCH_CHECK(ref_logits->sizes() == logits.sizes(), "lce_epilogue: ref_logits must have the shape of logits ", logits.sizes(),
+                ", got ", ref_logits->sizes());
+    ref = ref_logits->to(logits.scalar_type()).contiguous();
+  }
+  const int64_t n = logits.size(0), cols = ref ? 3 : 1;
+  const auto acc = acc_type(logits.scalar_type());
+  TORCH_CHECK(stats.dim() == 2 && stats.size(0) == n && stats.size(1) >= cols && stats.stride(1) == 1 &&
+              stats.scalar_type() == acc && stats.device().is_cpu(),
+              "lce_epilogue: stats must be a CPU (", n, ", >=", cols, ") ", acc, " tensor with unit column stride, got ",
+              stats.sizes(), " ", stats.scalar_type(), " strides ", stats.strides());
+  auto lse = at::empty({n}, logits.options().dtype(acc));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "lce_epilogue_fwd_into", [&] {
+    using acc_t = typename Acc<scalar_t>::type;
+    acc_t* S = stats.data_ptr<acc_t>();
+    forward_impl<scalar_t>(logits.data_ptr<scalar_t>(), n, logits.size(1), ref ? ref->data_ptr<scalar_t>() : nullptr,
+                           tgt.data_ptr<int64_t>(), lse.data_ptr<acc_t>(), S, ref ? S + 1 : nullptr, ref ? S + 2 : nullptr,
+                           stats.stride(0), grad);
+  });
+  return lse;
 }
 
 void lce_epilogue_bwd_(at::Tensor logits, const at::Tensor& lse, const at::Tensor& targets, const at::Tensor& coef) {
@@ -181,9 +215,11 @@ void lce_epilogue_bwd_(at::Tensor logits, const at::Tensor& lse, const at::Tenso
 TORCH_LIBRARY_FRAGMENT(metapo_fast_cpp, m) {
   m.def("lce_epilogue_fwd(Tensor logits, Tensor targets, Tensor? ref_logits) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("lce_epilogue_bwd_(Tensor(a!) logits, Tensor lse, Tensor targets, Tensor coef) -> ()");
+  m.def("lce_epilogue_fwd_into(Tensor(a!) logits, Tensor targets, Tensor? ref_logits, Tensor(b!) stats, bool grad) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(metapo_fast_cpp, CPU, m) {
   m.impl("lce_epilogue_fwd", &lce_epilogue_fwd);
   m.impl("lce_epilogue_bwd_", &lce_epilogue_bwd_);
+  m.impl("lce_epilogue_fwd_into", &lce_epilogue_fwd_into);
 }

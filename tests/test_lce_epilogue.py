@@ -66,3 +66,46 @@ def test_cpp_build_name_is_keyed_by_sources_and_toolchain(tmp_path):
         f.write("\n// changed\n")
     assert cpp_build_name([str(p) for p in a], "c++") != cpp_build_name(srcs, "c++")
     assert cpp_build_name(srcs, "c++").startswith("metapo_fast_cpp_")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("with_ref", [True, False])
+@pytest.mark.parametrize("v", [9000, 32003])
+def test_forward_into_a_buffer_with_the_fused_backward(backend, with_ref, v):
+    """``lce_epilogue_forward_into`` (the fused loss's call): the statistics land in columns 0-2 of
+    a block of a wider row buffer (row stride 5) and nothing else of the buffer changes; with
+    ``grad=True`` the logits then hold the backward for coefficient 1, across vocabulary blocks."""
+    from metapo_fast.ops.lce_epilogue import lce_epilogue_forward_into
+
+    x64, y64, tgt = _logits(5, v, seed=v + 1)
+    want = lce_epilogue_forward_ref(x64, tgt, y64 if with_ref else None)
+    pytorch = lce_epilogue_forward_ref(x64.float(), tgt, y64.float() if with_ref else None)
+    g_want = lce_epilogue_backward_ref_(x64.clone(), want[0], tgt, torch.ones(5, dtype=torch.float64))
+    g_pt = lce_epilogue_backward_ref_(x64.float().clone(), pytorch[0], tgt, torch.ones(5))
+    for grad in (False, True):
+        buf = torch.full((9, 5), 7.0)
+        block = buf[2:7]
+        x = x64.float().clone()
+        lse = lce_epilogue_forward_into(x, tgt, y64.float() if with_ref else None, block, grad=grad, backend=backend)
+        cols = [lse, block[:, 0]] + ([block[:, 1], block[:, 2]] if with_ref else [])
+        for name, a, p, b in zip(("lse", "logp", "ref_logp", "kl"), cols, pytorch, want):
+            err, base = (a.double() - b).abs().max().item(), (p.double() - b).abs().max().item()
+            assert err <= 2 * base + _ulps(b), f"{backend} V={v} {name}: error {err:.2e}, PyTorch fp32 {base:.2e}"
+        untouched = torch.ones_like(buf, dtype=torch.bool)
+        untouched[2:7, : 3 if with_ref else 1] = False
+        assert (buf[untouched] == 7.0).all()
+        if grad:
+            err, base = (x.double() - g_want).abs().max().item(), (g_pt.double() - g_want).abs().max().item()
+            assert err <= 2 * base + _ulps(g_want), f"{backend} V={v} fused backward: error {err:.2e}, PyTorch {base:.2e}"
+        else:
+            assert torch.equal(x, x64.float())
+
+
+def test_forward_into_refuses_a_buffer_it_cannot_write():
+    from metapo_fast.ops.lce_epilogue import lce_epilogue_forward_into
+
+    x, y, tgt = (a.float() if a.is_floating_point() else a for a in _logits(3, 50, seed=0))
+    for bad, what in ((torch.zeros(3, 2), "(3, >=3)"), (torch.zeros(3, 4, dtype=torch.float64), "float32"),
+                      (torch.zeros(3, 3).t(), "unit column stride"), (torch.zeros(2, 4), "(3, >=3)")):
+        with pytest.raises(ValueError, match="stats must be"):
+            lce_epilogue_forward_into(x, tgt, y, bad, backend="torch")

@@ -6,6 +6,11 @@ implementations must agree: the PyTorch references below (``lce_epilogue_forward
 ``lce_epilogue_backward_ref_``: the definitions), the Triton kernels (``kernels/lce_epilogue.py``,
 GPU) and the C++ ops (``csrc/lce_epilogue.cpp``, CPU). Inputs are validated here, once, for all of
 them; :func:`lce_epilogue_forward` / :func:`lce_epilogue_backward_` dispatch (``ops.dispatch``).
+
+:func:`lce_epilogue_forward_into` is the forward the fused loss calls: it writes the per-row
+statistics into columns of the caller's buffer (no per-chunk outputs to gather) and, with
+``grad=True``, overwrites the logits with the backward for coefficient 1 in the same call (the
+streamed-pair blocks, whose coefficients are applied later).
 """
 from __future__ import annotations
 
@@ -17,7 +22,7 @@ import torch
 from .dispatch import resolve_backend
 
 __all__ = ["check_label_values", "compute_dtype", "lce_epilogue_forward", "lce_epilogue_backward_", "lce_epilogue_forward_ref",
-           "lce_epilogue_backward_ref_"]
+           "lce_epilogue_backward_ref_", "lce_epilogue_forward_into", "lce_epilogue_forward_into_ref"]
 
 _OP = "lce_epilogue"
 
@@ -76,6 +81,22 @@ def lce_epilogue_backward_ref_(
     return logits
 
 
+def lce_epilogue_forward_into_ref(logits: torch.Tensor, targets: torch.Tensor, ref_logits: Optional[torch.Tensor],
+                                  stats: torch.Tensor, grad: bool = False) -> torch.Tensor:
+    """The forward of :func:`lce_epilogue_forward_ref` written into ``stats`` (``(n, K)``, compute
+    dtype): column 0 <- logp and, with ``ref_logits``, 1 <- ref_logp, 2 <- kl; other columns are left
+    as they are. ``grad``: then ``logits`` <- ``onehot - softmax`` in place (the backward with
+    coefficient 1). Returns ``lse``."""
+    lse, logp, ref_logp, kl = lce_epilogue_forward_ref(logits, targets, ref_logits)
+    stats[:, 0] = logp
+    if ref_logits is not None:
+        stats[:, 1] = ref_logp
+        stats[:, 2] = kl
+    if grad:
+        lce_epilogue_backward_ref_(logits, lse, targets, torch.ones_like(lse))
+    return lse
+
+
 def check_label_values(labels: torch.Tensor, v: int, ignore_index: int, host: Optional[np.ndarray] = None) -> None:
     """Every label is ``ignore_index`` or in ``[0, V)`` (CPU tensors: the C++ epilogue indexes with them).
     ``host``: ``labels`` as a NumPy array already, same shape (CPU labels: checked there, no tensor op)."""
@@ -127,6 +148,31 @@ def lce_epilogue_forward(logits: torch.Tensor, targets: torch.Tensor, ref_logits
     if impl == "cpp":
         return torch.ops.metapo_fast_cpp.lce_epilogue_fwd(logits, targets, ref_logits)
     return lce_epilogue_forward_ref(logits, targets, ref_logits)
+
+
+def lce_epilogue_forward_into(logits: torch.Tensor, targets: torch.Tensor, ref_logits: Optional[torch.Tensor],
+                              stats: torch.Tensor, *, grad: bool = False, backend: str = "auto",
+                              validate: bool = True) -> torch.Tensor:
+    """:func:`lce_epilogue_forward` writing ``logp`` (and ``ref_logp``, ``kl`` with ``ref_logits``)
+    into columns 0 (1, 2) of ``stats``, an ``(n, K)`` tensor of the compute dtype with unit column
+    stride (any row stride: a block of the fused loss's row buffer); returns ``lse``. ``grad=True``
+    then overwrites ``logits`` in place with ``onehot - softmax`` (coefficient 1), in the same call.
+    See :func:`lce_epilogue_forward_into_ref`."""
+    _check(logits, targets, ref_logits, validate)
+    n, cols = logits.shape[0], 1 if ref_logits is None else 3
+    cd = compute_dtype(logits.dtype)
+    if (stats.dim() != 2 or stats.shape[0] != n or stats.shape[1] < cols or stats.dtype != cd
+            or stats.device != logits.device or (n > 1 and stats.stride(1) != 1)):
+        raise ValueError(f"{_OP}: stats must be a ({n}, >={cols}) {cd} tensor on {logits.device} with unit column stride, "
+                         f"got {tuple(stats.shape)} {stats.dtype} on {stats.device} with strides {stats.stride()}")
+    impl = resolve_backend(backend, logits.device, _OP)
+    if impl == "triton":
+        from ..kernels.lce_epilogue import lce_epilogue_forward_into_triton
+
+        return lce_epilogue_forward_into_triton(logits, targets, ref_logits, stats, grad)
+    if impl == "cpp":
+        return torch.ops.metapo_fast_cpp.lce_epilogue_fwd_into(logits, targets, ref_logits, stats, grad)
+    return lce_epilogue_forward_into_ref(logits, targets, ref_logits, stats, grad)
 
 
 def lce_epilogue_backward_(logits: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor, coef: torch.Tensor, *,
