@@ -68,7 +68,9 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
 def write_pair_table(path: str, pair_ids: np.ndarray, source_rows: np.ndarray, weights: np.ndarray,
                      p: np.ndarray, features: np.ndarray, extra: Optional[dict] = None) -> None:
     """CSV with one row per training pair, lowest weight first: source_row (row in the input file),
-    pair_id (tracker row), weight, p = sigmoid(margin), the six features, ground-truth columns."""
+    pair_id (tracker row), weight, p = sigmoid(margin), the six features, ground-truth columns.
+    ``weight`` and ``p`` keep 9 significant digits (every float32 distinct, so a ranking read back from
+    the file, e.g. the report's AUROC, is the run's own: with 6, near-equal weights tied)."""
     order = np.argsort(weights, kind="mergesort")
     extra = extra or {}
     tmp = path + ".tmp"
@@ -76,7 +78,7 @@ def write_pair_table(path: str, pair_ids: np.ndarray, source_rows: np.ndarray, w
         w = csv.writer(f)
         w.writerow(["source_row", "pair_id", "weight", "p", *FEATURE_NAMES, *extra])
         for i in order:
-            w.writerow([int(source_rows[i]), int(pair_ids[i]), f"{weights[i]:.6g}", f"{p[i]:.6g}",
+            w.writerow([int(source_rows[i]), int(pair_ids[i]), f"{weights[i]:.9g}", f"{p[i]:.9g}",
                         *(f"{x:.6g}" for x in features[i]), *(int(v[i]) for v in extra.values())])
     os.replace(tmp, path)
 
