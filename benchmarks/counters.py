@@ -185,8 +185,8 @@ def _count_chunks():
     from metapo_fast.metapo import ghost
 
     n = [0]
-    mods = (_pl, ghost)
-    origs = [m.lce_epilogue_forward for m in mods]
+    sites = [(_pl, "lce_epilogue_forward_into"), (ghost, "lce_epilogue_forward")]
+    origs = [getattr(m, name) for m, name in sites]
 
     def wrap(orig):
         def counted(*a, **k):
@@ -194,13 +194,13 @@ def _count_chunks():
             return orig(*a, **k)
         return counted
 
-    for m, o in zip(mods, origs):
-        m.lce_epilogue_forward = wrap(o)
+    for (m, name), o in zip(sites, origs):
+        setattr(m, name, wrap(o))
     try:
         yield n
     finally:
-        for m, o in zip(mods, origs):
-            m.lce_epilogue_forward = o
+        for (m, name), o in zip(sites, origs):
+            setattr(m, name, o)
 
 
 @contextlib.contextmanager

@@ -35,7 +35,8 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-__all__ = ["LossParams", "PairBatch", "LossSpec", "LOSSES", "register_loss", "get_loss", "pair_loss", "sequence_coefficients"]
+__all__ = ["LossParams", "PairBatch", "LossSpec", "LOSSES", "register_loss", "register_margin_loss", "get_loss", "pair_loss",
+           "sequence_coefficients"]
 
 
 @dataclass(frozen=True)
@@ -115,6 +116,7 @@ class PairBatch:
 LossFn = Callable[[PairBatch, LossParams], tuple[torch.Tensor, torch.Tensor]]
 GradFn = Callable[[PairBatch, LossParams], tuple[torch.Tensor, torch.Tensor]]
 LogitGradFn = Callable[[torch.Tensor, LossParams], torch.Tensor]
+LogitLossFn = Callable[[torch.Tensor, LossParams], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -129,6 +131,7 @@ class LossSpec:
     doc: str
     grad: Optional[GradFn] = None
     logit_grad: Optional[LogitGradFn] = None
+    logit_loss: Optional[LogitLossFn] = None  # l(z) for a loss of the DPO margin alone (fn is l(dpo_margin), z)
 
     @property
     def has_closed_form(self) -> bool:
@@ -150,6 +153,25 @@ def register_loss(name: str, *, needs_reference: bool, grad: Optional[GradFn] = 
             raise ValueError(f"loss {name!r} is already registered")
         LOSSES[name] = LossSpec(name, fn, needs_reference, (fn.__doc__ or "").strip(), grad, logit_grad)
         return fn
+
+    return deco
+
+
+def register_margin_loss(name: str, *, logit_grad: LogitGradFn, doc: str):
+    """Decorator for a loss of the DPO margin alone: ``l(z, params) -> (B,)`` with the closed form
+    of ``dl/dz``. Registers ``fn(batch) = (l(dpo_margin(batch)), dpo_margin(batch))`` (the one
+    definition, so the fused op can evaluate ``l`` on its margins directly)."""
+    def deco(l: LogitLossFn) -> LogitLossFn:
+        if name in LOSSES:
+            raise ValueError(f"loss {name!r} is already registered")
+
+        def fn(batch: PairBatch, params: LossParams):
+            z = dpo_margin(batch, params, name)
+            return l(z, params), z
+
+        fn.__doc__ = doc
+        LOSSES[name] = LossSpec(name, fn, True, doc, _grad_from_logit(name, logit_grad), logit_grad, l)
+        return l
 
     return deco
 
@@ -227,25 +249,23 @@ def _orpo_grad(batch: PairBatch, p: LossParams):
             (s * _log_odds_grad(a_l)) / batch.rejected_counts.clamp(min=1))
 
 
-@register_loss("sigmoid", needs_reference=True, logit_grad=_sigmoid_dz)
-def sigmoid_loss(batch: PairBatch, params: LossParams):
-    """DPO: ``-(1-eps) log sigma(z) - eps log sigma(-z)``, z = beta (lr_w - lr_l) (Rafailov et al. 2023)."""
-    z = dpo_margin(batch, params, "sigmoid")
+@register_margin_loss("sigmoid", logit_grad=_sigmoid_dz,
+                      doc="DPO: ``-(1-eps) log sigma(z) - eps log sigma(-z)``, z = beta (lr_w - lr_l) (Rafailov et al. 2023).")
+def sigmoid_loss(z: torch.Tensor, params: LossParams) -> torch.Tensor:
     eps = params.label_smoothing
-    loss = -(1 - eps) * F.logsigmoid(z)
+    loss = F.logsigmoid(z).mul(-(1 - eps))
     if eps:
         loss = loss - eps * F.logsigmoid(-z)
-    return loss, z
+    return loss
 
 
-@register_loss("robust", needs_reference=True, logit_grad=_robust_dz)
-def robust_loss(batch: PairBatch, params: LossParams):
-    """rDPO (Chowdhury et al. 2024; TRL's ``robust``): ``((1-eps) l(z) - eps l(-z)) / (1 - 2 eps)``
-    with ``l(z) = -log sigma(z)`` and eps = ``label_smoothing``, the assumed flip rate: an unbiased
-    estimate of the clean-label DPO loss when each label is flipped with probability eps."""
-    z = dpo_margin(batch, params, "robust")
+@register_margin_loss("robust", logit_grad=_robust_dz,
+                      doc="rDPO (Chowdhury et al. 2024; TRL's ``robust``): ``((1-eps) l(z) - eps l(-z)) / (1 - 2 eps)`` "
+                          "with ``l(z) = -log sigma(z)`` and eps = ``label_smoothing``, the assumed flip rate: an unbiased "
+                          "estimate of the clean-label DPO loss when each label is flipped with probability eps.")
+def robust_loss(z: torch.Tensor, params: LossParams) -> torch.Tensor:
     eps = params.label_smoothing
-    return (-(1 - eps) * F.logsigmoid(z) + eps * F.logsigmoid(-z)) / (1 - 2 * eps), z
+    return (-(1 - eps) * F.logsigmoid(z) + eps * F.logsigmoid(-z)) / (1 - 2 * eps)
 
 
 @register_loss("ipo", needs_reference=True, grad=_ipo_grad)
@@ -259,12 +279,11 @@ def ipo_loss(batch: PairBatch, params: LossParams):
     return loss, dpo_margin(batch, params, "ipo")
 
 
-@register_loss("focal", needs_reference=True, logit_grad=_focal_dz)
-def focal_loss(batch: PairBatch, params: LossParams):
-    """FocalPO (paper Eq. 2): ``-p^gamma log sigma(z)``, p = sigma(z); gradient through both factors."""
-    z = dpo_margin(batch, params, "focal")
+@register_margin_loss("focal", logit_grad=_focal_dz,
+                      doc="FocalPO (paper Eq. 2): ``-p^gamma log sigma(z)``, p = sigma(z); gradient through both factors.")
+def focal_loss(z: torch.Tensor, params: LossParams) -> torch.Tensor:
     log_p = F.logsigmoid(z)
-    return -torch.exp(params.focal_gamma * log_p) * log_p, z
+    return -torch.exp(params.focal_gamma * log_p) * log_p
 
 
 @register_loss("simpo", needs_reference=False, grad=_simpo_grad)

@@ -96,6 +96,17 @@ def test_at_most_20_aten_ops_per_chunk(long_rows, path, rule):
     assert r["aten_ops_per_chunk"] <= 20, r
 
 
+@pytest.mark.parametrize("path,rule", [("dpo", "cpu"), ("dpo", "cuda"), ("dpo", "bare"), ("metapo", "cpu"), ("metapo", "cuda")])
+def test_at_most_20_aten_ops_per_chunk_at_t_llama_1k(rows, path, rule):
+    """Issue #14 at T_llama 1k, where a pair no longer fits a chunk and is streamed in a few blocks,
+    so the call's fixed cost weighs most: the schedule's host data in one copy, the statistics
+    written by the epilogue into one row buffer, the streamed blocks' forward and backward in one
+    epilogue call, one GEMM per pair for its logits and one for its coefficients."""
+    r = _row(rows, "op", path, rule, 64)
+    assert r["chunks"] >= 6, r
+    assert r["aten_ops_per_chunk"] <= 20, r
+
+
 @pytest.mark.parametrize("rule", ["cpu", "cuda"])
 @pytest.mark.parametrize("path", ["dpo", "metapo"])
 def test_marginal_ops_per_chunk(rows, long_rows, path, rule):

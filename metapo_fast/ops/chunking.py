@@ -30,7 +30,8 @@ from typing import Callable, Iterator, Optional
 import numpy as np
 import torch
 
-__all__ = ["DEFAULT_CHUNK_BYTES", "Chunk", "ChunkSchedule", "PairLayout", "compact_rows", "force_row_rule", "host_label_mask",
+__all__ = ["DEFAULT_CHUNK_BYTES", "Chunk", "ChunkSchedule", "PairLayout", "checked_host_labels", "compact_rows", "force_row_rule",
+           "host_label_mask",
            "pair_rows_on_device"]
 
 _FORCED_COMPACT: Optional[bool] = None
@@ -46,6 +47,19 @@ def host_label_mask(labels: torch.Tensor, host_labels: Optional[torch.Tensor], i
         raise ValueError(f"host_labels must be a CPU copy of labels {tuple(labels.shape)}, got "
                          f"{tuple(host_labels.shape)} on {host_labels.device}")
     return host_labels != ignore_index
+
+
+def checked_host_labels(labels: torch.Tensor, host_labels: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """``host_labels``, the CPU copy of ``labels`` (the collated batch before its copy to the GPU),
+    checked; None without one. (For CPU ``labels`` the fused loss reads their own values; a copy
+    given with them only selects the host's row rule on the CUDA code path, its values are not
+    trusted.)"""
+    if host_labels is None:
+        return None
+    if host_labels.shape != labels.shape or host_labels.device.type != "cpu":
+        raise ValueError(f"host_labels must be a CPU copy of labels {tuple(labels.shape)}, got "
+                         f"{tuple(host_labels.shape)} on {host_labels.device}")
+    return host_labels
 
 
 def compact_rows(device: torch.device) -> bool:
@@ -139,7 +153,7 @@ class ChunkSchedule:
         seq_len: T.
         rows_per_chunk: the memory rule's row budget (see :func:`rows_per_chunk`).
         compact: drop the rows without a label (CPU); keep every row (CUDA: no host sync).
-        host_mask: optional CPU copy of ``labels_mask`` (the collated batch's labels are on the host
+        host_mask: optional CPU copy of ``labels_mask``, a tensor or a NumPy array (the collated batch's labels are on the host
             before they are copied to the GPU). With it the rows without a label are dropped on
             any device: the row indices are computed on the host and copied to the device
             (``non_blocking``), so the GEMMs see only labelled rows and nothing syncs.
@@ -157,8 +171,13 @@ class ChunkSchedule:
         self._host_np: Optional[np.ndarray] = None
         self.host_rule = host_mask is not None and (not compact or labels_mask is None)
         if self.host_rule:  # made exact by the host's copy: rows are built on the host, then copied
-            hm = host_mask.reshape(-1)
-            self._rule_mask, self._where, self.compact = hm if hm.dtype == torch.bool else hm.bool(), torch.device("cpu"), True
+            if isinstance(host_mask, np.ndarray):  # already a host array (no tensor op)
+                self._host_np = host_mask.reshape(-1).astype(bool, copy=False)
+                hm = torch.from_dlpack(self._host_np)
+            else:
+                hm = host_mask.reshape(-1)
+                hm = hm if hm.dtype == torch.bool else hm.bool()
+            self._rule_mask, self._where, self.compact = hm, torch.device("cpu"), True
         else:
             self._rule_mask, self._where, self.compact = labels_mask, self.device, compact
 

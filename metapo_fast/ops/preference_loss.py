@@ -22,6 +22,7 @@ autograd), then the public function, ``fused_sequence_logps`` and the ``nn.Modul
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence, Union
 
@@ -30,10 +31,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .chunking import DEFAULT_CHUNK_BYTES, ChunkSchedule, compact_rows, host_label_mask, pair_rows_on_device
+from .chunking import DEFAULT_CHUNK_BYTES, ChunkSchedule, checked_host_labels, compact_rows, pair_rows_on_device
 from .dispatch import BACKENDS
 from ..losses import LossParams, PairBatch, get_loss, sequence_coefficients
-from .lce_epilogue import check_label_values, compute_dtype, lce_epilogue_backward_, lce_epilogue_forward
+from .lce_epilogue import check_label_values, compute_dtype, lce_epilogue_backward_, lce_epilogue_forward_into
 
 __all__ = ["PreferenceLossOutput", "fused_linear_preference_loss", "fused_sequence_logps", "FusedLinearPreferenceLoss",
            "DEFAULT_CHUNK_BYTES"]
@@ -150,51 +151,90 @@ def _shape(x):
 class _LazyPairStats(PreferenceLossOutput):
     """The statistics of one group's pairs that a weights callback sees (detached, shape (n,)):
     each field is computed when the callback first reads it (a callback of the margins alone
-    costs no other op)."""
+    costs no op: they are the group's slice of the margins buffer)."""
 
-    def __init__(self, chunker: "_Chunker", g: int, z: Optional[torch.Tensor]):
-        object.__setattr__(self, "_src", (chunker, g, z))
+    def __init__(self, chunker: "_Chunker", g: int):
+        object.__setattr__(self, "_src", (chunker, g))
         self.loss, self.beta = None, chunker.params.beta
 
     def __getattr__(self, name):
         if name.startswith("__") or name == "_src":
             raise AttributeError(name)
-        c, g, z = self._src
-        values = c._group_fields(g)
-        if name in ("per_pair_loss", "margins"):
-            per_pair, logit = c.spec.fn(c._group_batch(g), c.params)
-            values["per_pair_loss"], values["margins"] = per_pair, (logit if z is None else z)
-        if name not in values:
-            raise AttributeError(name)
-        setattr(self, name, values[name])
-        return values[name]
+        c, g = self._src
+        if name == "margins":
+            value = c.grp_z[g]
+        elif name == "per_pair_loss":
+            value = c.spec.fn(c._group_batch(g), c.params)[0]
+        else:
+            values = c._group_fields(g)
+            if name not in values:
+                raise AttributeError(name)
+            value = values[name]
+        setattr(self, name, value)
+        return value
 
     def __repr__(self):
         return f"_LazyPairStats(group={self._src[1]})"
 
 
 _NP_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
+_FORCED_PREGATHER: Optional[bool] = None
+
+
+@contextlib.contextmanager
+def force_pregather(flag: bool):
+    """Tests: gather the rows' hidden states once per call (True) or block by block (False),
+    whatever the budget says (the two ways of :class:`_Chunker`)."""
+    global _FORCED_PREGATHER
+    old, _FORCED_PREGATHER = _FORCED_PREGATHER, bool(flag)
+    try:
+        yield
+    finally:
+        _FORCED_PREGATHER = old
+
+
+def _host(a: np.ndarray) -> torch.Tensor:
+    """A host NumPy array as a CPU tensor, zero-copy (DLPack: no tensor op)."""
+    return torch.from_dlpack(np.ascontiguousarray(a))
 
 
 class _Chunker:
-    """The fused loss's loop over :class:`~.chunking.PairLayout`. Per-sequence statistics live in
-    ``S (2B, K)`` in layout order (columns: log-prob, reference log-prob if computed, KL if
-    computed, token count); a group's rows of ``S`` are one GEMM with its row-to-sequence matrix
-    ``P_g`` (mask included). The per-pair loss, logit and the batch loss are computed once at the
-    end from ``S``; per group only the coefficients ``c_s = dL/dlogp_s`` are (closed forms of
-    :mod:`metapo_fast.losses`, autograd for a loss without one)."""
+    """The fused loss's loop over :class:`~.chunking.PairLayout`.
+
+    Buffers (built once per call; host arrays are copied to the device in one queued copy each):
+
+    * ``buf (R, K)``: one row per scheduled row (block after block), columns ``logp, [ref_logp,
+      kl], count``; the epilogue writes the first columns of its block (``lce_epilogue_forward_into``),
+      the count column is 1 (the host's mask) or the mask (every row kept).
+    * ``S (3B, K)``: per group g (pairs ``[i0, i1)``, n of them) rows ``3 i0 .. 3 i1 - 1``: the n
+      chosen sequences, the n rejected, the n pairs, each the sum of its rows of ``buf``; one GEMM
+      ``S_g = P_g^T buf_g`` with the host-built 0/1 ``P_g^T (3n, R_g)`` (masked on the device when
+      every row is kept). The op returns it in sequence order (``stats``, see :func:`_run`).
+    * ``z (B,)``: the loss's logit per pair; for the DPO-margin losses one GEMM per group from
+      ``S_g`` (``z_g = vec(S_g) Zc_n``); ``coef (1, 2B)``: ``dL/dlogp_s`` in layout order, one GEMM
+      ``coef_g = l'(z_g) w_g Dc_n`` (closed forms of :mod:`metapo_fast.losses`, autograd for a loss
+      without one).
+    * ``h_all (R, H)``: the rows' hidden states gathered once, when they fit the chunk budget; each
+      block's hidden-state gradient rows are then written over its slice after their last use, and
+      copied into ``grad_hidden`` once at the end. Otherwise each block gathers its rows and copies
+      its gradient rows into ``grad_hidden`` itself (transient memory within the budget for any T).
+
+    Whole-pairs groups: the block's forward, the group's coefficients, the backward epilogue with
+    each row's coefficient, then ``G_b = g W`` and ``grad_W += g^T h``. Streamed pairs: each block
+    (one sequence's rows) runs the forward and the coefficient-1 backward in one epilogue call,
+    ``G_b`` and its side's ``V x H`` accumulator take the unscaled gradient; when the pair is done
+    ``grad_W += [c_w, c_l] [A_w; A_l]`` (one GEMM) and at the end each ``G`` row is scaled by its
+    sequence's coefficient. The policy logits are computed once either way (8NHV)."""
 
     def __init__(self, hidden, weight, labels, bias, ref_hidden, ref_weight, ref_bias, ref_seq, sample_weights,
-                 spec, params, ignore_index, compute_kl, chunk_bytes, backend, compute_grad, host_mask=None,
+                 spec, params, ignore_index, compute_kl, chunk_bytes, backend, compute_grad, host_labels=None,
                  weights_fn=None):
         self.b2, self.t, self.h = hidden.shape
-        self.bsz = self.b2 // 2
+        self.bsz = bsz = self.b2 // 2
         self.v = weight.shape[0]
         self.hidden = hidden.reshape(-1, self.h)
-        self.ref_hidden = None if ref_hidden is None else ref_hidden.reshape(-1, ref_hidden.shape[-1])
         self.weight, self.bias, self.ref_weight, self.ref_bias = weight, bias, ref_weight, ref_bias
-        self.labels = labels.reshape(-1)
-        labels_np = self.labels.numpy() if labels.device.type == "cpu" else None  # host data: read in NumPy
+        labels_np = np.from_dlpack(labels).reshape(-1) if labels.device.type == "cpu" else None  # host data (no tensor op)
         if labels_np is not None:  # the C++ epilogue indexes with them
             check_label_values(labels, self.v, ignore_index, host=labels_np.reshape(labels.shape))
         self.spec, self.params, self.backend = spec, params, backend
@@ -204,202 +244,324 @@ class _Chunker:
         self.compute_grad = compute_grad
         self.cd = cd = compute_dtype(hidden.dtype)
         dev = hidden.device
-        self.K = 2 + self.has_ref_logits + self.compute_kl  # logp, [ref], [kl], count
-        self.pair_weights = torch.ones(self.bsz, dtype=cd, device=dev) if weights_fn is not None else None
-        if compute_grad:
-            self.grad_hidden = torch.zeros_like(self.hidden)
-            self.grad_weight = torch.zeros(weight.shape, dtype=torch.float32 if cd == torch.float32 else cd, device=dev)
-            self.grad_bias = None if bias is None else torch.zeros(self.v, dtype=self.grad_weight.dtype, device=dev)
+        self.K = K = 4 if self.has_ref_logits else 2  # logp, [ref_logp, kl], count
         rows = ChunkSchedule.rows_for(chunk_bytes, self.v, hidden.element_size(), self.has_ref_logits)
         rows = pair_rows_on_device(rows, self.t, self.v, hidden.element_size(), self.has_ref_logits, dev)
         compact = compact_rows(dev)
-        if labels_np is not None and (compact or host_mask is not None):  # CPU labels: their own mask, on the host
-            host_mask = torch.from_numpy(labels_np != ignore_index)  # (a CPU host_labels copy is not needed, not trusted)
+        host_np = None  # the host's labels, flat, when the rule is the host's
+        if labels_np is not None and (compact or host_labels is not None):  # CPU labels: their own mask and targets
+            host_np = labels_np  # (a CPU host_labels copy is not needed, not trusted)
+        elif host_labels is not None:  # the trainer's host copy: mask and targets read on the host
+            host_np = np.from_dlpack(host_labels).reshape(-1)
         # exact: the rule's mask is on the host, so every scheduled row carries a label (no device mask)
-        self.exact = host_mask is not None
-        mask = None if self.exact else self.labels != ignore_index
-        self.schedule = ChunkSchedule(mask, self.b2, self.t, rows, compact=compact, host_mask=host_mask, device=dev)
+        self.exact = exact = host_np is not None
+        mask = None
+        if exact:
+            self.schedule = ChunkSchedule(None, self.b2, self.t, rows, compact=compact, host_mask=host_np != ignore_index,
+                                          device=dev)
+        else:
+            mask = labels.reshape(-1) != ignore_index
+            self.schedule = ChunkSchedule(mask, self.b2, self.t, rows, compact=compact, device=dev)
         self.streamed = not self.schedule.pairs_fit
         lay = self.layout = self.schedule.layout(self.streamed)
-        # every block's rows, targets and mask, and every group's P_g, split once
+        groups, R = lay.groups, len(lay.rows_host)
+        n_list = [i1 - i0 for i0, i1 in groups]
+        self.n_list = n_list
         sizes = [n for bl in lay.blocks for n, _ in bl]
-        if self.exact:  # the targets are the labels, the mask all ones
-            tgt_all, m_all = self.labels.index_select(0, lay.rows), torch.ones(lay.rows.numel(), dtype=cd, device=dev)
+        # host arithmetic: per row its layout sequence (2 i0 + col) and pair within the group
+        g_of_row = np.repeat(np.arange(len(groups)), lay.group_rows)
+        i0s = np.array([i0 for i0, _ in groups], dtype=np.int64)
+        ns = np.array(n_list, dtype=np.int64)
+        lrow = 2 * i0s[g_of_row] + lay.col_host
+        side, j = lay.col_host // ns[g_of_row], lay.col_host % ns[g_of_row]
+        # pos3: sequence-order row of S (chosen i, rejected i, pair i) -> its layout row
+        pair = np.arange(bsz)
+        g_of_pair = np.repeat(np.arange(len(groups)), n_list)
+        base = 3 * i0s[g_of_pair] + (pair - i0s[g_of_pair])
+        pos3 = np.concatenate([base, base + ns[g_of_pair], base + 2 * ns[g_of_pair]])
+        # one queued copy of the int data: rows, targets (the host's labels), each row's layout sequence, pos3, and
+        # each sequence's layout position
+        tgt_host = (host_np.astype(np.int64, copy=False)[lay.rows_host] if exact else np.zeros(R, dtype=np.int64))
+        ints = np.concatenate([lay.rows_host, tgt_host, lrow, pos3, lay.pos_host, pair]).astype(np.int64, copy=False)
+        (self.rows, tgt_all, self.lrow, self.pos3, self.lpos,
+         pairs) = self.schedule.to_device(_host(ints)).split([R, R, R, 3 * bsz, 2 * bsz, bsz])
+        if exact:
+            m_all = None
+        else:  # every row kept: the mask on the device; targets of unlabelled rows are 0
+            flat_labels = labels.reshape(-1)
+            tgt_all = torch.where(mask, flat_labels, 0).index_select(0, self.rows)
+            m_all = mask.to(cd).index_select(0, self.rows)
+            self.blk_m = m_all.split(sizes)
+        self.blk_tgt = tgt_all.split(sizes)
+        # The rows' hidden states: gathered once when they fit the chunk budget (the buffer then takes the rows'
+        # hidden-state gradients too, written over each block's rows after their last use), else block by block, so
+        # the transient memory stays within the budget whatever T.
+        ref_flat = None if ref_hidden is None else ref_hidden.reshape(-1, ref_hidden.shape[-1])
+        ref_row_bytes = 0 if ref_flat is None else ref_flat.shape[1] * ref_flat.element_size()
+        self.pregather = (R * (self.h * hidden.element_size() + ref_row_bytes) <= chunk_bytes if _FORCED_PREGATHER is None
+                          else _FORCED_PREGATHER)
+        if self.pregather:
+            self.h_all = self.hidden.index_select(0, self.rows)
+            self.blk_h = self.h_all.split(sizes)
+            self.blk_ref_h = None if ref_flat is None else ref_flat.index_select(0, self.rows).split(sizes)
         else:
-            m_all = mask.to(cd).index_select(0, lay.rows)
-            tgt_all = torch.where(mask, self.labels, 0).index_select(0, lay.rows)
-        self.blk_rows, self.blk_tgt, self.blk_m = (x.split(sizes) for x in (lay.rows, tgt_all, m_all))
-        buf = torch.empty(lay.rows.numel(), self.K, dtype=cd, device=dev)  # per-row statistics
+            self.blk_rows, self.ref_flat = self.rows.split(sizes), ref_flat
+        buf = torch.ones(R, K, dtype=cd, device=dev)  # per-row statistics; count column 1 (masked via P when not exact)
         self.blk_buf, self.grp_buf = buf.split(sizes), buf.split(lay.group_rows)
-        width = 2 * (lay.groups[0][1] - lay.groups[0][0])
-        if self.exact:  # built on the host: one queued copy on CUDA
-            P_host = np.zeros((len(lay.rows_host), width), dtype=_NP_DTYPES[cd])
-            P_host[np.arange(len(lay.rows_host)), lay.col_host] = 1
-            P = self.schedule.to_device(torch.from_numpy(P_host))
+        # P^T of every group, side by side: (3 n_max, R), 0/1 (times the mask when every row is kept)
+        n_max = max(n_list)
+        PT_host = np.zeros((3 * n_max, R), dtype=_NP_DTYPES[cd])
+        ar = np.arange(R)
+        n_r = ns[g_of_row]
+        if exact:
+            PT_host[side * n_r + j, ar] = 1
+            PT_host[2 * n_r + j, ar] = 1
+            PT = self.schedule.to_device(_host(PT_host))
         else:
-            P = torch.zeros(lay.rows.numel(), width, dtype=cd, device=dev).scatter_(1, lay.col.unsqueeze(1), m_all.unsqueeze(1))
-        self.grp_PT = list(P.t().split(lay.group_rows, dim=1))
-        self.grp_P = P.split(lay.group_rows) if not self.streamed else None
-        n_list = [i1 - i0 for i0, i1 in lay.groups]
-        if 2 * n_list[-1] != width:
-            self.grp_PT[-1] = self.grp_PT[-1][: 2 * n_list[-1]]
-            if self.grp_P is not None:
-                self.grp_P = (*self.grp_P[:-1], self.grp_P[-1][:, : 2 * n_list[-1]])
-        self.S = torch.zeros(self.b2, self.K, dtype=cd, device=dev)
-        self.grp_S = self.S.split([2 * n for n in n_list])
+            idx = self.schedule.to_device(_host(np.concatenate([(side * n_r + j) * R + ar, (2 * n_r + j) * R + ar])))
+            PT = torch.zeros(3 * n_max * R, dtype=cd, device=dev).index_put_((idx,), m_all.repeat(2)).view(3 * n_max, R)
+        self.grp_PT = list(PT.split(lay.group_rows, dim=1))
+        if n_list[-1] != n_max:
+            self.grp_PT[-1] = self.grp_PT[-1][: 3 * n_list[-1]]
+        self.S = S = torch.empty(3 * bsz, K, dtype=cd, device=dev)  # every row written by its group's GEMM
+        self.grp_S = S.split([3 * n for n in n_list])
+        self.logit_path = spec.logit_grad is not None
+        if self.logit_path:
+            self.grp_Sflat = S.view(1, -1).split([3 * n * K for n in n_list], dim=1)
+        self.z = torch.empty(bsz, dtype=cd, device=dev)
+        self.grp_z2 = self.z.view(1, bsz).split(n_list, dim=1)  # (1, n) views for the GEMMs; (n,) views for a callback:
+        self.grp_z = self.z.split(n_list) if weights_fn is not None or not self.logit_path else None
         self.ref_given = None if ref_seq is None else ref_seq.to(cd)
-        self.grp_ref = None if ref_seq is None else self.ref_given.index_select(0, lay.order).split([2 * n for n in n_list])
+        self.grp_zref = None
+        if self.ref_given is not None and self.logit_path:  # z = beta (logp_w - logp_l) - beta (ref_w - ref_l)
+            zref = (self.ref_given[bsz:] - self.ref_given[:bsz]).mul_(params.beta)
+            self.grp_zref = zref.view(1, bsz).split(n_list, dim=1)
         self.grp_w = None if sample_weights is None else sample_weights.to(cd).split(n_list)
-        self.grp_pairs = torch.arange(self.bsz, device=dev).split(n_list) if weights_fn is not None else None
-        self.coef_seq = torch.zeros(self.b2, dtype=cd, device=dev) if (self.streamed and compute_grad) else None
-        self.grp_coef = None if self.coef_seq is None else self.coef_seq.split([2 * n for n in n_list])
+        self.grp_pairs = pairs.split(n_list) if weights_fn is not None else None
+        self.used_w: list = []
         self._consts: dict = {}
+        if compute_grad:
+            self.coef = torch.empty(1, 2 * bsz, dtype=cd, device=dev)  # every entry written by its group
+            self.grp_coef = self.coef.split([2 * n for n in n_list], dim=1)
+            gdt = torch.float32 if cd == torch.float32 else cd
+            self.grad_weight = torch.zeros(weight.shape, dtype=gdt, device=dev)
+            self.grad_bias = None if bias is None else torch.zeros(self.v, dtype=gdt, device=dev)
+            if not self.pregather:  # the gradient rows go into it block by block
+                self.grad_hidden = torch.zeros_like(self.hidden)
+            if not self.streamed:
+                self.blk_lrow = self.lrow.split(sizes)
+                self.coef_flat = self.coef.view(-1)
 
-    # -- constants of the DPO-margin losses: z = Dz @ lr, c = Dc @ dl/dz (per group size n) ------
+    # -- constants of the DPO-margin losses, per group size n: z = vec(S_g) Zc, coef = l'(z) w Dc ------
     def _margin_consts(self, n: int):
         c = self._consts.get(n)
-        if c is None:  # built on the host: one small tensor each
-            beta, inv_b = self.params.beta, 1.0 / self.bsz
-            dz = [[beta if k == j else (-beta if k == n + j else 0.0) for k in range(2 * n)] for j in range(n)]
-            dc = [[dz[j][k] * inv_b for j in range(n)] for k in range(2 * n)]
-            a = [1.0, -1.0 if self.has_ref_logits else 0.0] + [0.0] * (self.K - 2)
-            c = self._consts[n] = tuple(self.schedule.to_device(torch.from_numpy(np.asarray(x, dtype=_NP_DTYPES[self.cd])))
-                                        for x in (dz, dc, a))
+        if c is None:  # built on the host: one queued copy each
+            K, beta, inv_b = self.K, self.params.beta, 1.0 / self.bsz
+            a = np.zeros(K)
+            a[0] = 1.0
+            if self.has_ref_logits:
+                a[1] = -1.0
+            zc = np.zeros((3 * n, K, n))
+            for j in range(n):
+                zc[j, :, j] = beta * a
+                zc[n + j, :, j] = -beta * a
+            dc = np.zeros((n, 2 * n))
+            dc[np.arange(n), np.arange(n)] = beta * inv_b
+            dc[np.arange(n), n + np.arange(n)] = -beta * inv_b
+            dt = _NP_DTYPES[self.cd]
+            c = self._consts[n] = (self.schedule.to_device(_host(zc.reshape(3 * n * K, n).astype(dt))),
+                                   self.schedule.to_device(_host(dc.astype(dt))))
         return c
 
     # -- the statistics of a group, as the losses see them -----------------------------------------
     def _group_batch(self, g: int) -> PairBatch:
-        n, Sg = self._n(g), self.grp_S[g]
-        ref = Sg[:, 1] if self.has_ref_logits else (None if self.grp_ref is None else self.grp_ref[g])
-        return PairBatch(Sg[:n, 0], Sg[n:, 0], Sg[:n, -1], Sg[n:, -1],
-                         None if ref is None else ref[:n], None if ref is None else ref[n:])
+        n, Sg = self.n_list[g], self.grp_S[g]
+        if self.has_ref_logits:
+            ref_w, ref_l = Sg[:n, 1], Sg[n:2 * n, 1]
+        elif self.ref_given is not None:
+            i0, i1 = self.layout.groups[g]
+            ref_w, ref_l = self.ref_given[i0:i1], self.ref_given[self.bsz + i0:self.bsz + i1]
+        else:
+            ref_w = ref_l = None
+        return PairBatch(Sg[:n, 0], Sg[n:2 * n, 0], Sg[:n, -1], Sg[n:2 * n, -1], ref_w, ref_l)
 
     def _group_fields(self, g: int) -> dict:
         b = self._group_batch(g)
         kl = None
         if self.compute_kl:
-            n, Sg = self._n(g), self.grp_S[g]
-            kl = (Sg[:n, 2] + Sg[n:, 2]) / (Sg[:n, -1] + Sg[n:, -1]).clamp(min=1)
+            n, Sg = self.n_list[g], self.grp_S[g]
+            kl = Sg[2 * n:, 2] / Sg[2 * n:, -1].clamp(min=1)
         return dict(chosen_logps=b.chosen_logps, rejected_logps=b.rejected_logps, chosen_counts=b.chosen_counts,
                     rejected_counts=b.rejected_counts, ref_chosen_logps=b.ref_chosen_logps,
                     ref_rejected_logps=b.ref_rejected_logps, kl=kl)
 
-    def _n(self, g: int) -> int:
-        i0, i1 = self.layout.groups[g]
-        return i1 - i0
-
-    def _coefficients(self, g: int, out: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
-        """``c_s = dL/dlogp_s`` for group g's sequences (layout order, ``(2n,)``), from its row of
-        ``S``: ``L = sum_i w_i l_i / B`` with w detached, so ``c_s = w_i dl_i/dlogp_s / B``. The
-        weights are ``sample_weights``, or ``weights_fn`` of these pairs' statistics."""
-        n, Sg, spec = self._n(g), self.grp_S[g], self.spec
-        z = None
-        if spec.logit_grad is not None:  # l(z) of the DPO margin: a few ops
-            dz, dc, a = self._margin_consts(n)
-            lr = Sg @ a if self.has_ref_logits else Sg[:, 0] - self.grp_ref[g]
-            z = dz @ lr
+    def _group_done(self, g: int) -> None:
+        """Group g's statistics are in ``buf``: its rows of S, its logits z, its weights and (with
+        gradients) its coefficients ``coef_g = dL/dlogp_s`` (layout order, ``(1, 2n)``): ``L = sum_i w_i
+        l_i / B`` with w detached, so ``c_s = w_i dl_i/dlogp_s / B``."""
+        n, spec = self.n_list[g], self.spec
+        torch.mm(self.grp_PT[g], self.grp_buf[g], out=self.grp_S[g])
+        if self.logit_path:
+            zc, dc = self._margin_consts(n)
+            if self.grp_zref is None:
+                torch.mm(self.grp_Sflat[g], zc, out=self.grp_z2[g])
+            else:
+                torch.addmm(self.grp_zref[g], self.grp_Sflat[g], zc, out=self.grp_z2[g])
+        else:
+            self.grp_z[g].copy_(spec.fn(self._group_batch(g), self.params)[1])
         w = None
         if self.weights_fn is not None:
             with torch._C._ForceDispatchKeyGuard(*_DEFAULT_DISPATCH_TLS):
-                w = self.weights_fn(self.grp_pairs[g], _LazyPairStats(self, g, z))
+                w = self.weights_fn(self.grp_pairs[g], _LazyPairStats(self, g))
             if w.requires_grad:
                 w = w.detach()
             if w.dtype != self.cd or w.dim() != 1:
                 w = w.to(self.cd).reshape(-1)
-            self.pair_weights[self.layout.groups[g][0]:self.layout.groups[g][1]] = w
+            self.used_w.append(w)
         elif self.grp_w is not None:
             w = self.grp_w[g]
         if not self.compute_grad:
-            return None
-        if z is not None:
-            d = spec.logit_grad(z, self.params)
-            return torch.mv(dc, d if w is None else d * w, out=out)
-        if spec.grad is not None:
-            d_w, d_l = spec.grad(self._group_batch(g), self.params)
-            coef = torch.cat([d_w, d_l])
-            return (coef if w is None else coef * w.repeat(2)) / self.bsz
+            return
+        if self.logit_path:
+            d = spec.logit_grad(self.grp_z2[g], self.params)
+            torch.mm(d if w is None else d * w, dc, out=self.grp_coef[g])
+            return
         b = self._group_batch(g)
-        ref = None if b.ref_chosen_logps is None else torch.cat([b.ref_chosen_logps, b.ref_rejected_logps])
-        # A custom op's body runs with autograd (and torch.func, under torch.compile) excluded from
-        # dispatch; the autograd fallback runs with the default dispatch TLS.
-        with torch._C._ForceDispatchKeyGuard(*_DEFAULT_DISPATCH_TLS):
-            return sequence_coefficients(spec, self.params, Sg[:, 0], Sg[:, -1], ref, w, denom=self.bsz)[3]
+        if spec.grad is not None:
+            d_w, d_l = spec.grad(b, self.params)
+            coef = torch.cat([d_w, d_l])
+            coef = (coef if w is None else coef * w.repeat(2)) / self.bsz
+        else:
+            ref = None if b.ref_chosen_logps is None else torch.cat([b.ref_chosen_logps, b.ref_rejected_logps])
+            Sg = self.grp_S[g]
+            # A custom op's body runs with autograd (and torch.func, under torch.compile) excluded from
+            # dispatch; the autograd fallback runs with the default dispatch TLS.
+            with torch._C._ForceDispatchKeyGuard(*_DEFAULT_DISPATCH_TLS):
+                coef = sequence_coefficients(spec, self.params, Sg[:2 * n, 0], Sg[:2 * n, -1], ref, w, denom=self.bsz)[3]
+        self.grp_coef[g].copy_(coef.view(1, -1))
 
     # -- the loop -----------------------------------------------------------------------------------
-    def _forward_block(self, b: int):
-        """One block's logits and epilogue; its per-row statistics go to the row buffer."""
-        rows = self.blk_rows[b]
-        h = self.hidden.index_select(0, rows)
+    def _logits(self, b: int):
+        """Block b's hidden rows (gathered now unless gathered once), policy and reference logits."""
+        h = self.blk_h[b] if self.pregather else self.hidden.index_select(0, self.blk_rows[b])
         logits = F.linear(h, self.weight, self.bias)
         ref_logits = None
         if self.has_ref_logits:
-            ref_logits = F.linear(self.ref_hidden.index_select(0, rows), self.ref_weight, self.ref_bias)
-        lse, logp, ref_logp, kl = lce_epilogue_forward(logits, self.blk_tgt[b], ref_logits, backend=self.backend,
-                                                       validate=False)
-        del ref_logits
-        xs = [logp] + ([ref_logp] if self.has_ref_logits else []) + ([kl] if self.compute_kl else []) + [self.blk_m[b]]
-        torch.stack(xs, dim=1, out=self.blk_buf[b])
-        return logits, lse, h
+            ref_h = self.blk_ref_h[b] if self.pregather else self.ref_flat.index_select(0, self.blk_rows[b])
+            ref_logits = F.linear(ref_h, self.ref_weight, self.ref_bias)
+        return h, logits, ref_logits
 
-    def _backward_block(self, b, logits, lse, h, coef_rows, gw, gb):
-        lce_epilogue_backward_(logits, lse, self.blk_tgt[b], coef_rows, backend=self.backend, validate=False)
-        self.grad_hidden.index_copy_(0, self.blk_rows[b], torch.mm(logits, self.weight))
-        _add_mm_(gw, logits.t(), h)
-        if gb is not None:
-            gb.add_(logits.sum(0, dtype=gb.dtype))
+    def _grad_rows(self, b: int, h: torch.Tensor, g: torch.Tensor) -> None:
+        """Block b's hidden-state gradient rows ``g W``, written over its hidden rows ``h`` (used for the
+        last time), then into ``grad_hidden`` unless the whole row buffer is copied at the end."""
+        torch.mm(g, self.weight, out=h)
+        if not self.pregather:
+            self.grad_hidden.index_copy_(0, self.blk_rows[b], h)
 
     def run(self):
-        b = 0
-        if self.streamed and self.compute_grad:
-            acc = torch.zeros((2, *self.grad_weight.shape), dtype=self.grad_weight.dtype, device=self.S.device)
-            acc_b = None if self.grad_bias is None else torch.zeros(2, self.v, dtype=self.grad_bias.dtype, device=self.S.device)
-            gw_flat, acc_t, acc_w = self.grad_weight.view(-1), acc.view(2, -1).t(), acc.unbind(0)
-            acc_bs = None if acc_b is None else acc_b.unbind(0)
-        for g, blocks in enumerate(self.layout.blocks):
+        lay, b, grad = self.layout, 0, self.compute_grad
+        fused = self.exact  # streamed blocks: forward + coefficient-1 backward in one epilogue call
+        if self.streamed and grad:
+            gdt = self.grad_weight.dtype
+            acc = torch.empty((2, *self.grad_weight.shape), dtype=gdt, device=self.S.device)
+            acc_w, acc_row, gw_row = acc.unbind(0), acc.view(2, -1), self.grad_weight.view(1, -1)
+            acc_b = None if self.grad_bias is None else torch.empty(2, self.v, dtype=gdt, device=self.S.device)
+        for g, blocks in enumerate(lay.blocks):
+            if self.streamed:
+                seen = [False, False]
+                for _, side in blocks:
+                    h, logits, ref_logits = self._logits(b)
+                    if not grad:
+                        lce_epilogue_forward_into(logits, self.blk_tgt[b], ref_logits, self.blk_buf[b],
+                                                  backend=self.backend, validate=False)
+                    else:  # coefficient 1 now, c_s applied when the pair is done
+                        if fused:
+                            lce_epilogue_forward_into(logits, self.blk_tgt[b], ref_logits, self.blk_buf[b], grad=True,
+                                                      backend=self.backend, validate=False)
+                        else:  # every row kept: coefficient = the row's mask
+                            lse = lce_epilogue_forward_into(logits, self.blk_tgt[b], ref_logits, self.blk_buf[b],
+                                                            backend=self.backend, validate=False)
+                            lce_epilogue_backward_(logits, lse, self.blk_tgt[b], self.blk_m[b], backend=self.backend,
+                                                   validate=False)
+                        del ref_logits
+                        _mm_into_(acc_w[side], logits.t(), h, accumulate=seen[side])
+                        if acc_b is not None:
+                            if seen[side]:
+                                acc_b[side].add_(logits.sum(0, dtype=gdt))
+                            else:
+                                torch.sum(logits, 0, dtype=gdt, out=acc_b[side])
+                        self._grad_rows(b, h, logits)
+                        seen[side] = True
+                    del logits, h
+                    b += 1
+                self._group_done(g)
+                if grad and (seen[0] or seen[1]):  # grad_W += c_w A_w + c_l A_l
+                    for s in (0, 1):
+                        if not seen[s]:
+                            acc_w[s].zero_()
+                            if acc_b is not None:
+                                acc_b[s].zero_()
+                    gw_row.addmm_(self.grp_coef[g], acc_row)
+                    if acc_b is not None:
+                        self.grad_bias.view(1, -1).addmm_(self.grp_coef[g], acc_b)
+                continue
             kept = None
-            for _, side in blocks:
-                logits, lse, h = self._forward_block(b)
-                if self.streamed and self.compute_grad:  # coefficient 1 now, c_s applied when the pair is done
-                    self._backward_block(b, logits, lse, h, self.blk_m[b], acc_w[side], None if acc_b is None else acc_bs[side])
-                elif self.compute_grad:
-                    kept = (b, logits, lse, h)
-                del logits
+            for _ in blocks:  # one block: the group's rows
+                h, logits, ref_logits = self._logits(b)
+                lse = lce_epilogue_forward_into(logits, self.blk_tgt[b], ref_logits, self.blk_buf[b],
+                                                backend=self.backend, validate=False)
+                kept = (b, h, logits, lse)
+                del ref_logits, logits, h
                 b += 1
-            torch.mm(self.grp_PT[g], self.grp_buf[g], out=self.grp_S[g])
-            coef = self._coefficients(g, None if self.coef_seq is None else self.grp_coef[g])
-            if coef is None:
-                continue
-            if not self.streamed:
-                if kept is not None:
-                    self._backward_block(*kept, torch.mv(self.grp_P[g], coef), self.grad_weight, self.grad_bias)
-                kept = None
-                continue
-            # streamed pair: grad_W += c_w A_w + c_l A_l; grad_h rows scaled by c_s at the end
-            if coef is not self.grp_coef[g]:
-                self.grp_coef[g].copy_(coef)
-            gw_flat.addmv_(acc_t, coef)
-            acc.zero_()
-            if acc_b is not None:
-                self.grad_bias.addmv_(acc_b.t(), coef)
-                acc_b.zero_()
+            self._group_done(g)
+            if grad and kept is not None:
+                kb, h, logits, lse = kept
+                coef_rows = self.coef_flat.index_select(0, self.blk_lrow[kb])
+                if not self.exact:
+                    coef_rows.mul_(self.blk_m[kb])
+                lce_epilogue_backward_(logits, lse, self.blk_tgt[kb], coef_rows, backend=self.backend, validate=False)
+                _add_mm_(self.grad_weight, logits.t(), h)
+                if self.grad_bias is not None:
+                    self.grad_bias.add_(logits.sum(0, dtype=self.grad_bias.dtype))
+                self._grad_rows(kb, h, logits)
+            kept = None
         return self._finish()
 
     def _finish(self):
-        lay = self.layout
-        cols = [self.S[:, j].index_select(0, lay.pos) for j in range(self.K)]  # sequence order, own storage each
-        self.seq_logps, self.counts = cols[0], cols[-1]
-        self.ref_seq = cols[1] if self.has_ref_logits else self.ref_given
-        self.kl_sum = cols[2] if self.compute_kl else None
-        if self.streamed and self.compute_grad:
-            self.grad_hidden.view(self.b2, -1).mul_(self.coef_seq.index_select(0, lay.pos).unsqueeze(1).to(self.grad_hidden.dtype))
-        bsz, ref = self.bsz, self.ref_seq
-        batch = PairBatch(self.seq_logps[:bsz], self.seq_logps[bsz:], self.counts[:bsz], self.counts[bsz:],
-                          None if ref is None else ref[:bsz], None if ref is None else ref[bsz:])
-        per_pair, logit = self.spec.fn(batch, self.params)
+        bsz = self.bsz
+        if self.compute_grad:
+            # streamed: each gradient row times its sequence's coefficient (unlabelled rows are 0 already)
+            if self.pregather:
+                if self.streamed:
+                    self.h_all.mul_(self.coef.view(-1, 1).index_select(0, self.lrow))
+                self.grad_hidden = torch.zeros_like(self.hidden)
+                self.grad_hidden.index_copy_(0, self.rows, self.h_all)
+            elif self.streamed:
+                self.grad_hidden.view(self.b2, -1).mul_(self.coef.view(-1, 1).index_select(0, self.lpos))
+        self.stats = self.S.index_select(0, self.pos3)  # sequence order: chosen, rejected, pairs
+        self.pair_weights = torch.cat(self.used_w) if self.weights_fn is not None else None
         w = self.pair_weights if self.pair_weights is not None else (None if self.weights is None else self.weights.to(self.cd))
-        self.per_pair, self.logit = per_pair, logit
-        self.loss = (per_pair if w is None else w * per_pair).sum() / bsz
+        if self.spec.logit_loss is not None:
+            per_pair = self.spec.logit_loss(self.z, self.params)
+        else:
+            st, ref = self.stats, self.ref_given
+            batch = PairBatch(st[:bsz, 0], st[bsz:2 * bsz, 0], st[:bsz, -1], st[bsz:2 * bsz, -1],
+                              st[:bsz, 1] if self.has_ref_logits else (None if ref is None else ref[:bsz]),
+                              st[bsz:2 * bsz, 1] if self.has_ref_logits else (None if ref is None else ref[bsz:]))
+            per_pair = self.spec.fn(batch, self.params)[0]
+        self.per_pair, self.logit = per_pair, self.z
+        self.loss = per_pair.mean() if w is None else torch.dot(w, per_pair) / bsz
         return self
+
+
+def _mm_into_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bool) -> None:
+    """``out (+)= a @ b``: accumulate, or overwrite whatever ``out`` held (beta = 0 ignores it)."""
+    if accumulate:
+        _add_mm_(out, a, b)
+    elif a.dtype == out.dtype:
+        torch.addmm(out, a, b, beta=0, out=out)
+    else:
+        out.copy_(a @ b)
 
 
 def _add_mm_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
@@ -425,26 +587,25 @@ _EMPTY = (0,)
 
 def _run(hidden, weight, labels, bias, ref_hidden, ref_weight, ref_bias, ref_logps, sample_weights, loss_type, beta,
          label_smoothing, focal_gamma, simpo_gamma, orpo_lambda, ignore_index, compute_kl, chunk_bytes, backend,
-         compute_grad, host_mask=None, weights_fn=None):
-    """The op's computation: its ten outputs, and the chunker (for the weights a callback gave)."""
+         compute_grad, host_labels=None, weights_fn=None):
+    """The op's computation: its seven outputs, and the chunker (for the weights a callback gave).
+
+    Outputs: ``loss``, ``per_pair (B,)``, ``logit (B,)``, ``stats (3B, K)``, ``grad_hidden``,
+    ``grad_weight``, ``grad_bias`` (empty when absent). ``stats`` rows are the B chosen sequences,
+    the B rejected, then the B pairs (both sequences' tokens); columns are the sums over those
+    tokens of the log-prob, with reference logits of the reference log-prob and the token KL, and
+    last the token count (``K`` = 4 with reference logits, else 2)."""
     params = LossParams(beta, label_smoothing, focal_gamma, simpo_gamma, orpo_lambda)
     c = _Chunker(hidden, weight, labels, bias, ref_hidden, ref_weight, ref_bias, ref_logps, sample_weights,
                  get_loss(loss_type), params, ignore_index, compute_kl, chunk_bytes, backend, compute_grad,
-                 host_mask=host_mask, weights_fn=weights_fn).run()
-
-    def empty():  # one fresh tensor per absent output: outputs may not alias each other
-        return hidden.new_empty(_EMPTY, dtype=c.cd)
-
-    ref = c.ref_seq if c.ref_seq is not None else empty()
-    kl = c.kl_sum if c.kl_sum is not None else empty()
+                 host_labels=host_labels, weights_fn=weights_fn).run()
     if compute_grad:
         gh = c.grad_hidden.view_as(hidden)
         gw = c.grad_weight
-        gb = c.grad_bias if c.grad_bias is not None else empty()
-    else:
-        gh, gw, gb = empty(), empty(), empty()
-    # ref_logps (an input) must not be returned as an output alias
-    return (c.loss, c.per_pair, c.logit, c.seq_logps, c.counts, ref.clone() if ref is ref_logps else ref, kl, gh, gw, gb), c
+        gb = c.grad_bias if c.grad_bias is not None else hidden.new_empty(_EMPTY, dtype=c.cd)
+    else:  # one fresh tensor per absent output: outputs may not alias each other
+        gh, gw, gb = (hidden.new_empty(_EMPTY, dtype=c.cd) for _ in range(3))
+    return (c.loss, c.per_pair, c.logit, c.stats, gh, gw, gb), c
 
 
 @torch.library.custom_op("metapo_fast::fused_linear_preference_loss", mutates_args=())
@@ -454,41 +615,38 @@ def _fused_op(
     ref_logps: Optional[torch.Tensor], sample_weights: Optional[torch.Tensor],
     loss_type: str, beta: float, label_smoothing: float, focal_gamma: float, simpo_gamma: float, orpo_lambda: float,
     ignore_index: int, compute_kl: bool, chunk_bytes: int, backend: str, compute_grad: bool,
-    host_mask: Optional[torch.Tensor] = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-           torch.Tensor, torch.Tensor, torch.Tensor]:
+    host_labels: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return _run(hidden, weight, labels, bias, ref_hidden, ref_weight, ref_bias, ref_logps, sample_weights, loss_type,
                 beta, label_smoothing, focal_gamma, simpo_gamma, orpo_lambda, ignore_index, compute_kl, chunk_bytes,
-                backend, compute_grad, host_mask)[0]
+                backend, compute_grad, host_labels)[0]
 
 
 @_fused_op.register_fake
 def _fused_op_fake(hidden, weight, labels, bias, ref_hidden, ref_weight, ref_bias, ref_logps, sample_weights,
                    loss_type, beta, label_smoothing, focal_gamma, simpo_gamma, orpo_lambda, ignore_index,
-                   compute_kl, chunk_bytes, backend, compute_grad, host_mask=None):
+                   compute_kl, chunk_bytes, backend, compute_grad, host_labels=None):
     cd = compute_dtype(hidden.dtype)
     b2 = hidden.shape[0]
     new = lambda *s, dtype=cd: hidden.new_empty(s, dtype=dtype)  # noqa: E731
-    has_ref = ref_hidden is not None or ref_logps is not None
-    ref = new(b2) if has_ref else new(0)
-    kl = new(b2) if (compute_kl and ref_hidden is not None) else new(0)
+    stats = new(3 * (b2 // 2), 4 if ref_hidden is not None else 2)
     if compute_grad:
         gw_dtype = torch.float32 if cd == torch.float32 else cd
         gh, gw = new(*hidden.shape, dtype=hidden.dtype), new(*weight.shape, dtype=gw_dtype)
         gb = new(weight.shape[0], dtype=gw_dtype) if bias is not None else new(0)
     else:
         gh, gw, gb = new(0), new(0), new(0)
-    return new(), new(b2 // 2), new(b2 // 2), new(b2), new(b2), ref, kl, gh, gw, gb
+    return new(), new(b2 // 2), new(b2 // 2), stats, gh, gw, gb
 
 
 _OP_INPUTS = ("hidden", "weight", "labels", "bias", "ref_hidden", "ref_weight", "ref_bias", "ref_logps",
               "sample_weights", "loss_type", "beta", "label_smoothing", "focal_gamma", "simpo_gamma", "orpo_lambda",
-              "ignore_index", "compute_kl", "chunk_bytes", "backend", "compute_grad", "host_mask")
+              "ignore_index", "compute_kl", "chunk_bytes", "backend", "compute_grad", "host_labels")
 
 
 def _setup_context(ctx, inputs, output):
     hidden, weight, bias = inputs[0], inputs[1], inputs[3]
-    ctx.save_for_backward(output[7], output[8], output[9])
+    ctx.save_for_backward(output[4], output[5], output[6])
     ctx.mark_non_differentiable(*output[1:])  # only the loss is differentiable: no zero grads made for the rest
     ctx.set_materialize_grads(False)
     ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
@@ -618,12 +776,12 @@ def fused_linear_preference_loss(
         raise ValueError(f"chunk_bytes must be positive, got {chunk_bytes}")
     compute_grad = torch.is_grad_enabled() and any(
         x is not None and x.requires_grad for x in (hidden, weight, bias))
-    host_mask = host_label_mask(labels, host_labels, ignore_index)
+    host_labels = checked_host_labels(labels, host_labels)
     args = (labels.contiguous(), None if ref_hidden is None else _nd(ref_hidden).contiguous(),
             None if ref_weight is None else _nd(ref_weight).contiguous(), None if ref_bias is None else _nd(ref_bias),
             None if ref_seq is None else _nd(ref_seq), None if sample_weights is None else _nd(sample_weights),
             loss_type, params.beta, params.label_smoothing, params.focal_gamma, params.simpo_gamma, params.orpo_lambda,
-            ignore_index, compute_kl, int(chunk_bytes), backend, compute_grad, host_mask)
+            ignore_index, compute_kl, int(chunk_bytes), backend, compute_grad, host_labels)
     used_weights = sample_weights
     if weights_fn is not None:
         if sample_weights is not None:
@@ -631,20 +789,24 @@ def fused_linear_preference_loss(
         if torch.compiler.is_compiling():
             raise ValueError("weights_fn (a Python callable) runs in eager mode only; under torch.compile pass sample_weights")
         out = _FusedWithWeightsFn.apply(hidden.contiguous(), weight.contiguous(), bias, args, weights_fn)
-        used_weights = out[10].detach()
+        used_weights = _nd(out[7])
     else:
         out = _fused_op(hidden.contiguous(), weight.contiguous(), args[0], bias, *args[1:])
-    loss, per_pair, logit, seq, counts, ref, kl_sum = out[:7]
+    loss, per_pair, logit, stats = out[:4]
     bsz = hidden.shape[0] // 2
-    has_ref = ref.numel() > 0
-    kl = None
-    if kl_sum.numel() > 0:
-        kl = _nd((kl_sum[:bsz] + kl_sum[bsz:]) / (counts[:bsz] + counts[bsz:]).clamp(min=1))
-    seq, counts = _nd(seq), _nd(counts)
+    ch, rj, pa = stats.view(3, bsz, -1).unbind(0)  # (B, K) each: chosen, rejected, pair
+    ch, rj = ch.unbind(1), rj.unbind(1)
+    kl = ref_w = ref_l = None
+    if ref_hidden is not None:
+        ref_w, ref_l = ch[1], rj[1]
+        if compute_kl:
+            pa = pa.unbind(1)
+            kl = pa[2] / pa[3].clamp(min=1)
+    elif ref_seq is not None:
+        ref_w, ref_l = _nd(ref_seq).split(bsz)
     return PreferenceLossOutput(
-        loss=loss, per_pair_loss=_nd(per_pair), margins=_nd(logit),
-        chosen_logps=seq[:bsz], rejected_logps=seq[bsz:], chosen_counts=counts[:bsz], rejected_counts=counts[bsz:],
-        ref_chosen_logps=_nd(ref[:bsz]) if has_ref else None, ref_rejected_logps=_nd(ref[bsz:]) if has_ref else None,
+        loss=loss, per_pair_loss=per_pair, margins=logit, chosen_logps=ch[0], rejected_logps=rj[0],
+        chosen_counts=ch[-1], rejected_counts=rj[-1], ref_chosen_logps=ref_w, ref_rejected_logps=ref_l,
         kl=kl, beta=params.beta, sample_weights=used_weights,
     )
 
