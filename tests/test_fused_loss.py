@@ -207,12 +207,13 @@ def test_weights_fn_refuses_sample_weights_too():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("path", list(PATHS))
 @pytest.mark.parametrize("loss_type", ["sigmoid", "simpo"])
-def test_bf16_error_at_most_twice_pytorch_bf16(loss_type, backend):
+def test_bf16_error_at_most_twice_pytorch_bf16(loss_type, path, backend):
     """Our bf16 error vs float64 must be <= 2x the error of naive PyTorch run in bf16 (+ a floor of
     one bf16 ulp of the quantity, for entries where PyTorch happens to be exact)."""
     ref = "hidden" if LOSSES[loss_type].needs_reference else None
-    out, grads, truth, tgrads, (hid, w, labels, kw, params) = run_both(torch.bfloat16, loss_type, backend, "single", ref=ref, weights=True)
+    out, grads, truth, tgrads, (hid, w, labels, kw, params) = run_both(torch.bfloat16, loss_type, backend, path, ref=ref, weights=True)
     leaves = {"hidden": hid.clone().requires_grad_(), "weight": w.clone().requires_grad_()}
     p_loss, p_pp, p_z, p_seq, p_ref, p_kl = naive(leaves["hidden"], leaves["weight"], labels, loss_type, params, **kw)
     p_loss.backward()

@@ -555,13 +555,21 @@ class _Chunker:
 
 
 def _mm_into_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bool) -> None:
-    """``out (+)= a @ b``: accumulate, or overwrite whatever ``out`` held (beta = 0 ignores it)."""
+    """``out (+)= a @ b``: accumulate, or overwrite whatever ``out`` held (beta = 0 ignores it, NaN
+    included); like :func:`_add_mm_`, without a temporary of out's size where the dtypes allow."""
     if accumulate:
         _add_mm_(out, a, b)
-    elif a.dtype == out.dtype:
+        return
+    if a.dtype == out.dtype:
         torch.addmm(out, a, b, beta=0, out=out)
-    else:
-        out.copy_(a @ b)
+        return
+    if out.is_cuda:
+        try:
+            torch.addmm(out, a, b, beta=0, out_dtype=out.dtype, out=out)
+            return
+        except (RuntimeError, TypeError):
+            pass
+    out.copy_(a @ b)
 
 
 def _add_mm_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
