@@ -384,3 +384,34 @@ def test_rows_gathered_once_or_block_by_block(loss_type, row_rule, path, pregath
     _close(out.kl, t_kl, tol, "kl")
     for k in tgrads:
         _close(grads[k], tgrads[k], tol, f"grad {k}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("path", list(PATHS))
+@pytest.mark.parametrize("host", [True, False])
+def test_on_the_gpu_matches_float64(host, path, dtype):
+    """On a GPU (the paths CPU tensors cannot reach: Triton's forward with the fused backward, the
+    fp32 accumulators fed by bf16 GEMMs through addmm's out_dtype, pinned host copies, the bare rule):
+    every output and gradient against the float64 reference, within the CPU tests' tolerances (fp32)
+    or a bf16 one."""
+    hid, w, labels, kw = make_inputs(dtype, bias=True, weights=True)
+    params = LossParams(beta=0.3, label_smoothing=0.1)
+    dev = torch.device("cuda")
+    leaves = {"hidden": hid.to(dev).requires_grad_(), "weight": w.to(dev).requires_grad_(), "bias": kw["bias"].to(dev).requires_grad_()}
+    other = {k: x.to(dev) for k, x in kw.items() if k != "bias"}
+    out = fused_linear_preference_loss(leaves["hidden"], leaves["weight"], labels.to(dev), bias=leaves["bias"], **other,
+                                       beta=params.beta, label_smoothing=params.label_smoothing, chunk_bytes=PATHS[path],
+                                       host_labels=labels.clone() if host else None)
+    out.loss.backward()
+    l64 = {k: x.detach().cpu().double().requires_grad_() for k, x in leaves.items()}
+    kw64 = {k: x.double() for k, x in kw.items() if k != "bias"}
+    t_loss, t_pp, t_z, t_seq, t_ref, t_kl = naive(l64["hidden"], l64["weight"], labels, "sigmoid", params, bias=l64["bias"], **kw64)
+    t_loss.backward()
+    tol = 2e-5 if dtype == torch.float32 else 3e-2
+    _close(out.loss.detach().cpu(), t_loss.detach(), tol, "loss")
+    _close(out.margins.cpu(), t_z.detach(), tol, "margins")
+    _close(torch.cat([out.chosen_logps, out.rejected_logps]).cpu(), t_seq.detach(), tol, "logps")
+    _close(out.kl.cpu(), t_kl, tol, "kl")
+    for k, x in leaves.items():
+        _close(x.grad.cpu(), l64[k].grad, tol, f"grad {k}")
