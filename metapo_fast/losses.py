@@ -10,8 +10,11 @@ both of shape ``(B,)``:
   ``rewards/margins`` for DPO.
 
 Every loss is a function of per-sequence sums of log-probs and token counts only, which is what
-lets the fused kernel turn its gradient into one coefficient per sequence (see fused_loss.py).
-Adding a loss is one function and one ``@register_loss`` line.
+lets the fused kernel turn its gradient into one coefficient per sequence (see
+``ops/preference_loss.py``). Adding a loss is one function and one ``@register_loss`` line; a loss
+of the DPO margin alone is registered as ``l(z, params)`` with ``@register_margin_loss`` (sigmoid,
+robust, focal), which builds the batch function from it, so the fused op can evaluate ``l`` on its
+margins directly.
 
 Each built-in loss also registers the closed form of its derivative, which the fused op uses per
 chunk instead of autograd (a handful of ops on ``(n,)`` tensors):
@@ -169,7 +172,7 @@ def register_margin_loss(name: str, *, logit_grad: LogitGradFn, doc: str):
             z = dpo_margin(batch, params, name)
             return l(z, params), z
 
-        fn.__doc__ = doc
+        fn.__doc__ = l.__doc__ = doc
         LOSSES[name] = LossSpec(name, fn, True, doc, _grad_from_logit(name, logit_grad), logit_grad, l)
         return l
 

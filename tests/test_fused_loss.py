@@ -390,11 +390,23 @@ def test_rows_gathered_once_or_block_by_block(loss_type, row_rule, path, pregath
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("path", list(PATHS))
 @pytest.mark.parametrize("host", [True, False])
-def test_on_the_gpu_matches_float64(host, path, dtype):
+def test_on_the_gpu_matches_float64(host, path, dtype, monkeypatch):
     """On a GPU (the paths CPU tensors cannot reach: Triton's forward with the fused backward, the
     fp32 accumulators fed by bf16 GEMMs through addmm's out_dtype, pinned host copies, the bare rule):
     every output and gradient against the float64 reference, within the CPU tests' tolerances (fp32)
-    or a bf16 one."""
+    or a bf16 one. The device's free memory would raise the streamed budget to whole pairs
+    (``pair_rows_on_device``): the budget is kept, so "streamed" streams."""
+    from metapo_fast.ops import preference_loss as pl
+
+    monkeypatch.setattr(pl, "pair_rows_on_device", lambda rows, *a, **k: rows)
+    streamed = []
+    orig_init = pl._Chunker.__init__
+
+    def init(self, *a, **k):
+        orig_init(self, *a, **k)
+        streamed.append(self.streamed)
+
+    monkeypatch.setattr(pl._Chunker, "__init__", init)
     hid, w, labels, kw = make_inputs(dtype, bias=True, weights=True)
     params = LossParams(beta=0.3, label_smoothing=0.1)
     dev = torch.device("cuda")
@@ -415,3 +427,47 @@ def test_on_the_gpu_matches_float64(host, path, dtype):
     _close(out.kl.cpu(), t_kl, tol, "kl")
     for k, x in leaves.items():
         _close(x.grad.cpu(), l64[k].grad, tol, f"grad {k}")
+    assert streamed == [path == "streamed"]
+    assert not pl._OUT_DTYPE_FALLBACK, pl._OUT_DTYPE_FALLBACK  # bf16 GEMMs accumulated in fp32 without a temporary
+
+
+def test_streamed_no_grad_pass_frees_each_blocks_reference_logits():
+    """The no-grad pass (the trainer's statistics pass) holds one block's policy and reference
+    logits at a time: when a block's logits are made, the previous block's are gone (a review
+    finding: they lived on, 1.5 budgets of logits)."""
+    import weakref
+
+    from metapo_fast.ops import preference_loss as pl
+
+    hid, w, labels, kw = make_inputs(torch.float32)
+    live, orig = [], pl._Chunker._logits
+
+    def logits(self, b):
+        assert all(r() is None for r in live), f"block {b}: an earlier block's logits are still alive"
+        out = orig(self, b)
+        live.extend(weakref.ref(x) for x in out[1:] if x is not None)
+        return out
+
+    with torch.no_grad(), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(pl._Chunker, "_logits", logits)
+        out = fused_linear_preference_loss(hid, w, labels, **kw, chunk_bytes=PATHS["streamed"])
+    assert len(live) >= 8 and out.loss.isfinite()
+
+
+def test_host_labels_must_be_an_integer_cpu_copy():
+    hid, w, labels, kw = make_inputs(torch.float32)
+    for bad in (labels.float(), labels[:, :-1].clone()):
+        with pytest.raises(ValueError, match="host_labels must be an integer CPU copy"):
+            fused_linear_preference_loss(hid, w, labels, **kw, host_labels=bad)
+
+
+@pytest.mark.gpu
+def test_out_of_range_host_labels_are_refused_on_the_gpu():
+    """On CUDA the targets are the host copy's values: they are checked there (no device read)."""
+    hid, w, labels, kw = make_inputs(torch.float32)
+    dev = torch.device("cuda")
+    host = labels.clone()
+    host[1, -1] = V + 5
+    with pytest.raises(ValueError, match=r"labels\[1, 46\] = 128 is outside"):
+        fused_linear_preference_loss(hid.to(dev), w.to(dev), labels.to(dev), **{k: x.to(dev) for k, x in kw.items()},
+                                     host_labels=host)

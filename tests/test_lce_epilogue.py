@@ -105,7 +105,10 @@ def test_forward_into_refuses_a_buffer_it_cannot_write():
     from metapo_fast.ops.lce_epilogue import lce_epilogue_forward_into
 
     x, y, tgt = (a.float() if a.is_floating_point() else a for a in _logits(3, 50, seed=0))
-    for bad, what in ((torch.zeros(3, 2), "(3, >=3)"), (torch.zeros(3, 4, dtype=torch.float64), "float32"),
-                      (torch.zeros(3, 3).t(), "unit column stride"), (torch.zeros(2, 4), "(3, >=3)")):
+    for bad in (torch.zeros(3, 2), torch.zeros(3, 4, dtype=torch.float64), torch.zeros(3, 3).t(), torch.zeros(2, 4)):
         with pytest.raises(ValueError, match="stats must be"):
             lce_epilogue_forward_into(x, tgt, y, bad, backend="torch")
+    # one row: the column stride still matters (Triton writes the columns as contiguous)
+    for bad in (torch.zeros(1, 6)[:, ::2],):
+        with pytest.raises(ValueError, match="stats must be"):
+            lce_epilogue_forward_into(x[:1], tgt[:1], y[:1], bad, backend="torch")

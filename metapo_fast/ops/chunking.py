@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional
+from typing import Iterator, Optional
 
 import numpy as np
 import torch
@@ -37,29 +37,25 @@ __all__ = ["DEFAULT_CHUNK_BYTES", "Chunk", "ChunkSchedule", "PairLayout", "check
 _FORCED_COMPACT: Optional[bool] = None
 
 
-def host_label_mask(labels: torch.Tensor, host_labels: Optional[torch.Tensor], ignore_index: int) -> Optional[torch.Tensor]:
-    """The labelled-row mask from ``host_labels``, the CPU copy of ``labels`` (the collated batch
-    before its copy to the GPU), checked; None without one. On CUDA the schedules take their row
-    indices from it, so prompt and padding rows are dropped without a host sync."""
-    if host_labels is None:
-        return None
-    if host_labels.shape != labels.shape or host_labels.device.type != "cpu":
-        raise ValueError(f"host_labels must be a CPU copy of labels {tuple(labels.shape)}, got "
-                         f"{tuple(host_labels.shape)} on {host_labels.device}")
-    return host_labels != ignore_index
-
-
 def checked_host_labels(labels: torch.Tensor, host_labels: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     """``host_labels``, the CPU copy of ``labels`` (the collated batch before its copy to the GPU),
-    checked; None without one. (For CPU ``labels`` the fused loss reads their own values; a copy
-    given with them only selects the host's row rule on the CUDA code path, its values are not
-    trusted.)"""
+    checked (shape, integer dtype, on the CPU); None without one. The fused loss reads the rows'
+    mask and targets from it on CUDA; for CPU ``labels`` it reads their own values, and a copy given
+    with them only selects the host's row rule on the CUDA code path (its values are not trusted)."""
     if host_labels is None:
         return None
-    if host_labels.shape != labels.shape or host_labels.device.type != "cpu":
-        raise ValueError(f"host_labels must be a CPU copy of labels {tuple(labels.shape)}, got "
-                         f"{tuple(host_labels.shape)} on {host_labels.device}")
+    if host_labels.shape != labels.shape or host_labels.device.type != "cpu" or host_labels.is_floating_point():
+        raise ValueError(f"host_labels must be an integer CPU copy of labels {tuple(labels.shape)}, got "
+                         f"{tuple(host_labels.shape)} {host_labels.dtype} on {host_labels.device}")
     return host_labels
+
+
+def host_label_mask(labels: torch.Tensor, host_labels: Optional[torch.Tensor], ignore_index: int) -> Optional[torch.Tensor]:
+    """The labelled-row mask from ``host_labels`` (see :func:`checked_host_labels`); None without
+    one. On CUDA the schedules take their row indices from it, so prompt and padding rows are
+    dropped without a host sync."""
+    host_labels = checked_host_labels(labels, host_labels)
+    return None if host_labels is None else host_labels != ignore_index
 
 
 def compact_rows(device: torch.device) -> bool:
@@ -108,14 +104,13 @@ class PairLayout:
     to end are the *layout order* (group g occupies positions ``2 i0 .. 2 i1 - 1``). A group is one
     chunk (whole pairs) or, streamed, one pair whose rows come in blocks of one sequence each.
 
-    Built on the host (NumPy, the ``*_host`` arrays); the device tensors are copied on first use
-    only (``to_device``: on CUDA one queued copy each), so a caller that needs no ``col`` or
-    ``order`` pays no copy for them.
+    Host arrays (NumPy): the caller copies what it needs to the device (the fused loss packs them
+    into one array and one copy).
 
     Attributes:
-        rows: ``(R,)`` flat rows of every block, block after block (on the schedule's device).
-        col: ``(R,)`` the column of each row's sequence within its group (``side * n_g + j``).
-        order: ``(2B,)`` the sequence at each layout position; ``pos``: its inverse.
+        rows_host: ``(R,)`` flat rows of every block, block after block.
+        col_host: ``(R,)`` the column of each row's sequence within its group (``side * n_g + j``).
+        order_host: ``(2B,)`` the sequence at each layout position; ``pos_host``: its inverse.
         groups: ``(i0, i1)`` per group; ``group_rows``: rows per group.
         blocks: per group, ``(rows, side)`` per block (side 0/1 for a streamed sequence, -1 for a
             whole-pairs chunk).
@@ -128,19 +123,6 @@ class PairLayout:
     groups: list
     group_rows: list
     blocks: list
-    to_device: Callable[[torch.Tensor], torch.Tensor]
-
-    def _copied(self, name: str) -> torch.Tensor:
-        """``<name>_host`` on the device, copied once."""
-        cache = self.__dict__.setdefault("_copies", {})
-        if name not in cache:
-            cache[name] = self.to_device(torch.from_numpy(getattr(self, name + "_host")))
-        return cache[name]
-
-    rows = property(lambda self: self._copied("rows"))
-    col = property(lambda self: self._copied("col"))
-    order = property(lambda self: self._copied("order"))
-    pos = property(lambda self: self._copied("pos"))
 
 
 class ChunkSchedule:
@@ -233,7 +215,7 @@ class ChunkSchedule:
         """The whole schedule of the fused loss at once (see :class:`PairLayout`): whole pairs per
         group (:meth:`pair_chunks`' grouping) or, ``streamed``, one pair per group in blocks of at
         most ``rows_per_chunk`` rows of one sequence (:meth:`seq_chunks`' blocks). Host arithmetic
-        in NumPy (no tensor op; on CUDA a queued copy of each result the caller uses), from the host's mask."""
+        in NumPy (no tensor op), from the host's mask."""
         t, bsz, b2 = self.t, self.bsz, self.b2
         npc = 1 if streamed else max(1, self.rows_per_chunk // (2 * t))
         groups = [(i0, min(i0 + npc, bsz)) for i0 in range(0, bsz, npc)]
@@ -261,7 +243,7 @@ class ChunkSchedule:
                 bl = [(sum(seq_rows), -1)]
             blocks.append(bl)
             group_rows.append(sum(seq_rows))
-        return PairLayout(rows, cols, order, pos, groups, group_rows, blocks, self.to_device)
+        return PairLayout(rows, cols, order, pos, groups, group_rows, blocks)
 
     def host_rule_mask(self) -> np.ndarray:
         """The rule's mask as a host array: a view of the host's mask, or (the compact rule forced onto

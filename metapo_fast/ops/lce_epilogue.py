@@ -107,7 +107,8 @@ def check_label_values(labels: torch.Tensor, v: int, ignore_index: int, host: Op
         bad = ((labels != ignore_index) & ((labels < 0) | (labels >= v))).nonzero()
     if len(bad):
         idx = [int(i) for i in bad[0]]
-        raise ValueError(f"labels[{', '.join(map(str, idx))}] = {int(labels[tuple(idx)])} is outside [0, V={v}) and is not "
+        value = int(arr[tuple(idx)]) if host is not None or labels.device.type == "cpu" else int(labels[tuple(idx)])
+        raise ValueError(f"labels[{', '.join(map(str, idx))}] = {value} is outside [0, V={v}) and is not "
                          f"ignore_index={ignore_index}")
 
 
@@ -162,7 +163,7 @@ def lce_epilogue_forward_into(logits: torch.Tensor, targets: torch.Tensor, ref_l
     n, cols = logits.shape[0], 1 if ref_logits is None else 3
     cd = compute_dtype(logits.dtype)
     if (stats.dim() != 2 or stats.shape[0] != n or stats.shape[1] < cols or stats.dtype != cd
-            or stats.device != logits.device or (n > 1 and stats.stride(1) != 1)):
+            or stats.device != logits.device or (stats.shape[1] > 1 and stats.stride(1) != 1)):
         raise ValueError(f"{_OP}: stats must be a ({n}, >={cols}) {cd} tensor on {logits.device} with unit column stride, "
                          f"got {tuple(stats.shape)} {stats.dtype} on {stats.device} with strides {stats.stride()}")
     impl = resolve_backend(backend, logits.device, _OP)

@@ -23,6 +23,7 @@ autograd), then the public function, ``fused_sequence_logps`` and the ``nn.Modul
 from __future__ import annotations
 
 import contextlib
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence, Union
 
@@ -39,7 +40,7 @@ from .lce_epilogue import check_label_values, compute_dtype, lce_epilogue_backwa
 __all__ = ["PreferenceLossOutput", "fused_linear_preference_loss", "fused_sequence_logps", "FusedLinearPreferenceLoss",
            "DEFAULT_CHUNK_BYTES"]
 
-# Dispatch-key TLS of ordinary eager code, captured at import (see _Chunker._coefficients).
+# Dispatch-key TLS of ordinary eager code, captured at import (see _Chunker._group_done).
 _DEFAULT_DISPATCH_TLS = (torch._C._dispatch_tls_local_include_set(), torch._C._dispatch_tls_local_exclude_set())
 
 
@@ -205,7 +206,8 @@ class _Chunker:
 
     * ``buf (R, K)``: one row per scheduled row (block after block), columns ``logp, [ref_logp,
       kl], count``; the epilogue writes the first columns of its block (``lce_epilogue_forward_into``),
-      the count column is 1 (the host's mask) or the mask (every row kept).
+      the count column is 1 (unlabelled rows, kept when every row goes through the GEMMs, are
+      masked by ``P``, built on the device with the mask then).
     * ``S (3B, K)``: per group g (pairs ``[i0, i1)``, n of them) rows ``3 i0 .. 3 i1 - 1``: the n
       chosen sequences, the n rejected, the n pairs, each the sum of its rows of ``buf``; one GEMM
       ``S_g = P_g^T buf_g`` with the host-built 0/1 ``P_g^T (3n, R_g)`` (masked on the device when
@@ -251,8 +253,9 @@ class _Chunker:
         host_np = None  # the host's labels, flat, when the rule is the host's
         if labels_np is not None and (compact or host_labels is not None):  # CPU labels: their own mask and targets
             host_np = labels_np  # (a CPU host_labels copy is not needed, not trusted)
-        elif host_labels is not None:  # the trainer's host copy: mask and targets read on the host
+        elif host_labels is not None:  # the trainer's host copy: mask and targets read on the host, checked there
             host_np = np.from_dlpack(host_labels).reshape(-1)
+            check_label_values(host_labels, self.v, ignore_index, host=host_np.reshape(labels.shape))
         # exact: the rule's mask is on the host, so every scheduled row carries a label (no device mask)
         self.exact = exact = host_np is not None
         mask = None
@@ -483,7 +486,6 @@ class _Chunker:
                                                             backend=self.backend, validate=False)
                             lce_epilogue_backward_(logits, lse, self.blk_tgt[b], self.blk_m[b], backend=self.backend,
                                                    validate=False)
-                        del ref_logits
                         _mm_into_(acc_w[side], logits.t(), h, accumulate=seen[side])
                         if acc_b is not None:
                             if seen[side]:
@@ -492,7 +494,7 @@ class _Chunker:
                                 torch.sum(logits, 0, dtype=gdt, out=acc_b[side])
                         self._grad_rows(b, h, logits)
                         seen[side] = True
-                    del logits, h
+                    del logits, h, ref_logits
                     b += 1
                 self._group_done(g)
                 if grad and (seen[0] or seen[1]):  # grad_W += c_w A_w + c_l A_l
@@ -506,16 +508,14 @@ class _Chunker:
                         self.grad_bias.view(1, -1).addmm_(self.grp_coef[g], acc_b)
                 continue
             kept = None
-            for _ in blocks:  # one block: the group's rows
-                h, logits, ref_logits = self._logits(b)
-                lse = lce_epilogue_forward_into(logits, self.blk_tgt[b], ref_logits, self.blk_buf[b],
-                                                backend=self.backend, validate=False)
-                kept = (b, h, logits, lse)
-                del ref_logits, logits, h
-                b += 1
+            (_,) = blocks  # whole pairs: one block, the group's rows
+            h, logits, ref_logits = self._logits(b)
+            lse = lce_epilogue_forward_into(logits, self.blk_tgt[b], ref_logits, self.blk_buf[b],
+                                            backend=self.backend, validate=False)
+            del ref_logits
+            kb, b = b, b + 1
             self._group_done(g)
-            if grad and kept is not None:
-                kb, h, logits, lse = kept
+            if grad:
                 coef_rows = self.coef_flat.index_select(0, self.blk_lrow[kb])
                 if not self.exact:
                     coef_rows.mul_(self.blk_m[kb])
@@ -524,7 +524,7 @@ class _Chunker:
                 if self.grad_bias is not None:
                     self.grad_bias.add_(logits.sum(0, dtype=self.grad_bias.dtype))
                 self._grad_rows(kb, h, logits)
-            kept = None
+            del logits, h
         return self._finish()
 
     def _finish(self):
@@ -567,9 +567,19 @@ def _mm_into_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: b
         try:
             torch.addmm(out, a, b, beta=0, out_dtype=out.dtype, out=out)
             return
-        except (RuntimeError, TypeError):
-            pass
+        except (RuntimeError, TypeError) as err:
+            _out_dtype_refused(err)
     out.copy_(a @ b)
+
+
+_OUT_DTYPE_FALLBACK: list = []  # the reason, once CUDA refused addmm's out_dtype (tests read it)
+
+
+def _out_dtype_refused(err: Exception) -> None:
+    if not _OUT_DTYPE_FALLBACK:
+        _OUT_DTYPE_FALLBACK.append(str(err))
+        warnings.warn(f"fused loss: torch.addmm(out_dtype=) is unavailable here ({err}); bf16/fp16 weight gradients "
+                      "go into the fp32 accumulators through a V x H temporary per chunk", stacklevel=3)
 
 
 def _add_mm_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
@@ -582,8 +592,8 @@ def _add_mm_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
         try:
             torch.addmm(out, a, b, out_dtype=out.dtype, out=out)
             return
-        except (RuntimeError, TypeError):
-            pass
+        except (RuntimeError, TypeError) as err:
+            _out_dtype_refused(err)
     out.add_(a @ b)
 
 
@@ -685,7 +695,7 @@ class _FusedWithWeightsFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, args, weights_fn):
         # below autograd, as the custom op's body runs (composite ops are not decomposed per chunk);
-        # the callback itself runs with the default dispatch keys (see _Chunker._coefficients)
+        # the callback itself runs with the default dispatch keys (see _Chunker._group_done)
         with torch._C._AutoDispatchBelowAutograd():
             outs, c = _run(hidden, weight, args[0], bias, *args[1:], weights_fn=weights_fn)
         _setup_context(ctx, (hidden, weight, None, bias), outs)
@@ -757,8 +767,9 @@ def fused_linear_preference_loss(
         backend: epilogue implementation: ``auto`` | ``torch`` | ``triton`` | ``cpp``.
         host_labels: optional CPU copy of ``labels`` (the collated batch before its copy to the
             GPU). On CUDA it lets the op drop prompt and padding rows before the GEMMs without a
-            host sync (row indices computed on the host); it must equal ``labels`` (the rows it marks
-            are read as labelled). Ignored for CPU tensors (their own values are on the host).
+            host sync (row indices computed on the host); it must equal ``labels``: its mask and its
+            values (the targets) are the ones used, and its values are checked on the host. Ignored
+            for CPU tensors (their own values are on the host).
         weights_fn: optional per-pair weights known only from this pass's statistics (MetaPO):
             ``weights_fn(pairs, stats) -> (n,)`` is called once per chunk, after the chunk's
             forward and before its gradient, with the indices of the chunk's pairs and their
