@@ -31,6 +31,10 @@ path (no device-side compaction), given the host's copy of the labels as the tra
   one op per call, like one Triton launch.
   On the CUDA row rules each host-built tensor the schedule copies to the device counts as one op
   too (``h2d_copies``; on this CPU run the copy is a no-op).
+* ``aten_ops_by_origin``: the same ops by who dispatched them (:func:`_origin`: the fused loss,
+  the transformers decoder's forward, autograd's engine, other); ``aten_ops_per_chunk_head``: the
+  fused loss's own (and its copies) per chunk, which for a trainer-step row is the LM head's share
+  of a step whose decoder forward and backward are counted too.
 * ``host_syncs``: ops that read device data on the host: ``_local_scalar_dense`` (``.item()``,
   ``int()``, ``.tolist()``), ``nonzero``, ``masked_select``, boolean-mask indexing, ``unique``,
   ``repeat_interleave`` without an output size. Those inside the CPU-only input checks (which run
@@ -69,6 +73,33 @@ _CPU_ONLY_FRAMES = {"_check_inputs", "_check", "rows_of",  # guarded by device =
                     "check_label_values"}  # rows_of: the host-side rows of the ghost pass
 
 
+ORIGINS = ("head", "decoder", "autograd", "other")
+_SEP = os.sep
+
+
+def _origin(f) -> str:
+    """Who dispatched an op, from the innermost Python frame outside torch itself: the LM-head ops
+    (``head``: ``metapo_fast/ops``, ``losses.py``, the ghost pass), the transformers decoder's forward
+    (``decoder``), autograd's engine running a backward with no frame of ours in between
+    (``autograd``: the decoder's backward and the gradients' accumulation; the fused loss's
+    backward is Python, so ``head``), or anything else (``other``: the trainer's forward around them,
+    the benchmark)."""
+    while f is not None:
+        name = f.f_code.co_filename
+        if _SEP + "torch" + _SEP in name:
+            if _SEP + "torch" + _SEP + "autograd" + _SEP in name:
+                return "autograd"
+        elif _SEP + "transformers" + _SEP in name:
+            return "decoder"
+        elif (_SEP + "metapo_fast" + _SEP + "ops" + _SEP in name or name.endswith(_SEP + "losses.py")
+              or name.endswith(_SEP + "ghost.py")):
+            return "head"
+        else:
+            return "other"
+        f = f.f_back
+    return "other"
+
+
 def _custom_bodies() -> dict:
     """Custom ops whose Python body must run under the counter (else it is one opaque op)."""
     return {torch.ops.metapo_fast.fused_linear_preference_loss.default: _pl._fused_op._init_fn}
@@ -101,6 +132,7 @@ class Counters(TorchDispatchMode):
         self.syncs: list[str] = []
         self.cpu_only_syncs: list[str] = []
         self.decoder_syncs: list[str] = []
+        self.by_origin = dict.fromkeys(ORIGINS, 0)
         self._live: dict[int, list] = {}
         self.cur = self.peak = 0
         self._bodies = _custom_bodies()
@@ -160,6 +192,7 @@ class Counters(TorchDispatchMode):
             with self:
                 return body(*args, **kwargs)
         self.ops += 1
+        self.by_origin[_origin(sys._getframe(1))] += 1
         if self._is_sync(func, args):
             frames, files, f = set(), set(), sys._getframe(1)
             while f is not None:
@@ -240,6 +273,8 @@ def measure(fn: Callable[[], None], vocab: int, n_loss: int, hidden: int) -> dic
     return dict(
         flops_per_n_loss_hv=round(mode.head_flops / (n_loss * hidden * vocab), 4),
         aten_ops=ops, chunks=chunks[0], aten_ops_per_chunk=round(ops / max(chunks[0], 1), 1), h2d_copies=copies[0],
+        aten_ops_by_origin=dict(mode.by_origin),
+        aten_ops_per_chunk_head=round((mode.by_origin["head"] + copies[0]) / max(chunks[0], 1), 1),
         host_syncs=len(mode.syncs), host_syncs_cpu_only=len(mode.cpu_only_syncs), host_syncs_decoder=len(mode.decoder_syncs),
         sync_ops=sorted(set(mode.syncs)),
         peak_transient_mb=round((mode.peak - mode.cur) / 2**20, 1), wall_s=round(time.perf_counter() - t0, 1),

@@ -138,3 +138,16 @@ def test_ghost_pass_at_most_20_aten_ops_per_chunk(rows):
         marginal = (long["aten_ops"] - short["aten_ops"]) / (long["chunks"] - short["chunks"])
         assert marginal <= 8, (marginal, short, long)
         assert short["host_syncs"] == long["host_syncs"] == 0, (short, long)
+
+
+@pytest.mark.parametrize("rule", ["cpu", "cuda"])
+@pytest.mark.parametrize("path", ["dpo", "metapo"])
+def test_trainer_step_ops_by_origin(rows, path, rule):
+    """A trainer-step row counts the decoder's forward and backward too; by origin, the LM head's own
+    ops per chunk are the op's (<= 20 at T_llama 1k), and the origins add up to every op."""
+    step, op = _row(rows, "step", path, rule, 64), _row(rows, "op", path, rule, 64)
+    by = step["aten_ops_by_origin"]
+    assert sum(by.values()) + step["h2d_copies"] == step["aten_ops"]
+    assert by["decoder"] > 0 and by["autograd"] > 0 and op["aten_ops_by_origin"]["decoder"] == 0
+    assert by["head"] == op["aten_ops_by_origin"]["head"]
+    assert step["aten_ops_per_chunk_head"] <= 20 < step["aten_ops_per_chunk"]
