@@ -22,6 +22,13 @@ def _init(rank, world, port):
     dist.init_process_group("gloo", rank=rank, world_size=world)
 
 
+def _done():
+    """The workers leave together (metapo_fast.train.parallel.destroy: a barrier, then the teardown)."""
+    from metapo_fast.train.parallel import destroy
+
+    destroy()
+
+
 def _tracker_worker(rank, world, port, out):
     _init(rank, world, port)
     from metapo_fast.metapo.tracker import TemporalTracker
@@ -35,7 +42,7 @@ def _tracker_worker(rank, world, port, out):
         feats = tr.update(perm[local], m[local], k[local])
         assert feats.shape == (4, 6)
     torch.save(tr.state, os.path.join(out, f"tracker{rank}.pt"))
-    dist.destroy_process_group()
+    _done()
 
 
 def test_tracker_replicas_identical_and_equal_to_one_process(tmp_path):
@@ -91,7 +98,7 @@ def _meta_worker(rank, world, port, out):
     idx = torch.arange(rank * 2, rank * 2 + 2)
     g = _phi_grad(model, ref, _rows(train, idx), _rows(val, idx), feats[idx], params)
     torch.save(g, os.path.join(out, f"phi{rank}.pt"))
-    dist.destroy_process_group()
+    _done()
 
 
 def test_two_rank_meta_update_equals_one_rank(tmp_path):
@@ -269,7 +276,7 @@ def _trace_worker(rank, world, port, out):
                               for e in (pol.engine, ref.engine)]
     with open(os.path.join(out, f"trace{rank}.json"), "w") as f:
         _json.dump(result, f)
-    dist.destroy_process_group()
+    _done()
 
 
 def test_zero3_fetch_trace_completes_when_the_decoder_is_called_directly(tmp_path):
@@ -399,7 +406,7 @@ def _nonfinite_worker(rank, world, port, out, stage=3, ds_args=()):
             tr.logger.close()
     finally:
         reads.close()
-    dist.destroy_process_group()
+    _done()
 
 
 @pytest.mark.slow
@@ -487,7 +494,7 @@ def _runs_worker(rank, world, port, out, runs):
         tr.logger.close()
     dist.all_gather = real_gather
     F.fused_linear_preference_loss = real_fused
-    dist.destroy_process_group()
+    _done()
 
 
 @pytest.mark.slow
@@ -561,7 +568,7 @@ def _strat_worker(rank, world, port, out):
     _init(rank, world, port)
     lp, n = _strat_pass()
     torch.save({"lp": torch.from_numpy(lp), "n": n}, os.path.join(out, f"strat{rank}.pt"))
-    dist.destroy_process_group()
+    _done()
 
 
 @pytest.mark.slow
@@ -630,7 +637,7 @@ def _construction_worker(rank, world, port, out, full_build):
     with open(os.path.join(out, f"build{world}_{rank}.json"), "w") as f:
         _json.dump({"peak": peak, "params": params, "numel": total, "placement": models.ref_placement}, f)
     dist.barrier()
-    dist.destroy_process_group()
+    _done()
 
 
 @pytest.mark.slow
@@ -687,7 +694,7 @@ def _pretrained_worker(rank, world, port, out, path):
     lp = S.sequence_logps_batched(models.ref, PreferenceDataset(data.train_pairs), data.collator, torch.device("cpu"), shard=True)
     torch.save({"full": full, "val": len(data.val), "lp": torch.from_numpy(lp)},
                os.path.join(out, f"pre{rank}.pt"))
-    dist.destroy_process_group()
+    _done()
 
 
 @pytest.mark.slow
@@ -870,7 +877,7 @@ def _zero3_meta_worker(rank, world, port, out, tied):
                 "grads_nonzero": sum(float(a.abs().sum()) for a in before) > 0,
                 "partitioned": all(p.data.numel() == 0 for p in eng.module.parameters())},
                os.path.join(out, f"z{rank}.pt"))
-    dist.destroy_process_group()
+    _done()
 
 
 @pytest.mark.slow

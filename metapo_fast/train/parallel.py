@@ -67,7 +67,11 @@ def init_distributed(timeout_s: float = 600.0, device: str = "auto") -> DistInfo
 
 
 def destroy() -> None:
+    """Leave the process group together: a barrier first, so no rank closes its connections while a
+    peer still uses them (gloo's peer thread then aborts that process: "terminate called without an
+    active exception")."""
     if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 

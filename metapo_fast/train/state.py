@@ -106,8 +106,11 @@ class CheckpointManager:
         self._barrier()
         writer(tmp)
         for rel in _files(tmp):  # each rank fsyncs what exists (its own files included)
-            with open(os.path.join(tmp, rel), "rb") as f:
-                os.fsync(f.fileno())
+            try:
+                with open(os.path.join(tmp, rel), "rb") as f:
+                    os.fsync(f.fileno())
+            except FileNotFoundError:  # another rank's atomic write renamed its temporary file meanwhile:
+                pass  # that rank fsyncs the file under its final name
         self._barrier()
         if self.rank == 0:
             files = {rel: {"sha256": sha256_file(os.path.join(tmp, rel)), "bytes": os.path.getsize(os.path.join(tmp, rel))}
