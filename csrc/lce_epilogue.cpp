@@ -147,16 +147,24 @@ void check_common(const at::Tensor& logits, const at::Tensor& targets) {
               logits.size(0), ",), got ", targets.sizes());
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lce_epilogue_fwd(const at::Tensor& logits, const at::Tensor& targets,
-                                                                          const c10::optional<at::Tensor>& ref_logits) {
+// The forward's checked inputs: int64 targets, and the reference logits in the logits' dtype.
+std::pair<at::Tensor, c10::optional<at::Tensor>> forward_inputs(const at::Tensor& logits, const at::Tensor& targets,
+                                                                const c10::optional<at::Tensor>& ref_logits) {
   check_common(logits, targets);
-  auto tgt = targets.to(at::kLong).contiguous();
   c10::optional<at::Tensor> ref;
   if (ref_logits.has_value()) {
     TORCH_CHECK(ref_logits->sizes() == logits.sizes(), "lce_epilogue: ref_logits must have the shape of logits ", logits.sizes(),
                 ", got ", ref_logits->sizes());
     ref = ref_logits->to(logits.scalar_type()).contiguous();
   }
+  return {targets.to(at::kLong).contiguous(), ref};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lce_epilogue_fwd(const at::Tensor& logits, const at::Tensor& targets,
+                                                                          const c10::optional<at::Tensor>& ref_logits) {
+  const auto inputs = forward_inputs(logits, targets, ref_logits);  // (no structured binding: lambdas capture these)
+  const at::Tensor& tgt = inputs.first;
+  const c10::optional<at::Tensor>& ref = inputs.second;
   const auto opts = logits.options().dtype(acc_type(logits.scalar_type()));
   const int64_t n = logits.size(0);
   auto lse = at::empty({n}, opts), logp = at::empty({n}, opts);
@@ -173,14 +181,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lce_epilogue_fwd(cons
 
 at::Tensor lce_epilogue_fwd_into(at::Tensor logits, const at::Tensor& targets, const c10::optional<at::Tensor>& ref_logits,
                                  at::Tensor stats, bool grad) {
-  check_common(logits, targets);
-  auto tgt = targets.to(at::kLong).contiguous();
-  c10::optional<at::Tensor> ref;
-  if (ref_logits.has_value()) {
-    TORCH_CHECK(ref_logits->sizes() == logits.sizes(), "lce_epilogue: ref_logits must have the shape of logits ", logits.sizes(),
-                ", got ", ref_logits->sizes());
-    ref = ref_logits->to(logits.scalar_type()).contiguous();
-  }
+  const auto inputs = forward_inputs(logits, targets, ref_logits);  // (no structured binding: lambdas capture these)
+  const at::Tensor& tgt = inputs.first;
+  const c10::optional<at::Tensor>& ref = inputs.second;
   const int64_t n = logits.size(0), cols = ref ? 3 : 1;
   const auto acc = acc_type(logits.scalar_type());
   TORCH_CHECK(stats.dim() == 2 && stats.size(0) == n && stats.size(1) >= cols && stats.stride(1) == 1 &&
