@@ -242,7 +242,8 @@ class _Chunker:
         self.spec, self.params, self.backend = spec, params, backend
         self.has_ref_logits = ref_hidden is not None
         self.compute_kl = compute_kl and self.has_ref_logits
-        self.weights, self.weights_fn = sample_weights, weights_fn
+        self.weights_fn = weights_fn
+        self.weights = None if sample_weights is None else sample_weights.to(compute_dtype(hidden.dtype))
         self.compute_grad = compute_grad
         self.cd = cd = compute_dtype(hidden.dtype)
         dev = hidden.device
@@ -339,7 +340,7 @@ class _Chunker:
         if self.ref_given is not None and self.logit_path:  # z = beta (logp_w - logp_l) - beta (ref_w - ref_l)
             zref = (self.ref_given[bsz:] - self.ref_given[:bsz]).mul_(params.beta)
             self.grp_zref = zref.view(1, bsz).split(n_list, dim=1)
-        self.grp_w = None if sample_weights is None else sample_weights.to(cd).split(n_list)
+        self.grp_w = None if self.weights is None else self.weights.split(n_list)
         self.grp_pairs = pairs.split(n_list) if weights_fn is not None else None
         self.used_w: list = []
         self._consts: dict = {}
@@ -377,16 +378,20 @@ class _Chunker:
         return c
 
     # -- the statistics of a group, as the losses see them -----------------------------------------
-    def _group_batch(self, g: int) -> PairBatch:
-        n, Sg = self.n_list[g], self.grp_S[g]
+    def _pair_batch(self, S: torch.Tensor, i0: int, i1: int) -> PairBatch:
+        """Pairs ``[i0, i1)`` as the losses see them, from rows of ``S``'s layout (their n chosen
+        sequences, then their n rejected: a group's ``S_g``, or the whole ``stats``)."""
+        n = i1 - i0
         if self.has_ref_logits:
-            ref_w, ref_l = Sg[:n, 1], Sg[n:2 * n, 1]
+            ref_w, ref_l = S[:n, 1], S[n:2 * n, 1]
         elif self.ref_given is not None:
-            i0, i1 = self.layout.groups[g]
             ref_w, ref_l = self.ref_given[i0:i1], self.ref_given[self.bsz + i0:self.bsz + i1]
         else:
             ref_w = ref_l = None
-        return PairBatch(Sg[:n, 0], Sg[n:2 * n, 0], Sg[:n, -1], Sg[n:2 * n, -1], ref_w, ref_l)
+        return PairBatch(S[:n, 0], S[n:2 * n, 0], S[:n, -1], S[n:2 * n, -1], ref_w, ref_l)
+
+    def _group_batch(self, g: int) -> PairBatch:
+        return self._pair_batch(self.grp_S[g], *self.layout.groups[g])
 
     def _group_fields(self, g: int) -> dict:
         b = self._group_batch(g)
@@ -540,15 +545,11 @@ class _Chunker:
                 self.grad_hidden.view(self.b2, -1).mul_(self.coef.view(-1, 1).index_select(0, self.lpos))
         self.stats = self.S.index_select(0, self.pos3)  # sequence order: chosen, rejected, pairs
         self.pair_weights = torch.cat(self.used_w) if self.weights_fn is not None else None
-        w = self.pair_weights if self.pair_weights is not None else (None if self.weights is None else self.weights.to(self.cd))
+        w = self.pair_weights if self.pair_weights is not None else self.weights
         if self.spec.logit_loss is not None:
             per_pair = self.spec.logit_loss(self.z, self.params)
         else:
-            st, ref = self.stats, self.ref_given
-            batch = PairBatch(st[:bsz, 0], st[bsz:2 * bsz, 0], st[:bsz, -1], st[bsz:2 * bsz, -1],
-                              st[:bsz, 1] if self.has_ref_logits else (None if ref is None else ref[:bsz]),
-                              st[bsz:2 * bsz, 1] if self.has_ref_logits else (None if ref is None else ref[bsz:]))
-            per_pair = self.spec.fn(batch, self.params)[0]
+            per_pair = self.spec.fn(self._pair_batch(self.stats, 0, bsz), self.params)[0]
         self.per_pair, self.logit = per_pair, self.z
         self.loss = per_pair.mean() if w is None else torch.dot(w, per_pair) / bsz
         return self
